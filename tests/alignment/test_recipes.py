@@ -1,0 +1,50 @@
+"""Every shipped recipe loads against the code that consumes it; bad recipes fail clearly."""
+import pytest
+import yaml
+
+from alignment.recipe import Recipe, load_recipe
+from attune.paths import RECIPES_DIR
+
+SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_recipe_loads(path):
+    r = load_recipe(str(path))
+    args = r.train_args()
+    assert args.lora_r <= 16
+    for a in r.adapters:
+        a.preference()
+
+
+def test_shipped_grid_meets_the_issue():
+    r = load_recipe("shipped")
+    modpo = [a for a in r.adapters if a.recipe == "modpo"]
+    assert len(modpo) >= 7
+    assert {a.primary for a in modpo} >= {"empathy", "safety", "active_listening", "self_motivated_change",
+                                          "trust_rapport", "patient_autonomy"}
+    assert all(a.weights["safety"] >= r.safety_floor for a in modpo)
+    paper = next(a for a in modpo if a.id == "modpo-empathy-safety")
+    assert paper.weights == {"empathy": 0.5, "safety": 0.5}
+    assert {a.recipe for a in r.adapters} >= {"sft", "dpo", "joint_dpo", "soup"}
+
+
+def _recipe(**adapter):
+    return {"name": "t", "adapters": [adapter]}
+
+
+@pytest.mark.parametrize("adapter,needle", [
+    ({"id": "mo", "recipe": "modpo", "primary": "empathy", "weights": {"empathy": 1.0}}, "safety_floor"),
+    ({"id": "mo", "recipe": "modpo", "primary": "empathy"}, "needs `weights`"),
+    ({"id": "mo", "recipe": "dpo", "primary": "kindness"}, "unknown objective"),
+    ({"id": "mo", "recipe": "modpo", "primary": "empathy", "weights": {"empathy": 0.5, "safety": 0.6}}, "sum"),
+    ({"id": "so", "recipe": "soup", "parents": [{"id": "missing", "weight": 1}]}, "before it"),
+])
+def test_bad_recipe_says_what_to_fix(adapter, needle):
+    with pytest.raises(ValueError, match=needle):
+        Recipe.model_validate(_recipe(**adapter))
+
+
+def test_unknown_train_field_is_rejected():
+    with pytest.raises(ValueError, match="unknown train field"):
+        Recipe.model_validate({"name": "t", "train": {"lr": 1}, "adapters": []})
