@@ -105,9 +105,11 @@ def adapters_verify(store: str | None = None) -> int:
     from attune.paths import STORE_DIR
 
     s = AdapterStore(Path(store) if store else STORE_DIR)
-    s.verify_all()
-    print(f"ok: {len(s.list())} adapters verified")
-    return 0
+    failures = s.verify_all()
+    for adapter_id, err in failures.items():
+        print(f"FAILED {adapter_id}: {err}")
+    print(f"{len(s.list()) - len(failures)} of {len(s.list())} adapters verified")
+    return 1 if failures else 0
 
 
 _STORE = arg("--store", help="adapter store folder (default: the shipped adapters/store)")

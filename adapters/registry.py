@@ -1,0 +1,204 @@
+"""`AdapterStore`: PEFT LoRA folders `<root>/<id>/` listed in `<root>/manifest.json`, checked by sha256.
+
+`get` verifies a folder against its allowlist before handing out its path. Writers hold an
+exclusive lock (a file in the temp dir, keyed by the root) and replace manifest.json atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pydantic import ValidationError
+
+from adapters.integrity import IntegrityError, hash_folder, verify
+from adapters.manifest import (MANIFEST_FILE, AdapterManifest, ManifestError, StoreManifest,
+                               format_errors, load_manifest, save_manifest)
+from alignment.objectives import Preference
+
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class UnknownAdapter(KeyError):
+    """An adapter id that is not in the store; `known` lists the ids that are."""
+
+    def __init__(self, adapter_id: str, known: list[str]):
+        self.adapter_id, self.known = adapter_id, known
+        super().__init__(adapter_id)
+
+    def __str__(self) -> str:
+        return f"unknown adapter {self.adapter_id!r}; the store has {self.known or 'no adapters'}"
+
+
+def read_lora_config(folder: Path) -> dict[str, Any]:
+    """The adapter_config.json of a PEFT LoRA folder; ValueError saying what is missing otherwise."""
+    folder = Path(folder)
+    missing = [f for f in PEFT_FILES if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is not a PEFT LoRA folder: missing {missing} "
+                         "(save it with PeftModel.save_pretrained, safe_serialization=True)")
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder}/adapter_config.json is not valid JSON: {e.msg}") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}/adapter_config.json has peft_type={cfg.get('peft_type')!r}; only LORA is stored")
+    return cfg
+
+
+def lora_spec_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    return {"r": cfg["r"], "alpha": cfg["lora_alpha"], "target_modules": targets}
+
+
+class AdapterStore:
+    """The adapter store at `root` (default `attune.paths.STORE_DIR`)."""
+
+    def __init__(self, root: Path | None = None):
+        if root is None:
+            from attune.paths import STORE_DIR
+
+            root = STORE_DIR
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    def manifest(self) -> StoreManifest:
+        return load_manifest(self.manifest_path)
+
+    def list(self) -> list[AdapterManifest]:
+        return sorted(self.manifest().adapters, key=lambda a: a.id)
+
+    def ids(self) -> list[str]:
+        return [a.id for a in self.list()]
+
+    def entry(self, adapter_id: str) -> AdapterManifest:
+        """The manifest entry for `adapter_id`, without checking its files."""
+        m = self.manifest()
+        found = m.find(adapter_id)
+        if found is None:
+            raise UnknownAdapter(adapter_id, sorted(a.id for a in m.adapters))
+        return found
+
+    def path(self, adapter_id: str) -> Path:
+        return self.root / adapter_id
+
+    def get(self, adapter_id: str) -> Path:
+        """The adapter's folder, after checking every file against the manifest's sha256 allowlist."""
+        entry = self.entry(adapter_id)
+        verify(self.path(adapter_id), entry.files)
+        return self.path(adapter_id)
+
+    def profile(self, name: str) -> Preference:
+        return self.manifest().profile(name)
+
+    def verify_all(self) -> dict[str, IntegrityError]:
+        """Check every adapter; returns {id: error} for those that fail (empty when all pass)."""
+        failures = {}
+        for entry in self.list():
+            try:
+                verify(self.path(entry.id), entry.files)
+            except IntegrityError as e:
+                failures[entry.id] = e
+        return failures
+
+    def add(self, folder: Path, entry: AdapterManifest | Mapping[str, Any], *, copy: bool = True) -> AdapterManifest:
+        """Register a PEFT LoRA folder under `entry['id']`, hashing its files into `entry.files`.
+
+        `entry` is an AdapterManifest or a mapping without `files` (computed here); `lora` may be left
+        out and is then read from adapter_config.json, otherwise it must agree with it. With
+        copy=True the folder is copied to `<root>/<id>/`; with copy=False it must already be there.
+        """
+        folder = Path(folder)
+        data = entry.model_dump() if isinstance(entry, AdapterManifest) else dict(entry)
+        if data.get("files"):
+            raise ValueError("leave `files` out of the entry: the store hashes the folder itself")
+        cfg = read_lora_config(folder)
+        spec = lora_spec_from_config(cfg)
+        data.setdefault("lora", spec)
+        data["files"] = hash_folder(folder)
+        try:
+            new = AdapterManifest.model_validate(data)
+        except ValidationError as e:
+            raise ManifestError(f"adapter entry for {folder} is invalid:\n{format_errors(e)}") from None
+        if (new.lora.r, float(new.lora.alpha)) != (spec["r"], float(spec["alpha"])):
+            raise ManifestError(f"entry lora r={new.lora.r}, alpha={new.lora.alpha} disagrees with "
+                                f"{folder}/adapter_config.json (r={spec['r']}, lora_alpha={spec['alpha']}); "
+                                "leave `lora` out to take it from the config")
+        dest = self.path(new.id)
+        with self._locked():
+            m = self.manifest()
+            if m.find(new.id) is not None:
+                raise ValueError(f"adapter id {new.id!r} is already in the store; remove it first or pick another id")
+            if copy:
+                if dest.exists():
+                    raise FileExistsError(f"{dest} exists but is not registered; delete it or pick another id")
+                _copy_folder(folder, dest)
+                try:
+                    verify(dest, new.files)
+                except IntegrityError:
+                    shutil.rmtree(dest, ignore_errors=True)
+                    raise
+            elif folder.resolve() != dest.resolve():
+                raise ValueError(f"with copy=False the folder must already be {dest}, not {folder}; "
+                                 "pass copy=True to copy it in")
+            m.adapters.append(new)
+            save_manifest(m, self.manifest_path)
+        return new
+
+    def update_eval(self, adapter_id: str, scores: Mapping[str, Any]) -> AdapterManifest:
+        """Merge evaluation scores into the entry's `eval` (files and checksums are untouched)."""
+        with self._locked():
+            m = self.manifest()
+            entry = m.find(adapter_id)
+            if entry is None:
+                raise UnknownAdapter(adapter_id, sorted(a.id for a in m.adapters))
+            entry.eval = {**entry.eval, **dict(scores)}
+            save_manifest(m, self.manifest_path)
+        return entry
+
+    def remove(self, adapter_id: str) -> None:
+        """Drop the entry (manifest first, atomically), then delete the folder."""
+        with self._locked():
+            m = self.manifest()
+            if m.find(adapter_id) is None:
+                raise UnknownAdapter(adapter_id, sorted(a.id for a in m.adapters))
+            m.adapters = [a for a in m.adapters if a.id != adapter_id]
+            save_manifest(m, self.manifest_path)
+            shutil.rmtree(self.path(adapter_id), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:16]
+        with open(Path(tempfile.gettempdir()) / f"attune-store-{key}.lock", "a") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _copy_folder(src: Path, dest: Path) -> None:
+    """Copy into a temporary sibling, then rename, so `dest` never holds a partial copy."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        shutil.copytree(src, tmp / "x", symlinks=True)
+        os.replace(tmp / "x", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
