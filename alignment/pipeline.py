@@ -35,7 +35,7 @@ class PreferenceData:
 
     def __init__(self, recipe: Recipe, base: str, train: list, cc_rows: list, reward_model):
         op = recipe.onpolicy
-        prompts = [ex.message for ex in train]
+        prompts = [ex.message for ex in train][:op.prompts]
         if op.counsel_chat_prompts:
             prompts += data.counsel_chat_questions(cc_rows, "train")[:op.counsel_chat_prompts]
         settings = GenerationSettings(max_tokens=op.max_tokens, temperature=op.temperature, seed=0)
@@ -48,7 +48,7 @@ class PreferenceData:
         else:
             _log(f"on-policy samples: {len(prompts)} prompts x {op.samples} replies")
             t0 = time.perf_counter()
-            gen = make_generator(base)
+            gen = make_generator(base, prefer_vllm=op.engine != "hf")
             self.samples = onpolicy.sample_and_score(prompts, gen, reward_model, op.samples, settings)
             del gen
             gc.collect()
@@ -57,7 +57,7 @@ class PreferenceData:
         self.seed = onpolicy.seed_scored(train, reward_model) if op.seed_pairs else []
         self.seed_ratings = [np.array([[r.ratings[o] for o in OBJECTIVES] for r in ex.replies], float)
                              for ex in train] if op.seed_pairs else []
-        self.min_gap = op.min_gap
+        self.min_gap, self.max_pairs = op.min_gap, op.max_pairs
         self.hash = data.data_hash([*data.seed_files(), data.SPLITS_FILE, self.cache])
 
     def rows(self, primary: str, weights: Preference | None, modpo: bool, pair_weight: float = 1.0):
@@ -67,8 +67,17 @@ class PreferenceData:
             seed_rows, _ = onpolicy.preference_rows(self.seed, primary, weights, min_gap=self.min_gap,
                                                     modpo=modpo, seed_ratings=self.seed_ratings,
                                                     pair_weight=pair_weight)
-            rows += seed_rows
+            rows = _interleave(rows, seed_rows)
+        if self.max_pairs:
+            rows = rows[:self.max_pairs]
         return rows, dropped
+
+
+def _interleave(a: list, b: list) -> list:
+    """a0, b0, a1, b1, ... so that a cap keeps both sources in equal measure."""
+    out = [x for pair in zip(a, b) for x in pair]
+    n = min(len(a), len(b))
+    return out + a[n:] + b[n:]
 
 
 def sft_rows(recipe: Recipe, train: list, cc_rows: list) -> list[dict]:

@@ -64,11 +64,14 @@ class AdapterSpec(BaseModel):
 class OnPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(4, ge=2, le=16, description="replies sampled per prompt")
+    prompts: int | None = Field(None, ge=1, description="cap on seed-train prompts sampled (None: all)")
+    engine: Literal["auto", "vllm", "hf"] = Field("auto", description="sampler: vLLM when installed (auto), or transformers")
     max_tokens: int = Field(96, ge=8, le=512, description="tokens per sampled reply")
     temperature: float = Field(0.9, gt=0, le=2, description="sampling temperature")
     counsel_chat_prompts: int = Field(0, ge=0, description="extra prompts from counsel-chat train")
     seed_pairs: bool = Field(True, description="also train on the seed set's human-rated best-vs-worst pairs")
     min_gap: float = Field(0.1, ge=0, description="drop on-policy pairs whose primary-score gap is below this")
+    max_pairs: int | None = Field(None, ge=1, description="cap on pairs per adapter (seeded sample, half on-policy, half seed)")
 
 
 class SFTData(BaseModel):

@@ -27,6 +27,9 @@ class TrainArgs:
     """LoRA scaling numerator (scaling = alpha / r)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Modules wrapped by LoRA; fewer modules = less per-layer LoRA overhead in vLLM on CPU."""
+    layers_to_transform: list[int] | None = None
+    """Only these decoder layers get LoRA (None: all). Top layers only = a shorter backward pass
+    and fewer LoRA-wrapped modules at serving time."""
     learning_rate: float = 5e-4
     """AdamW learning rate for the LoRA weights."""
     beta: float = 0.1
@@ -54,7 +57,8 @@ class TrainArgs:
         from peft import LoraConfig
 
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(self.target_modules), task_type="CAUSAL_LM")
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM",
+                          layers_to_transform=list(self.layers_to_transform) if self.layers_to_transform else None)
 
 
 class CollatorWithExtras(DataCollatorForPreference):
