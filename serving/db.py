@@ -1,0 +1,414 @@
+"""Persistence for tenants, API keys, sessions, messages, feedback and audit events (SQLAlchemy 2).
+
+Portable types only (SQLite file with WAL by default, PostgreSQL for clusters). Each `Repository`
+method is one short transaction, so it is safe from concurrent handlers; no message text is ever logged.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, create_engine,
+                        delete, event, func, select, text, update)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from alignment.data import PreferencePair
+
+Role = Literal["patient-app", "operator"]
+ROLES: tuple[str, ...] = ("patient-app", "operator")
+TEXT_KEYS = frozenset({"content", "text", "message", "prompt", "reply", "chosen", "rejected"})
+MAX_AUDIT_STRING = 200
+
+
+class RecordNotFound(LookupError):
+    """No such session or message for this tenant (the API answers 404, revealing nothing else)."""
+
+
+class RecordError(ValueError):
+    """A write the store refuses; the message says what to change."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite returns naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+class Base(DeclarativeBase):
+    """Rows come back from `Repository` detached: read them freely, change them through its methods."""
+
+    type_annotation_map = {datetime: UTCDateTime}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(64), default="")
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ChatSession(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    preference: Mapped[dict] = mapped_column(JSON)
+    adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    locale: Mapped[str] = mapped_column(String(35), default="en")
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(default=_now)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True, index=True, default=_uuid)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    scores: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    gate: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Feedback(Base):
+    """One row of the alignment feedback schema: a (prompt, chosen, rejected) pair, or a thumb on one reply."""
+
+    __tablename__ = "feedback"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    chosen: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rejected: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rating: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    chosen_message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    rejected_message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+    def to_pair(self, objective: str) -> PreferencePair | None:
+        """A choice as an alignment preference pair for `objective` (a thumb alone is not a pair)."""
+        if self.chosen is None or self.rejected is None:
+            return None
+        return PreferencePair(self.prompt, self.chosen, self.rejected, objective, 1.0, f"feedback:{self.id}")
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    session_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    detail: Mapped[dict] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+
+def _check_audit_detail(value: Any, path: str = "detail") -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if str(k).lower() in TEXT_KEYS:
+                raise RecordError(f"{path}.{k}: audit events must not carry message text; store ids or counts")
+            _check_audit_detail(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_audit_detail(v, f"{path}[{i}]")
+    elif isinstance(value, str) and len(value) > MAX_AUDIT_STRING:
+        raise RecordError(f"{path} is {len(value)} characters; audit strings are capped at {MAX_AUDIT_STRING} "
+                          "so that no message text lands in the audit log")
+
+
+def _finite_scores(scores: Mapping[str, float] | None) -> dict[str, float] | None:
+    if scores is None:
+        return None
+    out = {str(k): float(v) for k, v in scores.items()}
+    bad = sorted(k for k, v in out.items() if not math.isfinite(v))
+    if bad:
+        raise RecordError(f"scores for {bad} are not finite numbers; store finite scores or none")
+    return out
+
+
+class Repository:
+    """All reads and writes. Synchronous: call it from a thread pool in async handlers.
+
+    `sqlite://` (in memory) is for single-threaded tests; use a file or PostgreSQL when serving.
+    """
+
+    def __init__(self, url: str, *, create_tables: bool = True):
+        parsed = make_url(url)
+        kwargs: dict[str, Any] = {"hide_parameters": True}  # errors never echo bound values (message text)
+        if parsed.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            if parsed.database in (None, "", ":memory:"):
+                kwargs["poolclass"] = StaticPool
+            else:
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine = create_engine(url, **kwargs)
+        if parsed.get_backend_name() == "sqlite":
+            self._sqlite_pragmas()
+        self._tx = sessionmaker(self.engine, expire_on_commit=False)
+        if create_tables:
+            Base.metadata.create_all(self.engine)
+
+    def _sqlite_pragmas(self) -> None:
+        @event.listens_for(self.engine, "connect")
+        def _connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                           "busy_timeout=30000", "secure_delete=ON"):
+                cur.execute(f"PRAGMA {pragma}")
+            cur.close()
+
+        @event.listens_for(self.engine, "begin")
+        def _begin(conn):
+            # A deferred transaction that reads then writes cannot wait for the lock: take it up front.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    # ------------------------------------------------------------ tenants and keys
+    def ensure_tenant(self, tenant_id: str, name: str | None = None) -> str:
+        with self._tx.begin() as s:
+            if s.get(Tenant, tenant_id) is None:
+                s.add(Tenant(id=tenant_id, name=name or tenant_id))
+        return tenant_id
+
+    def put_api_key(self, tenant_id: str, key_hash: str, role: Role, label: str = "") -> ApiKey:
+        """Insert the key, or re-activate it (with `label`) if this tenant and role already hold it."""
+        with self._tx.begin() as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+            if row is None:
+                if role not in ROLES or s.get(Tenant, tenant_id) is None:
+                    raise RecordError(f"need an existing tenant and a role in {list(ROLES)}")
+                row = ApiKey(key_hash=key_hash, tenant_id=tenant_id, role=role, label=label)
+                s.add(row)
+            elif (row.tenant_id, row.role) != (tenant_id, role):
+                raise RecordError(f"this key is registered for tenant {row.tenant_id!r} as {row.role}; "
+                                  "use a different key")
+            else:
+                row.revoked, row.label = False, label
+            s.flush()
+            return row
+
+    def find_api_key(self, key_hash: str) -> ApiKey | None:
+        with self._tx.begin() as s:
+            return s.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked.is_(False)))
+
+    def revoke_api_keys(self, tenant_id: str, label: str, keep_hash: str | None = None) -> int:
+        """Revoke the tenant's keys with `label`, except `keep_hash`; returns how many."""
+        with self._tx.begin() as s:
+            q = update(ApiKey).where(ApiKey.tenant_id == tenant_id, ApiKey.label == label,
+                                     ApiKey.revoked.is_(False))
+            if keep_hash is not None:
+                q = q.where(ApiKey.key_hash != keep_hash)
+            return s.execute(q.values(revoked=True)).rowcount
+
+    # ------------------------------------------------------------ sessions
+    def create_session(self, tenant_id: str, preference: Mapping[str, float], adapter_id: str | None = None,
+                       locale: str = "en") -> ChatSession:
+        with self._tx.begin() as s:
+            row = ChatSession(tenant_id=tenant_id, preference=dict(preference), adapter_id=adapter_id,
+                              locale=locale)
+            s.add(row)
+            s.flush()
+            return row
+
+    def _owned(self, s, tenant_id: str, session_id: str) -> ChatSession | None:
+        row = s.get(ChatSession, session_id)
+        return row if row is not None and row.tenant_id == tenant_id and not row.deleted else None
+
+    def get_session(self, tenant_id: str, session_id: str) -> ChatSession | None:
+        """The session, or None if it does not exist, was deleted, or belongs to another tenant."""
+        with self._tx.begin() as s:
+            return self._owned(s, tenant_id, session_id)
+
+    def update_session(self, tenant_id: str, session_id: str, *, preference: Mapping[str, float] | None = None,
+                       adapter_id: str | None = None) -> ChatSession | None:
+        with self._tx.begin() as s:
+            row = self._owned(s, tenant_id, session_id)
+            if row is None:
+                return None
+            if preference is not None:
+                row.preference = dict(preference)
+            if adapter_id is not None:
+                row.adapter_id = adapter_id
+            s.flush()
+            return row
+
+    def flag_session(self, session_id: str) -> None:
+        with self._tx.begin() as s:
+            s.execute(update(ChatSession).where(ChatSession.id == session_id).values(flagged=True))
+
+    def delete_session(self, tenant_id: str, session_id: str) -> bool:
+        """Erase the session's messages and feedback; keep a tombstone and an audit event without content."""
+        with self._tx.begin() as s:
+            row = self._owned(s, tenant_id, session_id)
+            if row is None:
+                return False
+            n_feedback = s.execute(delete(Feedback).where(Feedback.session_id == session_id)).rowcount
+            n_messages = s.execute(delete(Message).where(Message.session_id == session_id)).rowcount
+            row.deleted = True
+            s.add(AuditEvent(tenant_id=tenant_id, session_id=session_id, kind="session_deleted",
+                             detail={"messages_erased": n_messages, "feedback_erased": n_feedback}))
+        if self.engine.dialect.name == "sqlite":
+            # secure_delete zeroes the freed pages; the checkpoint drops the old page images from the WAL.
+            raw = self.engine.raw_connection()
+            try:
+                raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                raw.close()
+        return True
+
+    # ------------------------------------------------------------ messages
+    def add_message(self, session_id: str, role: str, content: str, *, adapter_id: str | None = None,
+                    scores: Mapping[str, float] | None = None, gate: str | None = None) -> Message:
+        """Store and commit at once, so a crash later loses nothing already said."""
+        if role not in ("system", "user", "assistant"):
+            raise RecordError(f"role {role!r} is unknown; use system, user or assistant")
+        with self._tx.begin() as s:
+            sess = s.get(ChatSession, session_id)
+            if sess is None or sess.deleted:
+                raise RecordNotFound(f"session {session_id!r} does not exist")
+            row = Message(session_id=session_id, role=role, content=content, adapter_id=adapter_id,
+                          scores=_finite_scores(scores), gate=gate)
+            s.add(row)
+            s.flush()
+            return row
+
+    def list_messages(self, session_id: str, limit: int | None = None) -> list[Message]:
+        """Oldest first; with `limit`, the most recent `limit` messages."""
+        with self._tx.begin() as s:
+            q = select(Message).where(Message.session_id == session_id).order_by(Message.seq.desc())
+            rows = s.scalars(q.limit(limit) if limit is not None else q).all()
+            return list(reversed(rows))
+
+    # ------------------------------------------------------------ feedback
+    def add_feedback(self, session_id: str, *, message_id: str | None = None, rating: str | None = None,
+                     chosen_message_id: str | None = None,
+                     rejected_message_id: str | None = None) -> Feedback:
+        """A thumb on one reply, or a choice between two replies to the same user message."""
+        with self._tx.begin() as s:
+            def reply(mid: str) -> tuple[Message, str]:
+                msg = s.scalar(select(Message).where(Message.id == mid, Message.session_id == session_id))
+                if msg is None:
+                    raise RecordNotFound(f"message {mid!r} is not in session {session_id!r}")
+                if msg.role != "assistant":
+                    raise RecordError(f"message {mid!r} is a {msg.role} message; feedback rates assistant replies")
+                prompt = s.scalar(select(Message.content).where(
+                    Message.session_id == session_id, Message.role == "user", Message.seq < msg.seq,
+                ).order_by(Message.seq.desc()).limit(1))
+                if prompt is None:
+                    raise RecordError(f"message {mid!r} has no user message before it to pair with")
+                return msg, prompt
+
+            if message_id is not None and rating in ("up", "down"):
+                msg, prompt = reply(message_id)
+                row = Feedback(session_id=session_id, prompt=prompt, rating=rating, message_id=message_id,
+                               adapter_id=msg.adapter_id, chosen=msg.content if rating == "up" else None,
+                               rejected=msg.content if rating == "down" else None)
+            elif chosen_message_id and rejected_message_id and chosen_message_id != rejected_message_id:
+                chosen, prompt = reply(chosen_message_id)
+                rejected, other_prompt = reply(rejected_message_id)
+                if prompt != other_prompt:
+                    raise RecordError("the two replies answer different user messages; choose between "
+                                      "replies to the same message")
+                row = Feedback(session_id=session_id, prompt=prompt, chosen=chosen.content,
+                               rejected=rejected.content, chosen_message_id=chosen_message_id,
+                               rejected_message_id=rejected_message_id, adapter_id=chosen.adapter_id)
+            else:
+                raise RecordError("give message_id with rating 'up'/'down', or two different "
+                                  "chosen_message_id and rejected_message_id")
+            s.add(row)
+            s.flush()
+            return row
+
+    def list_feedback(self, session_id: str | None = None) -> list[Feedback]:
+        with self._tx.begin() as s:
+            q = select(Feedback).order_by(Feedback.created)
+            if session_id is not None:
+                q = q.where(Feedback.session_id == session_id)
+            return list(s.scalars(q).all())
+
+    # ------------------------------------------------------------ audit
+    def add_audit(self, kind: str, *, tenant_id: str | None = None, session_id: str | None = None,
+                  detail: Mapping[str, Any] | None = None) -> AuditEvent:
+        """Record an event such as crisis_protocol or gate_fallback; `detail` holds ids, scores, counts only."""
+        detail = dict(detail or {})
+        _check_audit_detail(detail)
+        with self._tx.begin() as s:
+            row = AuditEvent(tenant_id=tenant_id, session_id=session_id, kind=kind, detail=detail)
+            s.add(row)
+            s.flush()
+            return row
+
+    def list_audit(self, kind: str | None = None, session_id: str | None = None) -> list[AuditEvent]:
+        with self._tx.begin() as s:
+            q = select(AuditEvent).order_by(AuditEvent.id)
+            if kind is not None:
+                q = q.where(AuditEvent.kind == kind)
+            if session_id is not None:
+                q = q.where(AuditEvent.session_id == session_id)
+            return list(s.scalars(q).all())
+
+    # ------------------------------------------------------------ counts
+    def _count(self, model, *where) -> int:
+        with self._tx.begin() as s:
+            return s.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+    def count_sessions(self, tenant_id: str | None = None, flagged: bool | None = None) -> int:
+        where = [ChatSession.deleted.is_(False)]
+        if tenant_id is not None:
+            where.append(ChatSession.tenant_id == tenant_id)
+        if flagged is not None:
+            where.append(ChatSession.flagged.is_(flagged))
+        return self._count(ChatSession, *where)
+
+    def count_messages(self, session_id: str | None = None) -> int:
+        return self._count(Message, *([Message.session_id == session_id] if session_id else []))
+
+    def count_feedback(self, session_id: str | None = None) -> int:
+        return self._count(Feedback, *([Feedback.session_id == session_id] if session_id else []))
+
+    def count_audit(self, kind: str | None = None) -> int:
+        return self._count(AuditEvent, *([AuditEvent.kind == kind] if kind else []))

@@ -1,0 +1,152 @@
+"""API keys (hashed, constant-time checked), the local default tenant's key file, and the rate limiter."""
+from __future__ import annotations
+
+import hashlib
+import stat
+import sys
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from serving.auth import (KEY_PREFIX, AuthError, KeyStore, RateLimited, RateLimiter, hash_key, new_key)
+from serving.db import ApiKey, Repository
+
+
+@pytest.fixture()
+def keys(tmp_path):
+    repo = Repository(f"sqlite:///{tmp_path / 'attune.db'}")
+    yield KeyStore(repo)
+    repo.close()
+
+
+def stored_hashes(store: KeyStore) -> list[str]:
+    with store.repo._tx.begin() as s:
+        return list(s.scalars(select(ApiKey.key_hash)))
+
+
+def test_key_round_trip_and_wrong_keys(keys):
+    key = keys.create_key("clinic-a", "patient-app")
+    op = keys.create_key("clinic-a", "operator")
+    assert key.startswith(KEY_PREFIX) and len(key) > 40 and key != op
+    assert keys.authenticate(f"Bearer {key}").tenant_id == "clinic-a"
+    assert keys.authenticate(key).role == "patient-app" and not keys.authenticate(key).is_operator
+    assert keys.authenticate(f"bearer  {op}").is_operator
+    for bad in (key[:-1] + ("A" if key[-1] != "A" else "B"), new_key(), "Bearer ", ""):
+        with pytest.raises(AuthError):
+            keys.authenticate(bad)
+    with pytest.raises(AuthError, match="Authorization: Bearer"):
+        keys.authenticate(None)
+
+
+def test_only_the_hash_is_stored(keys):
+    key = keys.create_key("clinic-a")
+    hashes = stored_hashes(keys)
+    assert hashes == [hashlib.sha256(key.encode()).hexdigest()] == [hash_key(key)]
+    assert key not in hashes[0]
+
+
+def test_default_tenant_key_file_is_private_and_reused(keys, tmp_path, monkeypatch):
+    monkeypatch.delenv("ATTUNE_API_KEY", raising=False)
+    monkeypatch.delenv("ATTUNE_OPERATOR_KEY", raising=False)
+    data = tmp_path / "serve"
+    key, path = keys.ensure_default_tenant(data)
+    assert path == data / "api_key" and path.read_text().strip() == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((data / "operator_key").stat().st_mode) == 0o600
+    assert keys.authenticate(key).tenant_id == "default"
+    assert keys.authenticate((data / "operator_key").read_text().strip()).is_operator
+
+    assert keys.ensure_default_tenant(data) == (key, path)
+    assert len(stored_hashes(keys)) == 2
+
+
+def test_environment_keys_replace_the_file_key(keys, tmp_path, monkeypatch):
+    data = tmp_path / "serve"
+    monkeypatch.delenv("ATTUNE_OPERATOR_KEY", raising=False)
+    monkeypatch.delenv("ATTUNE_API_KEY", raising=False)
+    file_key, _ = keys.ensure_default_tenant(data)
+
+    env_key, op_key = new_key(), new_key()
+    monkeypatch.setenv("ATTUNE_API_KEY", env_key)
+    monkeypatch.setenv("ATTUNE_OPERATOR_KEY", op_key)
+    assert keys.ensure_default_tenant(data) == (env_key, None)
+    assert keys.authenticate(env_key).role == "patient-app"
+    assert keys.authenticate(op_key).role == "operator"
+    with pytest.raises(AuthError):
+        keys.authenticate(file_key)
+
+    monkeypatch.delenv("ATTUNE_API_KEY")
+    assert keys.ensure_default_tenant(data)[0] == file_key
+    assert keys.authenticate(file_key).tenant_id == "default"
+    with pytest.raises(AuthError):
+        keys.authenticate(env_key)
+    with pytest.raises(ValueError, match="at least 24"):
+        keys.ensure_default_tenant(data, env_key="hunter2")
+    with pytest.raises(ValueError, match="registered for tenant 'default' as operator"):
+        keys.ensure_default_tenant(data, env_key=op_key)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limiter_blocks_the_extra_request_and_recovers():
+    clock = FakeClock()
+    limiter = RateLimiter(6, clock=clock)
+    for _ in range(6):
+        limiter.check("k1")
+    with pytest.raises(RateLimited) as exc:
+        limiter.check("k1")
+    assert exc.value.retry_after == pytest.approx(10.0)
+    assert exc.value.retry_after_header == "10"
+    limiter.check("k2")
+    clock.now += exc.value.retry_after - 0.5
+    with pytest.raises(RateLimited) as again:
+        limiter.check("k1")
+    assert 0 < again.value.retry_after <= 0.5 + 1e-9 and again.value.retry_after_header == "1"
+    clock.now += again.value.retry_after
+    limiter.check("k1")
+    with pytest.raises(RateLimited):
+        limiter.check("k1")
+    RateLimiter(0, clock=clock).check("anyone")
+
+
+def test_rate_limiter_memory_is_bounded():
+    clock = FakeClock()
+    limiter = RateLimiter(60, max_keys=3, clock=clock)
+    for i in range(10):
+        limiter.check(f"k{i}")
+    assert len(limiter) == 3
+    clock.now += 61
+    limiter.check("fresh")
+    assert len(limiter) == 1
+
+
+def test_rate_limiter_is_thread_safe():
+    limiter = RateLimiter(400, clock=FakeClock())
+    allowed = []
+
+    def hammer():
+        for _ in range(200):
+            try:
+                limiter.check("shared")
+                allowed.append(1)
+            except RateLimited:
+                pass
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert len(allowed) == 400

@@ -1,0 +1,166 @@
+"""The SQL store: order, tenant isolation, erasure that leaves no text behind, feedback ownership."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+from sqlalchemy import text
+
+from serving.db import Base, RecordError, RecordNotFound, Repository
+
+PREF = {"empathy": 0.5, "safety": 0.5}
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    r = Repository(f"sqlite:///{tmp_path / 'attune.db'}")
+    r.ensure_tenant("clinic-a")
+    r.ensure_tenant("clinic-b")
+    yield r
+    r.close()
+
+
+def chat(repo: Repository, session_id: str, turns: list[tuple[str, str]]):
+    return [repo.add_message(session_id, role, content, adapter_id="warm" if role == "assistant" else None,
+                             scores={"safety": 4.0} if role == "assistant" else None,
+                             gate="pass" if role == "assistant" else None) for role, content in turns]
+
+
+def test_messages_are_committed_and_read_back_in_order(repo, tmp_path):
+    s = repo.create_session("clinic-a", PREF, adapter_id="warm", locale="en-GB")
+    turns = [("user", f"turn {i}") if i % 2 == 0 else ("assistant", f"reply {i}") for i in range(12)]
+    chat(repo, s.id, turns)
+    reopened = Repository(f"sqlite:///{tmp_path / 'attune.db'}")
+    got = reopened.list_messages(s.id)
+    assert [(m.role, m.content) for m in got] == turns
+    assert got[1].scores == {"safety": 4.0} and got[1].gate == "pass" and got[0].adapter_id is None
+    assert [m.content for m in reopened.list_messages(s.id, limit=3)] == ["reply 9", "turn 10", "reply 11"]
+    with reopened.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    assert "turn 0" not in repr(got[0])
+    reopened.close()
+
+
+def test_concurrent_writers_lose_nothing(repo):
+    s = repo.create_session("clinic-a", PREF)
+
+    def writer(w: int):
+        for i in range(10):
+            repo.add_message(s.id, "user", f"w{w}-{i}")
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = [m.content for m in repo.list_messages(s.id)]
+    assert len(got) == 40
+    for w in range(4):
+        assert [c for c in got if c.startswith(f"w{w}-")] == [f"w{w}-{i}" for i in range(10)]
+
+
+def test_a_tenant_cannot_see_or_change_another_tenants_session(repo):
+    s = repo.create_session("clinic-a", PREF, adapter_id="warm")
+    chat(repo, s.id, [("user", "private")])
+    assert repo.get_session("clinic-a", s.id).preference == PREF
+    assert repo.get_session("clinic-b", s.id) is None
+    assert repo.get_session("clinic-a", "no-such-id") is None
+    assert repo.update_session("clinic-b", s.id, adapter_id="evil") is None
+    assert repo.delete_session("clinic-b", s.id) is False
+    assert repo.get_session("clinic-a", s.id).adapter_id == "warm"
+    assert repo.count_messages(s.id) == 1
+    assert repo.update_session("clinic-a", s.id, preference={"safety": 1.0}, adapter_id="safe").adapter_id == "safe"
+
+
+def test_delete_erases_content_and_keeps_an_audit_event_without_text(repo, tmp_path):
+    s = repo.create_session("clinic-a", PREF)
+    keep = repo.create_session("clinic-a", PREF)
+    secret = "I told nobody about the pills in the drawer"
+    _, reply = chat(repo, s.id, [("user", secret), ("assistant", "Thank you for telling me.")])
+    chat(repo, keep.id, [("user", "other session stays")])
+    repo.add_feedback(s.id, message_id=reply.id, rating="up")
+    repo.add_audit("crisis_protocol", tenant_id="clinic-a", session_id=s.id, detail={"rule": "means"})
+
+    assert repo.delete_session("clinic-a", s.id) is True
+    assert repo.get_session("clinic-a", s.id) is None
+    assert repo.list_messages(s.id) == [] and repo.list_feedback(s.id) == []
+    assert repo.count_messages() == 1 and repo.count_feedback() == 0
+    with pytest.raises(RecordNotFound):
+        repo.add_message(s.id, "user", "after deletion")
+    events = repo.list_audit(session_id=s.id)
+    assert [e.kind for e in events] == ["crisis_protocol", "session_deleted"]
+    assert events[-1].detail == {"messages_erased": 2, "feedback_erased": 1}
+    dumped = json.dumps([e.detail for e in events])
+    assert "pills" not in dumped and "Thank you" not in dumped
+    on_disk = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("attune.db"))
+    assert b"pills in the drawer" not in on_disk and b"other session stays" in on_disk
+
+
+def test_audit_details_refuse_message_text(repo):
+    with pytest.raises(RecordError, match="must not carry message text"):
+        repo.add_audit("gate_fallback", detail={"scores": {"safety": 1.2}, "content": "the reply"})
+    with pytest.raises(RecordError, match="capped at 200"):
+        repo.add_audit("gate_fallback", detail={"reason": "x" * 201})
+    assert repo.add_audit("gate_fallback", detail={"scores": {"safety": 1.2}}).kind == "gate_fallback"
+    assert repo.count_audit("gate_fallback") == 1
+
+
+def test_feedback_is_stored_as_alignment_pairs_and_checks_ownership(repo):
+    s = repo.create_session("clinic-a", PREF)
+    other = repo.create_session("clinic-a", PREF)
+    user, first, _, second = chat(repo, s.id, [("user", "I feel stuck"), ("assistant", "Reply A"),
+                                               ("user", "I feel stuck"), ("assistant", "Reply B")])
+    _, foreign = chat(repo, other.id, [("user", "hi"), ("assistant", "other reply")])
+
+    pair = repo.add_feedback(s.id, chosen_message_id=second.id, rejected_message_id=first.id)
+    assert (pair.prompt, pair.chosen, pair.rejected, pair.rating) == ("I feel stuck", "Reply B", "Reply A", None)
+    thumb = repo.add_feedback(s.id, message_id=first.id, rating="down")
+    assert (thumb.prompt, thumb.chosen, thumb.rejected, thumb.rating) == ("I feel stuck", None, "Reply A", "down")
+    assert thumb.adapter_id == "warm" and thumb.to_pair("empathy") is None
+    assert pair.to_pair("empathy").chosen == "Reply B" and pair.to_pair("empathy").source_id == f"feedback:{pair.id}"
+
+    with pytest.raises(RecordNotFound, match="not in session"):
+        repo.add_feedback(s.id, message_id=foreign.id, rating="up")
+    with pytest.raises(RecordNotFound):
+        repo.add_feedback(s.id, chosen_message_id=first.id, rejected_message_id=foreign.id)
+    with pytest.raises(RecordError, match="feedback rates assistant replies"):
+        repo.add_feedback(s.id, message_id=user.id, rating="up")
+    assert repo.count_feedback(s.id) == 2 and repo.count_feedback(other.id) == 0
+
+
+def test_flag_counts_and_ping(repo, tmp_path):
+    s = repo.create_session("clinic-a", PREF)
+    repo.create_session("clinic-b", PREF)
+    repo.flag_session(s.id)
+    assert repo.get_session("clinic-a", s.id).flagged is True
+    assert repo.count_sessions() == 2 and repo.count_sessions("clinic-a", flagged=True) == 1
+    assert repo.ping() is True
+    gone = Repository(f"sqlite:///{tmp_path / 'gone' / 'x.db'}")
+    gone.engine.dispose()
+    shutil.rmtree(tmp_path / "gone")
+    assert gone.ping() is False
+
+
+def test_schema_compiles_for_postgresql():
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.schema import CreateTable
+
+    ddl = "\n".join(str(CreateTable(t).compile(dialect=postgresql.dialect())) for t in Base.metadata.sorted_tables)
+    for table in ("tenants", "api_keys", "sessions", "messages", "feedback", "audit_events"):
+        assert f"CREATE TABLE {table}" in ddl
+    assert "JSON" in ddl and "TIMESTAMP WITH TIME ZONE" in ddl
+
+
+def test_rows_convert_to_api_shapes(repo):
+    from serving.protocol import MessageOut, SessionOut
+
+    s = repo.create_session("clinic-a", PREF, adapter_id="warm")
+    _, reply = chat(repo, s.id, [("user", "hello"), ("assistant", "hi")])
+    out = SessionOut.from_row(repo.get_session("clinic-a", s.id))
+    assert (out.id, out.adapter, out.preference, out.flagged) == (s.id, "warm", PREF, False)
+    assert abs(out.created - s.created.timestamp()) < 1 and s.created.tzinfo is not None
+    msg = MessageOut.from_row(repo.list_messages(s.id)[-1]).model_dump()
+    assert msg == {"id": reply.id, "role": "assistant", "content": "hi", "created": msg["created"],
+                   "adapter": "warm", "scores": {"safety": 4.0}, "gate": "pass"}
