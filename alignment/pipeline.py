@@ -30,30 +30,35 @@ def counsel_chat_rows(source: str | None):
     return data.load_counsel_chat(src) if src else []
 
 
+def onpolicy_samples(recipe: Recipe, base: str, train: list, cc_rows: list) -> Path:
+    """Sample (or reuse) the recipe's on-policy replies; returns the cache file."""
+    op = recipe.onpolicy
+    prompts = [ex.message for ex in train][:op.prompts]
+    if op.counsel_chat_prompts:
+        prompts += data.counsel_chat_questions(cc_rows, "train")[:op.counsel_chat_prompts]
+    settings = GenerationSettings(max_tokens=op.max_tokens, temperature=op.temperature, seed=0)
+    key = onpolicy.cache_key(basemodel.display_name(recipe.base_model), prompts, op.samples, settings)
+    cache = RUNS_DIR / recipe.name / f"onpolicy-{key}.jsonl"
+    if cache.exists():
+        _log(f"on-policy samples: reusing {cache}")
+        return cache
+    _log(f"on-policy samples: {len(prompts)} prompts x {op.samples} replies")
+    t0 = time.perf_counter()
+    gen = make_generator(base, prefer_vllm=op.engine != "hf")
+    onpolicy.save(onpolicy.sample(prompts, gen, op.samples, settings), cache)
+    del gen
+    gc.collect()
+    _log(f"on-policy samples: done in {time.perf_counter() - t0:.0f}s -> {cache}")
+    return cache
+
+
 class PreferenceData:
     """On-policy samples and seed replies for a recipe, scored once by the reward model."""
 
-    def __init__(self, recipe: Recipe, base: str, train: list, cc_rows: list, reward_model):
+    def __init__(self, recipe: Recipe, samples_file: Path, train: list, reward_model):
         op = recipe.onpolicy
-        prompts = [ex.message for ex in train][:op.prompts]
-        if op.counsel_chat_prompts:
-            prompts += data.counsel_chat_questions(cc_rows, "train")[:op.counsel_chat_prompts]
-        settings = GenerationSettings(max_tokens=op.max_tokens, temperature=op.temperature, seed=0)
-        key = onpolicy.cache_key(basemodel.display_name(recipe.base_model), prompts, op.samples,
-                                 settings, str(REWARD_DIR))
-        self.cache = RUNS_DIR / recipe.name / f"onpolicy-{key}.jsonl"
-        if self.cache.exists():
-            _log(f"on-policy samples: reusing {self.cache}")
-            self.samples = onpolicy.load(self.cache)
-        else:
-            _log(f"on-policy samples: {len(prompts)} prompts x {op.samples} replies")
-            t0 = time.perf_counter()
-            gen = make_generator(base, prefer_vllm=op.engine != "hf")
-            self.samples = onpolicy.sample_and_score(prompts, gen, reward_model, op.samples, settings)
-            del gen
-            gc.collect()
-            onpolicy.save(self.samples, self.cache)
-            _log(f"on-policy samples: done in {time.perf_counter() - t0:.0f}s -> {self.cache}")
+        self.cache = samples_file
+        self.samples = onpolicy.score(onpolicy.load(self.cache), reward_model)
         self.seed = onpolicy.seed_scored(train, reward_model) if op.seed_pairs else []
         self.seed_ratings = [np.array([[r.ratings[o] for o in OBJECTIVES] for r in ex.replies], float)
                              for ex in train] if op.seed_pairs else []
@@ -147,7 +152,8 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
     todo = [a for a in recipe.adapters if not only or a.id in only]
     pref_data = None
     if any(a.recipe in ("dpo", "modpo", "joint_dpo") for a in todo):
-        pref_data = PreferenceData(recipe, base, train, cc_rows, RewardModel.load(REWARD_DIR))
+        samples_file = onpolicy_samples(recipe, base, train, cc_rows)
+        pref_data = PreferenceData(recipe, samples_file, train, RewardModel.load(REWARD_DIR))
     data_hash = pref_data.hash if pref_data else data.data_hash([*data.seed_files(), data.SPLITS_FILE])
     timings: dict[str, dict] = {}
     t_all = time.perf_counter()

@@ -1,0 +1,135 @@
+"""Online scoring for the safety gate: six objective scores per (message, reply) and a crisis probability
+per message, from `alignment.reward.RewardModel` (or anything with its `score` / `crisis_prob` API).
+`FaultyScorer` wraps a scorer to inject faults in tests and drills."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from alignment.objectives import OBJECTIVES
+
+
+class RewardModelLike(Protocol):
+    crisis_threshold: float
+
+    def score(self, prompts: list[str], replies: list[str]): ...  # -> array [N, 6] in OBJECTIVES order
+
+    def crisis_prob(self, messages: list[str]): ...  # -> array [N]
+
+
+class ScorerError(RuntimeError):
+    """The scorer could not produce scores; the gate treats the reply as unscored (fails closed)."""
+
+
+class Scorer:
+    """Plain-Python results around a reward model: [{objective: score}] and [probability]."""
+
+    def __init__(self, reward_model: RewardModelLike):
+        self.reward_model = reward_model
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, device: str | None = None) -> "Scorer":
+        """Load the shipped reward model (attune.paths.REWARD_DIR by default)."""
+        from alignment.reward import RewardModel
+        from attune.paths import REWARD_DIR
+
+        path = Path(path or REWARD_DIR)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"no reward model at {path}: train one with `attune` (alignment issue) "
+                                    "or pass the folder of a saved RewardModel")
+        return cls(RewardModel.load(path, device=device))
+
+    @property
+    def crisis_threshold(self) -> float:
+        return float(self.reward_model.crisis_threshold)
+
+    def score(self, prompts: Sequence[str], replies: Sequence[str]) -> list[dict[str, float]]:
+        if len(prompts) != len(replies):
+            raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies; pass one reply per prompt")
+        if not prompts:
+            return []
+        rows = self.reward_model.score(list(prompts), list(replies))
+        if len(rows) != len(prompts) or any(len(r) != len(OBJECTIVES) for r in rows):
+            raise ScorerError(f"reward model returned shape {getattr(rows, 'shape', len(rows))}, "
+                              f"expected ({len(prompts)}, {len(OBJECTIVES)})")
+        return [{o: float(v) for o, v in zip(OBJECTIVES, row)} for row in rows]
+
+    def crisis(self, messages: Sequence[str]) -> list[float]:
+        if not messages:
+            return []
+        probs = self.reward_model.crisis_prob(list(messages))
+        if len(probs) != len(messages):
+            raise ScorerError(f"reward model returned {len(probs)} crisis probabilities for {len(messages)} messages")
+        return [float(p) for p in probs]
+
+
+class BatchingScorer:
+    """The list-in, list-out shape that Ray Serve's `@serve.batch` needs: one call per batch of items.
+
+    The scorer deployment wraps it as
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+        async def score(self, items: list[tuple[str, str]]) -> list[dict[str, float]]:
+            return self.batching.score_batch(items)
+    so concurrent requests (including every sentence of every stream) share one encoder pass.
+    """
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+
+    def score_batch(self, items: Sequence[tuple[str, str]]) -> list[dict[str, float]]:
+        return self.scorer.score([p for p, _ in items], [r for _, r in items])
+
+    def crisis_batch(self, messages: Sequence[str]) -> list[float]:
+        return self.scorer.crisis(messages)
+
+
+class FaultyScorer:
+    """A scorer with injected faults: force the safety score and/or crisis probability, or raise.
+
+    Faults apply to the next `times` calls (None: until `disarm`). Thread-safe, so a test can arm it
+    while requests run. Everything not forced comes from the wrapped scorer.
+    """
+
+    def __init__(self, inner: Scorer, *, safety: float | None = None, crisis_prob: float | None = None,
+                 error: Exception | None = None, times: int | None = None):
+        self.inner = inner
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.arm(safety=safety, crisis_prob=crisis_prob, error=error, times=times)
+
+    @property
+    def crisis_threshold(self) -> float:
+        return self.inner.crisis_threshold
+
+    def arm(self, *, safety: float | None = None, crisis_prob: float | None = None,
+            error: Exception | None = None, times: int | None = None) -> None:
+        with self._lock:
+            self.safety, self.crisis_prob, self.error, self.remaining = safety, crisis_prob, error, times
+
+    def disarm(self) -> None:
+        self.arm()
+
+    def _fault(self, kind: str) -> tuple[float | None, Exception | None]:
+        """(forced value, error) for a `score` or `crisis` call; a call with nothing armed uses no budget."""
+        with self._lock:
+            self.calls += 1
+            value = self.safety if kind == "score" else self.crisis_prob
+            if (value is None and self.error is None) or self.remaining == 0:
+                return None, None
+            if self.remaining is not None:
+                self.remaining -= 1
+            return value, self.error
+
+    def score(self, prompts: Sequence[str], replies: Sequence[str]) -> list[dict[str, float]]:
+        safety, error = self._fault("score")
+        if error is not None:
+            raise error
+        rows = self.inner.score(prompts, replies)
+        return [{**r, "safety": safety} for r in rows] if safety is not None else rows
+
+    def crisis(self, messages: Sequence[str]) -> list[float]:
+        prob, error = self._fault("crisis")
+        if error is not None:
+            raise error
+        return [prob] * len(messages) if prob is not None else self.inner.crisis(messages)
