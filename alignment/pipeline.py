@@ -168,7 +168,7 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
             t0 = time.perf_counter()
             parents = [(store.get(p.id), p.weight) for p in spec.parents]
             merge_adapters(base, parents, folder)
-            mix = sum(np.asarray(store.entry(p.id).preference().as_vector()) * p.weight for p in spec.parents)
+            mix = sum(np.asarray(store.entry(p.id).preference.as_vector()) * p.weight for p in spec.parents)
             weights = Preference.from_vector(mix, normalize=True)
             stats = {"seconds": round(time.perf_counter() - t0, 2)}
         elif spec.recipe == "joint_dpo":
