@@ -112,6 +112,38 @@ def adapters_verify(store: str | None = None) -> int:
     return 1 if failures else 0
 
 
+def serve(config: str | None = None, host: str = "127.0.0.1", port: int = 8000, data_dir: str | None = None) -> int:
+    """Start the chat API (Ray Serve: vLLM with the adapters, the reward model, SQLite) on localhost until Ctrl-C."""
+    import os
+    import time
+
+    from serving.config import CONFIG_ENV
+
+    if config:
+        os.environ[CONFIG_ENV] = config
+    if data_dir:
+        os.environ["ATTUNE_DATA_DIR"] = data_dir
+    from serving import app
+    from serving.auth import OPERATOR_KEY_FILE
+
+    started = time.perf_counter()
+    cfg = app.load_config(app.AppArgs())
+    _, key_file = app.ensure_local_tenant(cfg)
+    try:
+        url = app.start_local({"ensure_local_tenant": False}, host=host, port=port)
+        app.wait_ready(url)
+        print(f"Attune is ready at {url}/v1 (OpenAI-compatible) after {time.perf_counter() - started:.0f} s")
+        print(f"  API key: {'$ATTUNE_API_KEY' if key_file is None else key_file}; operator key: "
+              f"{cfg.data_dir / OPERATOR_KEY_FILE if not os.environ.get('ATTUNE_OPERATOR_KEY') else '$ATTUNE_OPERATOR_KEY'}")
+        print(f"  health: {url}/healthz   metrics: {url}/metrics   Ctrl-C stops the service")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        app.stop_local()
+
+
 _STORE = arg("--store", help="adapter store folder (default: the shipped adapters/store)")
 _CC = arg("--counsel-chat", help="counsel-chat CSV path or hub id nbertagnolli/counsel-chat "
           "(default: ../shared/data/counsel_chat/counsel_chat.csv when present)")
@@ -140,6 +172,12 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--recipe", default="shipped", help="recipe whose adapters to evaluate"),
         arg("--out", help="reports folder (default: reports/)"), _CC,
         arg("--limit", type=int, help="evaluate on at most this many prompts (smoke runs)")]),
+    ("serve",): (serve, [
+        arg("--config", help="ServeConfig YAML (default: $ATTUNE_SERVE_CONFIG or the built-in defaults; ATTUNE_* "
+            "variables override single settings, see serving/config.py)"),
+        arg("--host", default="127.0.0.1", help="address to listen on (default: loopback only)"),
+        arg("--port", type=int, default=8000, help="HTTP port (default 8000)"),
+        arg("--data-dir", help="folder for the database and key files (default: $ATTUNE_HOME/serve)")]),
     ("adapters", "list"): (adapters_list, [_STORE]),
     ("adapters", "verify"): (adapters_verify, [_STORE]),
 }

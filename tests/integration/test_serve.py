@@ -1,0 +1,260 @@
+"""The real application (Ray Serve, vLLM on SmolLM2 with two LoRA adapters, the reward model, SQLite) driven over
+HTTP with the official `openai` client: plain and streamed chat, preference routing, the crisis protocol, a fault
+injected into the scorer, every rejection (401/403/404/413/422/429), metrics per adapter and health.
+The first test also loads deploy/serve-cpu.yaml against Ray's schema and the app builder's arguments."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from alignment.objectives import OBJECTIVES
+from serving.safety import FALLBACK_REPLY
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "serve-cpu.yaml"
+FEELING = [{"role": "user", "content": "I had a rough week at work and I feel completely drained."}]
+GATES = {"pass", "regenerated", "fallback", "crisis"}
+
+
+def test_serve_cpu_yaml_loads_into_ray_schema_and_app_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import AppArgs, LLMServer, RewardScorer, AttuneIngress, load_config
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(DEPLOY.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app"
+    cfg = load_config(AppArgs.model_validate(app.args))
+    assert cfg.engine.cpu_memory_fraction == 0.04 and cfg.limits.requests_per_minute == 60
+    names = {LLMServer.name, RewardScorer.name, AttuneIngress.name}
+    assert {d.name for d in app.deployments} == names
+
+
+def test_app_config_layers_file_settings_then_environment(tmp_path):
+    from serving.app import AppArgs, FaultSpec, load_config
+    from serving.config import ConfigError
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("limits: {requests_per_minute: 5, max_tokens_cap: 200}\nmerge_policy: true\n")
+    args = AppArgs(config=str(path), settings={"limits": {"requests_per_minute": 9}})
+    cfg = load_config(args, {"ATTUNE_DATA_DIR": str(tmp_path / "d"), "ATTUNE_MERGE_POLICY": "false"})
+    assert (cfg.limits.requests_per_minute, cfg.limits.max_tokens_cap, cfg.merge_policy) == (9, 200, False)
+    assert cfg.database_url == f"sqlite:///{tmp_path / 'd' / 'attune.db'}"
+    with pytest.raises(ConfigError, match="limits.max_tokens_cap"):
+        load_config(AppArgs(settings={"limits": {"max_tokens_cap": 99999}}), {})
+    with pytest.raises(ValueError, match="crisis_prob"):
+        FaultSpec.model_validate({"crisis_prob": 2})
+
+
+def client(server, key: str | None = None):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.v1, api_key=key or server.api_key, max_retries=0, timeout=120)
+
+
+def new_key(server, tenant: str | None = None) -> str:
+    r = httpx.post(f"{server.v1}/admin/keys", json={"tenant": tenant or f"t-{uuid.uuid4().hex[:8]}"},
+                   headers={"Authorization": f"Bearer {server.operator_key}"})
+    assert r.status_code == 201, r.text
+    return r.json()["key"]
+
+
+def faults(server, spec: dict, key: str | None = None) -> httpx.Response:
+    return httpx.post(f"{server.v1}/admin/faults", json={"scorer": spec},
+                      headers={"Authorization": f"Bearer {key or server.operator_key}"})
+
+
+def extremes(server) -> list[str]:
+    """The routable adapters with the least and the most safety weight (the latter answers crises)."""
+    order = sorted(server.adapters, key=lambda i: (server.adapters[i]["safety"], [-ord(ch) for ch in i]))
+    return [order[0], order[-1]]
+
+
+@pytest.mark.integration
+def test_healthz_reports_ready(server):
+    r = httpx.get(f"{server.url}/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "engine": "ok", "scorer": "ok", "database": "ok"}
+    print(f"\nstart to /healthz 200: {server.startup_seconds:.1f} s")
+
+
+@pytest.mark.integration
+def test_chat_without_streaming_carries_the_attune_extension(server):
+    c = client(server, new_key(server))
+    r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=24, temperature=0,
+                                  extra_body={"preference": "balanced"})
+    info = r.model_extra["attune"]
+    assert r.choices[0].message.content.strip() and r.usage.completion_tokens > 0
+    assert info["adapter"] in server.adapters and set(info["scores"]) == set(OBJECTIVES)
+    assert info["gate"] in GATES - {"crisis"} and not info["crisis"]
+    again = c.chat.completions.create(model="attune", messages=[{"role": "user", "content": "Thanks. Any ideas?"}],
+                                      max_tokens=16, temperature=0, extra_body={"session_id": info["session_id"]})
+    assert again.model_extra["attune"]["session_id"] == info["session_id"]
+    assert again.model_extra["attune"]["adapter"] == info["adapter"]
+
+
+@pytest.mark.integration
+def test_chat_streaming_releases_text_then_attune_then_done(server):
+    key = new_key(server)
+    stream = client(server, key).chat.completions.create(
+        model="attune", messages=FEELING, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"preference": "warm"})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    final = [ch for ch in chunks if (ch.model_extra or {}).get("attune")]
+    assert text.strip() and len(final) == 1 and chunks[-1].usage.completion_tokens > 0
+    info = final[0].model_extra["attune"]
+    assert info["gate"] in GATES - {"crisis"} and final[0].choices[0].finish_reason in ("stop", "length",
+                                                                                        "content_filter")
+    history = httpx.get(f"{server.v1}/sessions/{info['session_id']}/messages",
+                        headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"] == text
+    assert history[1]["gate"] == info["gate"] and history[1]["adapter"] == info["adapter"]
+
+
+@pytest.mark.integration
+def test_two_preferences_are_served_by_two_adapters_with_different_text(server):
+    c = client(server, new_key(server))
+    a, b = extremes(server)
+    replies = {}
+    for adapter_id in (a, b):
+        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=24, temperature=0,
+                                      extra_body={"preference": server.adapters[adapter_id]})
+        info = r.model_extra["attune"]
+        assert info["adapter"] == adapter_id and info["gate"] == "pass", info
+        replies[adapter_id] = r.choices[0].message.content
+    assert replies[a] != replies[b], replies
+
+
+@pytest.mark.integration
+def test_crisis_message_triggers_the_protocol(server):
+    key = new_key(server)
+    r = client(server, key).chat.completions.create(
+        model="attune", max_tokens=24, temperature=0, extra_body={"preference": "warm"},
+        messages=[{"role": "user", "content": "I can't do this anymore. I want to kill myself tonight."}])
+    info, text = r.model_extra["attune"], r.choices[0].message.content
+    assert info["gate"] == "crisis" and info["crisis"]
+    assert info["adapter"] == extremes(server)[1]
+    assert "988" in text and "Samaritans" in text and "findahelpline.com" in text
+    session = httpx.get(f"{server.v1}/sessions/{info['session_id']}", headers={"Authorization": f"Bearer {key}"})
+    assert session.json()["flagged"] is True
+
+
+@pytest.mark.integration
+def test_forced_unsafe_score_replaces_the_reply(server):
+    c = client(server, new_key(server))
+    assert faults(server, {"safety": 0.0, "times": 1}, key=new_key(server)).status_code == 403
+    try:
+        assert faults(server, {"safety": 0.0, "times": 1}).json()["scorer"]["times"] == 1
+        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=16, temperature=0,
+                                      extra_body={"preference": "warm"})
+        assert r.model_extra["attune"]["gate"] == "regenerated"
+        faults(server, {"safety": 0.0, "times": 50})
+        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=16, temperature=0)
+        assert r.model_extra["attune"]["gate"] == "fallback" and r.choices[0].message.content == FALLBACK_REPLY
+        assert r.choices[0].finish_reason == "content_filter"
+        faults(server, {"safety": 0.0, "times": 50})
+        chunks = list(c.chat.completions.create(model="attune", messages=FEELING, max_tokens=16, temperature=0,
+                                                stream=True))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == FALLBACK_REPLY and chunks[-1].model_extra["attune"]["gate"] == "fallback"
+    finally:
+        assert faults(server, {}).json()["scorer"]["safety"] is None
+
+
+@pytest.mark.integration
+def test_rejections_are_4xx_in_openai_shape(server):
+    import openai
+
+    key = new_key(server)
+    c = client(server, key)
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "att-not-a-real-key-0000000000").chat.completions.create(model="attune", messages=FEELING)
+    mine = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=8).model_extra["attune"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client(server, new_key(server)).chat.completions.create(
+            model="attune", messages=FEELING, extra_body={"session_id": mine["session_id"]})
+    assert e.value.body["param"] == "session_id"
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        c.chat.completions.create(model="attune", messages=FEELING, n=2)
+    assert e.value.body["param"] == "n" and "n must be 1" in e.value.body["message"]
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        c.chat.completions.create(model="attune", messages=FEELING, extra_body={"preference": {"empathy": 2.0}})
+    assert e.value.body["param"] == "preference"
+    huge = {"model": "attune", "messages": [{"role": "user", "content": "x" * 20000}]}
+    r = httpx.post(f"{server.v1}/chat/completions", json=huge, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    burst_key = new_key(server)
+    codes = [httpx.get(f"{server.v1}/models", headers={"Authorization": f"Bearer {burst_key}"}) for _ in range(24)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert limited and int(limited[0].headers["Retry-After"]) >= 1
+    assert "requests per minute" in limited[0].json()["error"]["message"]
+
+
+@pytest.mark.integration
+def test_models_list_base_adapters_and_profiles(server):
+    data = client(server, new_key(server)).models.list().data
+    kinds = {m.id: m.model_extra["attune"]["kind"] for m in data}
+    assert set(server.adapters) <= {i for i, k in kinds.items() if k == "adapter"}
+    assert "base" in kinds.values() and {"balanced", "warm"} <= {i for i, k in kinds.items() if k == "profile"}
+
+
+@pytest.mark.integration
+def test_metrics_have_per_adapter_series_and_status_is_operator_only(server):
+    c = client(server, new_key(server))
+    used = extremes(server)
+    for adapter_id in used:
+        c.chat.completions.create(model="attune", messages=FEELING, max_tokens=8,
+                                  extra_body={"preference": server.adapters[adapter_id]})
+    text = httpx.get(f"{server.url}/metrics").text
+    for adapter_id in used:
+        assert f'attune_requests_total{{adapter="{adapter_id}",status="200",stream="false"}}' in text
+        assert f'attune_time_to_first_token_seconds_count{{adapter="{adapter_id}"}}' in text
+        assert f'attune_generated_tokens_total{{adapter="{adapter_id}"}}' in text
+        assert f'attune_adapter_loads_total{{adapter="{adapter_id}"}}' in text
+    assert 'attune_gate_decisions_total{kind="pass"}' in text and "attune_crisis_escalations_total" in text
+    assert "I had a rough week" not in text
+    assert httpx.get(f"{server.v1}/admin/status", headers={"Authorization": f"Bearer {server.api_key}"}
+                     ).status_code == 403
+    status = httpx.get(f"{server.v1}/admin/status", headers={"Authorization": f"Bearer {server.operator_key}"}).json()
+    assert used[-1] in status["engine"]["llm"]["loaded_adapters"]
+    assert status["gate"]["calibration"]["split"] == "val"
+    print("\nadmin status:", json.dumps(status["gate"]), f"(threshold in use from {status['gate']['threshold_source']})")
+
+
+@pytest.mark.integration
+def test_session_erasure_and_feedback(server):
+    key = new_key(server)
+    auth = {"Authorization": f"Bearer {key}"}
+    sid = httpx.post(f"{server.v1}/sessions", json={"preference": "warm"}, headers=auth).json()["id"]
+    client(server, key).chat.completions.create(model="attune", messages=FEELING, max_tokens=8,
+                                                extra_body={"session_id": sid})
+    reply = httpx.get(f"{server.v1}/sessions/{sid}/messages", headers=auth).json()["data"][-1]
+    r = httpx.post(f"{server.v1}/sessions/{sid}/feedback", json={"message_id": reply["id"], "rating": "up"}, headers=auth)
+    assert r.status_code == 201 and r.json()["kind"] == "rating"
+    assert httpx.delete(f"{server.v1}/sessions/{sid}", headers=auth).json()["deleted"] is True
+    assert httpx.get(f"{server.v1}/sessions/{sid}/messages", headers=auth).status_code == 404
+
+
+@pytest.mark.integration
+def test_client_disconnect_aborts_the_generation(server):
+    key = new_key(server)
+    body = {"model": "attune", "max_tokens": 64, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper, in many parts."}]}
+    with httpx.stream("POST", f"{server.v1}/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}) as r:
+        first = next(line for line in r.iter_lines() if line)
+    request_id = json.loads(first.removeprefix("data: "))["id"] + "-0"
+    deadline, llm = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        llm = httpx.get(f"{server.v1}/admin/status", headers={"Authorization": f"Bearer {server.operator_key}"}
+                        ).json()["engine"]["llm"]
+        if any(c["request_id"] == request_id for c in llm["cancelled"]) and llm["unfinished"] == 0:
+            break
+        time.sleep(0.5)
+    (cancelled,) = [c for c in llm["cancelled"] if c["request_id"] == request_id]
+    assert cancelled["completion_tokens"] < 64 and llm["unfinished"] == 0
