@@ -16,4 +16,4 @@ test-fast: install
 	$(ACT) python -m pytest -q -m "not slow and not integration" tests
 
 demo: install
-	$(ACT) attune adapters verify && $(ACT) attune adapters list
+	$(ACT) attune adapters verify && $(ACT) RAY_AUTH_MODE=disabled attune serve
