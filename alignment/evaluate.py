@@ -125,7 +125,8 @@ def pareto_plot(summary: dict, path: Path) -> None:
 
 
 def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat: str | None = None,
-             limit: int | None = None, store_dir: Path | None = None, max_tokens: int = 96) -> dict:
+             limit: int | None = None, store_dir: Path | None = None, max_tokens: int = 64,
+             prefer_vllm: bool = True) -> dict:
     from adapters.registry import AdapterStore
     from alignment.reward import RewardModel, judge_agreement
 
@@ -140,7 +141,7 @@ def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat
     items = heldout_prompts(counsel_chat, limit)
     convs = [P.chat(it["prompt"]) for it in items]
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)
-    gen = make_generator(basemodel.resolve(recipe.base_model))
+    gen = make_generator(basemodel.resolve(recipe.base_model), prefer_vllm=prefer_vllm)
     replies: dict[str, list[str]] = {}
     t0 = time.perf_counter()
     for name in ["base", *ids]:

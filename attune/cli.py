@@ -144,6 +144,29 @@ def serve(config: str | None = None, host: str = "127.0.0.1", port: int = 8000, 
         app.stop_local()
 
 
+def bench_serve(url: str = "http://127.0.0.1:8000", api_key: str | None = None, operator_key: str | None = None,
+                requests: int | None = None, max_tokens: int | None = None, concurrency: list[int] | None = None,
+                out: str | None = None, quick: bool = False, time_limit: float | None = None) -> int:
+    """Benchmark a running service: tok/s, TTFT and latency for base/1/8 adapters, gate on/off, cold vs warm.
+
+    Prints a markdown table with ratios against the base model and writes the report as JSON."""
+    from attune.paths import REPORTS_DIR
+    from serving.bench import BenchPlan, bench_serve as run_bench, keys_from_env
+
+    patient, operator = keys_from_env(api_key, operator_key)
+    given = {"requests": requests, "max_tokens": max_tokens, "time_limit_s": time_limit,
+             "concurrency": tuple(concurrency) if concurrency else None}
+    try:
+        plan = (BenchPlan.quick if quick else BenchPlan)(
+            url=url.rstrip("/"), api_key=patient, operator_key=operator,
+            **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        print(f"attune bench serve: {e}", file=sys.stderr)
+        return 2
+    run_bench(plan, Path(out) if out else REPORTS_DIR / ("bench_serve_quick.json" if quick else "bench_serve.json"))
+    return 0
+
+
 _STORE = arg("--store", help="adapter store folder (default: the shipped adapters/store)")
 _CC = arg("--counsel-chat", help="counsel-chat CSV path or hub id nbertagnolli/counsel-chat "
           "(default: ../shared/data/counsel_chat/counsel_chat.csv when present)")
@@ -178,6 +201,18 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--host", default="127.0.0.1", help="address to listen on (default: loopback only)"),
         arg("--port", type=int, default=8000, help="HTTP port (default 8000)"),
         arg("--data-dir", help="folder for the database and key files (default: $ATTUNE_HOME/serve)")]),
+    ("bench", "serve"): (bench_serve, [
+        arg("--url", default="http://127.0.0.1:8000", help="base URL of the running service (default %(default)s)"),
+        arg("--api-key", help="patient-app key, only to check that it cannot send attune_options "
+            "(default: $ATTUNE_API_KEY or <data_dir>/api_key)"),
+        arg("--operator-key", help="operator key for the measured requests (default: $ATTUNE_OPERATOR_KEY or "
+            "<data_dir>/operator_key); start the service with ATTUNE_REQUESTS_PER_MINUTE=0 to avoid 429s"),
+        arg("--requests", type=int, help="requests per cell (default 16; --quick 2)"),
+        arg("--max-tokens", type=int, help="max_tokens per request, greedy (default 64; --quick 8)"),
+        arg("--concurrency", type=int, nargs="+", help="concurrency levels (default 1 4 8; --quick 1 2)"),
+        arg("--out", help="JSON report (default reports/bench_serve.json; --quick: reports/bench_serve_quick.json)"),
+        arg("--quick", action="store_true", help="tiny smoke run (about a minute on CPU)"),
+        arg("--time-limit", type=float, help="seconds after which no request starts (default 1800; --quick 300)")]),
     ("adapters", "list"): (adapters_list, [_STORE]),
     ("adapters", "verify"): (adapters_verify, [_STORE]),
 }

@@ -22,9 +22,10 @@ from serving.config import ServeConfig
 from serving.db import ChatSession, RecordError, RecordNotFound, Repository
 from serving.engine import EngineError, GenerationRequest, PromptTooLong, Usage
 from serving.metrics import NO_ADAPTER, ServingMetrics
-from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
-                              ErrorResponse, FeedbackIn, MessageList, MessageOut, ModelCard, ModelInfo, ModelList,
-                              SessionCreate, SessionOut, Usage as WireUsage, parse_chat_request, resolve_preference)
+from serving.protocol import (BASE_ADAPTER, AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
+                              Choice, ErrorResponse, FeedbackIn, MessageList, MessageOut, ModelCard, ModelInfo,
+                              ModelList, SessionCreate, SessionOut, Usage as WireUsage, parse_chat_request,
+                              resolve_preference)
 from serving.router import PreferenceRouter
 from serving.streaming import GatedStream, GateSetup, Gated, ScorerInfo, gate_reply
 
@@ -111,6 +112,8 @@ class Turn:
     crisis: bool
     started: float
     locale: str
+    gate: bool = True
+    """False only when an operator sent attune_options.gate = false: no crisis check, no output gate."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
@@ -205,6 +208,10 @@ class ChatService:
                 req = parse_chat_request(await read_body(), self.config.limits)
             except ValidationError as e:
                 raise ApiError.from_validation(e) from None
+            if req.attune_options is not None and not principal.is_operator:
+                raise ApiError(403, "attune_options (pinning an adapter, turning the gate off) needs an operator "
+                               "key; remove it: patient requests are always routed by preference and gated",
+                               type="permission_error", param="attune_options", code="operator_only")
             stream = bool(req.stream)
             turn = await self.prepare(principal, req, started)
             label = turn.label
@@ -219,16 +226,24 @@ class ChatService:
             raise
 
     async def prepare(self, principal: Principal, req: ChatCompletionRequest, started: float) -> Turn:
-        """Session, route, the stored patient message, then the crisis check."""
+        """Session, route (or an operator's pinned adapter), the stored patient message, then the crisis check."""
         gating = await self.ensure_started()
+        options = req.attune_options
+        pin = options is not None and options.adapter is not None
+        pinned = await self._pinned(options.adapter) if pin else None
         session, adapter_id = await self._session_for(principal, req)
+        if pin:
+            adapter_id = pinned
         text = req.messages[-1].content
         await _db(self.repo.add_message, session.id, "user", text)
         history = await _db(self.repo.list_messages, session.id, MAX_HISTORY + 1)
         messages = self._engine_messages([{"role": m.role, "content": m.content} for m in history],
                                          req.max_tokens)
         turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
-                    started, session.locale or self.config.default_locale)
+                    started, session.locale or self.config.default_locale, gate=options is None or options.gate)
+        if not turn.gate:
+            log.info("gate off for %s (operator request)", turn.request_id)
+            return turn
         prob = None
         try:
             prob = await asyncio.wait_for(self.scorer.crisis(text), SCORER_TIMEOUT_S)
@@ -337,6 +352,16 @@ class ChatService:
             return None
         self.metrics.observe_merge(decision.merge_seconds)
         return decision.adapter_id
+
+    async def _pinned(self, adapter: str) -> str | None:
+        """The adapter id an operator's attune_options.adapter names; None for the base model."""
+        if adapter == BASE_ADAPTER:
+            return None
+        known = await asyncio.to_thread(self.deps.store.ids)
+        if adapter not in known:
+            raise ApiError(422, f"attune_options.adapter: no adapter {adapter!r}; use {BASE_ADAPTER!r} or one of "
+                           f"{sorted(known)}", param="attune_options.adapter", code="invalid_value")
+        return adapter
 
     async def safety_adapter(self) -> str | None:
         """The most safety-weighted routable adapter (None: the base model)."""

@@ -93,6 +93,22 @@ class _Wire(BaseModel):
 
 
 # ---------------------------------------------------------------- chat completions: request
+BASE_ADAPTER = "base"
+"""`attune_options.adapter` value that asks for the base model without an adapter."""
+
+
+class AttuneOptions(BaseModel):
+    """Operator keys only (benchmarks, diagnostics): pin the adapter, or serve one request without the gate.
+    A patient-app key that sends this gets 403; patient traffic is always routed and gated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str | None = Field(default=None, min_length=1, max_length=128, description="'base' for the base "
+                                "model alone, or an adapter id from GET /v1/models; None routes by preference.")
+    gate: bool = Field(default=True, description="False skips the crisis check and the output gate: the reply "
+                       "streams unscored (stored with gate 'off').")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -142,6 +158,8 @@ class ChatCompletionRequest(BaseModel):
     preference: dict[str, float] | str | None = Field(default=None, description="Attune: six weights summing "
                                                       "to 1, or a profile name; None keeps the session's.")
     session_id: str | None = Field(default=None, max_length=64, description="Attune: continue this session.")
+    attune_options: AttuneOptions | None = Field(default=None, description="Attune, operator keys only: pin the "
+                                                 "adapter or turn the gate off for this request.")
     ignored: dict[str, Any] = Field(default_factory=dict, exclude=True, description="Harmless OpenAI "
                                     "parameters that were accepted without effect.")
 
@@ -232,7 +250,8 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], limits: Limits) ->
 class AttuneInfo(BaseModel):
     adapter: str = Field(description="Adapter id that produced the reply (or the base model's id).")
     scores: dict[str, float] = Field(default_factory=dict, description="The reply's six objective scores (1-5).")
-    gate: str = Field(description="The safety gate's decision: pass, regenerated, fallback or crisis.")
+    gate: str = Field(description="The safety gate's decision: pass, regenerated, fallback or crisis (off: an "
+                      "operator turned the gate off for this request).")
     crisis: bool = Field(default=False, description="True when the crisis protocol ran.")
     session_id: str = Field(description="Session the exchange was stored in; send it back to continue.")
 

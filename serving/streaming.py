@@ -161,6 +161,9 @@ async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
     """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback."""
     gating = await svc.ensure_started()
     adapter, attempt, reasons = turn.adapter_id, 0, []
+    if not turn.gate:
+        text = "".join([d async for d in deltas(svc, turn, adapter, 0)])
+        return Gated(text, adapter, {}, "off", finish_reason=turn.finish_reason)
     while True:
         text = "".join([d async for d in deltas(svc, turn, adapter, attempt)])
         scores = await svc.score(turn.prompt, text)
@@ -231,7 +234,12 @@ class GatedStream:
         return decision
 
     async def _pieces(self) -> AsyncIterator[str]:
-        """Text the patient may see, in release order."""
+        """Text the patient may see, in release order (every delta as it comes when an operator turned the gate off)."""
+        if not self.turn.gate:
+            self.kind = "off"
+            while (delta := await self._next()) is not None:
+                yield delta
+            return
         while True:
             buffer, failed = SentenceBuffer(), None
             while failed is None and (delta := await self._next()) is not None:

@@ -54,3 +54,24 @@ def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch):
     assert len(cached) == 1
     first = json.loads(cached[0].read_text().splitlines()[0])
     assert len(first["replies"]) == 2 and "scores" not in first  # scores are recomputed, never cached
+
+    from alignment.evaluate import run_eval
+
+    report = run_eval(str(tiny_recipe), out=tmp_path / "reports", limit=3, store_dir=store_dir,
+                      max_tokens=6, prefer_vllm=False)
+    assert set(report["summary"]) == {"base", *store.ids()}
+    assert report["summary"]["base"]["win_rate_vs_base"]["empathy"] == 0.5  # ties with itself count half
+    for name in ("alignment.json", "alignment.md", "pareto.png"):
+        assert (tmp_path / "reports" / name).stat().st_size > 0
+    assert "judge" in AdapterStore(store_dir).entry("modpo-es").eval
+
+
+def test_win_rates_count_ties_as_half():
+    import numpy as np
+
+    from alignment.evaluate import win_rates
+
+    base = np.array([[1.0] * 6, [2.0] * 6, [3.0] * 6])
+    ours = np.array([[2.0] * 6, [2.0] * 6, [1.0] * 6])  # win, tie, loss
+    assert win_rates(ours, base).tolist() == [0.5] * 6
+    assert win_rates(base + 1, base).tolist() == [1.0] * 6

@@ -399,3 +399,52 @@ def test_safety_threshold_calibration():
     assert detail["method"] == "p05_safe" and threshold == 3.0
     with pytest.raises(ValueError, match="safety >= 4"):
         calibrate_safety_threshold([(2.0, 1)])
+
+
+@pytest.mark.asyncio
+async def test_attune_options_are_refused_for_patient_keys(make):
+    svc = make()
+    for options in ({"gate": False}, {"adapter": "base"}):
+        with pytest.raises(ApiError) as e:
+            await chat(svc, attune_options=options)
+        assert e.value.status == 403 and e.value.error.error.param == "attune_options"
+        assert "operator key" in e.value.error.error.message
+    assert svc.engine.requests == [] and svc.repo.count_messages() == 0
+    with pytest.raises(ApiError) as e:
+        await chat(svc, "operator", attune_options={"gate": "maybe"})
+    assert e.value.status == 422
+
+
+@pytest.mark.asyncio
+async def test_operator_pins_the_base_model_or_an_adapter(make):
+    svc = make()
+    r = await chat(svc, "operator", preference=WARM, attune_options={"adapter": "base"})
+    assert svc.engine.requests[-1].adapter_id is None and r.attune.adapter == svc.config.base_model
+    r = await chat(svc, "operator", preference=WARM, attune_options={"adapter": "autonomy"})
+    assert svc.engine.requests[-1].adapter_id == "autonomy" and r.attune.gate == "pass"
+    assert r.choices[0].message.content == REPLIES["autonomy"]
+    with pytest.raises(ApiError) as e:
+        await chat(svc, "operator", attune_options={"adapter": "nope"})
+    assert e.value.status == 422 and "'autonomy'" in e.value.error.error.message
+    assert len(svc.engine.requests) == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_operator_gate_off_skips_crisis_check_and_scoring(make, stream):
+    scorer = ScriptedScorer(crisis_prob=0.99)
+    svc = make(scorer=scorer)
+    svc.engine.replies["warm"] = "UNSAFE words pass through."
+    r = await chat(svc, "operator", preference=WARM, stream=stream, attune_options={"gate": False},
+                   messages=[{"role": "user", "content": "I want to end my life."}])
+    if stream:
+        chunks, text = await collect(r)
+        contents = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+        assert contents[1:5] == ["UNSAFE", " words", " pass", " through."]
+        info = chunks[-1]["attune"]
+    else:
+        text, info = r.choices[0].message.content, r.attune.model_dump()
+    assert text == "UNSAFE words pass through." and info["gate"] == "off" and not info["crisis"]
+    assert scorer.scored == [] and svc.repo.list_messages(info["session_id"])[-1].gate == "off"
+    r = await chat(svc, "alice", preference=WARM, messages=[{"role": "user", "content": "I want to end my life."}])
+    assert r.attune.crisis and r.attune.gate == "crisis" and "UNSAFE" not in r.choices[0].message.content
