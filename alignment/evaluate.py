@@ -12,7 +12,7 @@ import numpy as np
 
 from alignment import basemodel, data
 from alignment import prompts as P
-from alignment.generate import GenerationSettings, make_generator
+from alignment.generate import GenerationSettings, generate_each
 from alignment.objectives import OBJECTIVES
 from alignment.recipe import load_recipe
 from attune.paths import JUDGE_DIR, REPORTS_DIR, REWARD_DIR, STORE_DIR
@@ -141,15 +141,11 @@ def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat
     items = heldout_prompts(counsel_chat, limit)
     convs = [P.chat(it["prompt"]) for it in items]
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)
-    gen = make_generator(basemodel.resolve(recipe.base_model), prefer_vllm=prefer_vllm)
-    replies: dict[str, list[str]] = {}
+    models = {"base": None, **{name: store.get(name) for name in ids}}
     t0 = time.perf_counter()
-    for name in ["base", *ids]:
-        adapter = None if name == "base" else store.get(name)
-        replies[name] = [r[0] for r in gen.generate(convs, n=1, adapter=adapter, settings=settings)]
-        print(f"[attune eval] generated {name} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    replies = generate_each(basemodel.resolve(recipe.base_model), models, convs, settings, prefer_vllm,
+                            log=lambda m: print(f"[attune eval] {m}", flush=True))
     gen_seconds = time.perf_counter() - t0
-    del gen
     judge = RewardModel.load(JUDGE_DIR)
     prompts = [it["prompt"] for it in items]
     judged = {name: np.asarray(judge.score(prompts, rs)) for name, rs in replies.items()}
