@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from alignment.objectives import OBJECTIVES, Preference, PreferenceError
+from attune.validation import format_errors  # noqa: F401 (re-exported for adapters.registry)
 
 MANIFEST_FILE = "manifest.json"
 RECIPES = ("sft", "dpo", "modpo", "joint_dpo", "soup", "merge")
@@ -189,15 +190,6 @@ class StoreManifest(BaseModel):
         if name not in self.profiles:
             raise KeyError(f"unknown profile {name!r}; known profiles: {sorted(self.profiles)}")
         return Preference(self.profiles[name])
-
-
-def format_errors(err: ValidationError) -> str:
-    """One line per problem, each starting with the dotted field path."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
 
 
 def parse_manifest(data: Mapping[str, Any], source: str = "manifest") -> StoreManifest:

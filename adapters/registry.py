@@ -6,7 +6,6 @@ exclusive lock (a file in the temp dir, keyed by the root) and replace manifest.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -20,11 +19,8 @@ from adapters.integrity import IntegrityError, hash_folder, verify
 from adapters.manifest import (MANIFEST_FILE, AdapterManifest, ManifestError, StoreManifest,
                                format_errors, load_manifest, save_manifest)
 from alignment.objectives import Preference
+from attune.locks import file_lock
 
-try:
-    import fcntl
-except ImportError:
-    fcntl = None
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -183,15 +179,8 @@ class AdapterStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:16]
-        with open(Path(tempfile.gettempdir()) / f"attune-store-{key}.lock", "a") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock("attune-store", str(self.root.resolve())):
+            yield
 
 
 def _copy_folder(src: Path, dest: Path) -> None:

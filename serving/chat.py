@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -20,7 +20,7 @@ from alignment.prompts import SYSTEM_PROMPT
 from serving.auth import AuthError, KeyStore, Principal, RateLimited, RateLimiter
 from serving.config import ServeConfig
 from serving.db import ChatSession, RecordError, RecordNotFound, Repository
-from serving.engine import EngineError, GenerationRequest, PromptTooLong, Usage
+from serving.engine import GenerationRequest, PromptTooLong, Usage
 from serving.metrics import NO_ADAPTER, ServingMetrics
 from serving.protocol import (BASE_ADAPTER, AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
                               Choice, ErrorResponse, FeedbackIn, MessageList, MessageOut, ModelCard, ModelInfo,

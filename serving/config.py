@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alignment.objectives import DEFAULT_SAFETY_FLOOR
 from attune.paths import STORE_DIR
+from attune.validation import format_errors
 
 SCORE_MIN, SCORE_MAX = 1.0, 5.0
 
@@ -233,10 +234,3 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_errors(err: ValidationError) -> str:
-    """One line per problem, each starting with the dotted field path."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)

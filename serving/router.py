@@ -26,11 +26,8 @@ from adapters.manifest import AdapterManifest
 from adapters.matching import ROUTABLE_RECIPES, NoRoutableAdapter, nearest_adapter
 from adapters.registry import AdapterStore
 from alignment.objectives import DEFAULT_SAFETY_FLOOR, Preference
+from attune.locks import file_lock
 
-try:
-    import fcntl
-except ImportError:
-    fcntl = None
 
 __all__ = ["MergePlan", "NoRoutableAdapter", "PreferenceRouter", "RouteDecision", "plan_mix"]
 
@@ -181,15 +178,8 @@ class PreferenceRouter:
     @contextlib.contextmanager
     def _build_lock(self, adapter_id: str) -> Iterator[None]:
         """This process's lock for the id, then a file lock shared with other processes (Ray replicas)."""
-        key = hashlib.sha1(f"{Path(self.store.root).resolve()}:{adapter_id}".encode()).hexdigest()[:16]
-        with self._lock_for(adapter_id), open(Path(tempfile.gettempdir()) / f"attune-merge-{key}.lock", "a") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+        with self._lock_for(adapter_id), file_lock("attune-merge", f"{Path(self.store.root).resolve()}:{adapter_id}"):
+            yield
 
     def _ensure_merge(self, plan: MergePlan, base_model: str) -> tuple[AdapterManifest, float | None]:
         merge_id = plan.adapter_id
