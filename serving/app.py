@@ -387,15 +387,19 @@ def ensure_local_tenant(cfg: ServeConfig) -> tuple[str, Path | None]:
 
 
 def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-                num_cpus: int | None = None) -> str:
-    """Start Ray on this machine (no dashboard), run the app on host:port, and return its base URL.
-    Returns once every replica has started; `wait_ready` then waits for GET /healthz."""
+                num_cpus: int | None = None, address: str = "local") -> str:
+    """Start a private Ray instance on this machine (no dashboard; `address="local"` never joins a cluster that
+    `ray start` left running), run the app on host:port, and return its base URL. Pass a cluster's address to
+    deploy there instead. Returns once every replica has started; `wait_ready` then waits for GET /healthz."""
     import ray
 
     from attune.paths import REPO_ROOT
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
+    else:
+        ray.init(address=address, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name="attune", route_prefix="/")
     return f"http://{host}:{port}"
