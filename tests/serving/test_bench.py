@@ -241,3 +241,18 @@ def test_cli_quick_run_writes_json(serve_fake, tmp_path, capsys):
     assert len(report["prompts"]) == 8 and len(report["cells"]) == 6
     printed = capsys.readouterr().out
     assert printed.startswith("| setup | gate | conc |") and report["table"] in printed
+
+
+def test_pass_overhead_pairs_the_same_prompt_and_ignores_regenerations():
+    from serving.bench import Cell, Sample, add_pass_overhead
+
+    off = Cell("one", False, 1, ["a"], [Sample(True, 1.0, prompt=0, adapter="a"), Sample(True, 2.0, prompt=1, adapter="a"),
+                                        Sample(True, 4.0, prompt=2, adapter="a")])
+    on = Cell("one", True, 1, ["a"], [Sample(True, 1.02, prompt=0, adapter="a", gate="pass"),
+                                      Sample(True, 2.10, prompt=1, adapter="a", gate="pass"),
+                                      Sample(True, 9.0, prompt=2, adapter="a", gate="regenerated")])
+    summaries = [off.summary(), on.summary()]
+    add_pass_overhead([off, on], summaries)
+    assert summaries[1]["gate_pass_pairs"] == 2
+    assert summaries[1]["gate_pass_overhead_pct"] == pytest.approx(3.5)  # median of +2% and +5%
+    assert summaries[0]["gate_pass_overhead_pct"] is None
