@@ -7,7 +7,10 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,29 @@ def evaluate(recipe: str = "shipped", out: str | None = None, counsel_chat: str 
     return 0
 
 
+def eval_safety(url: str | None = None, api_key: str | None = None, operator_key: str | None = None,
+                out: str | None = None, eval_dir: str | None = None, counsel_chat: str | None = None,
+                limit: int | None = None, max_tokens: int = 96, concurrency: int = 4, no_gate_off: bool = False,
+                reward_dir: str | None = None) -> int:
+    """Clinical-safety report from outside, gate on and off: crisis recall, harmful replies, false escalation.
+
+    Runs ../shared/eval/safety (self-harm and health prompts) and the counsel-chat val questions against the live
+    service, each prompt in its own session, and writes reports/safety.{json,md}. Without --url it starts the app
+    itself (private Ray, built-in defaults, shipped store, no request limit) and stops it afterwards."""
+    from attune.paths import REPORTS_DIR
+    from serving.safety_eval import DEFAULT_EVAL_DIR, evaluate_safety
+
+    try:
+        evaluate_safety(Path(out) if out else REPORTS_DIR, url=url, api_key=api_key, operator_key=operator_key,
+                        eval_dir=Path(eval_dir) if eval_dir else DEFAULT_EVAL_DIR, counsel_chat=counsel_chat,
+                        limit=limit, max_tokens=max_tokens, concurrency=concurrency, gate_off=not no_gate_off,
+                        reward_dir=reward_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"attune eval safety: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def adapters_list(store: str | None = None) -> int:
     """List the adapters in the store with their weights and recipe."""
     from adapters.registry import AdapterStore
@@ -110,6 +136,95 @@ def adapters_verify(store: str | None = None) -> int:
         print(f"FAILED {adapter_id}: {err}")
     print(f"{len(s.list()) - len(failures)} of {len(s.list())} adapters verified")
     return 1 if failures else 0
+
+
+def _preference_arg(values: list[str]) -> dict[str, float]:
+    """--weights as one JSON object or objective=weight pairs; objectives left out weigh 0."""
+    from alignment.objectives import OBJECTIVES
+
+    if len(values) == 1 and values[0].lstrip().startswith("{"):
+        try:
+            given = json.loads(values[0])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--weights is not valid JSON ({e.msg}); write e.g. '{{\"empathy\": 0.7, "
+                             f"\"safety\": 0.3}}' or empathy=0.7 safety=0.3") from None
+    else:
+        given = {}
+        for item in values:
+            name, sep, weight = item.partition("=")
+            try:
+                if not sep:
+                    raise ValueError(item)
+                given[name.strip()] = float(weight)
+            except ValueError:
+                raise ValueError(f"--weights {item!r}: write objective=weight with a number, e.g. "
+                                 "empathy=0.7") from None
+    if not isinstance(given, dict):
+        raise ValueError("--weights JSON must be an object mapping objective -> weight")
+    return {**{o: 0.0 for o in OBJECTIVES}, **given}
+
+
+def adapters_add(path: str | None = None, adapter_id: str | None = None, recipe: str | None = None,
+                 weights: list[str] | None = None, base_model: str | None = None,
+                 primary_objective: str | None = None, data_hash: str | None = None,
+                 store: str | None = None) -> int:
+    """Add a LoRA folder to the store after checking its checksums and manifest entry; refuses (exit 2) otherwise.
+
+    A folder copied out of another store together with that store's manifest.json (PATH/../manifest.json lists
+    PATH's name) keeps its entry and must match the entry's sha256 allowlist byte for byte; flags override single
+    fields. Any other folder is unknown until given --id, --recipe and --weights; its files are hashed on entry."""
+    from adapters.integrity import IntegrityError
+    from adapters.manifest import ManifestError
+    from adapters.registry import AdapterStore, carried_entry
+    from alignment.basemodel import DEFAULT_BASE
+    from attune.paths import STORE_DIR
+
+    if not path:
+        print("attune adapters add: give the adapter folder: attune adapters add PATH [--id ID --recipe R "
+              "--weights ...]", file=sys.stderr)
+        return 2
+    folder, s = Path(path), AdapterStore(Path(store) if store else STORE_DIR)
+    try:
+        carried = carried_entry(folder)
+        given = {"id": adapter_id, "recipe": recipe, "weights": _preference_arg(weights) if weights else None,
+                 "base_model": base_model, "primary_objective": primary_objective, "data_hash": data_hash}
+        given = {k: v for k, v in given.items() if v is not None}
+        if carried is None:
+            missing = [f"--{k}" for k in ("id", "recipe", "weights") if k not in given]
+            if missing:
+                raise ValueError(f"{folder} carries no manifest entry ({folder.parent / 'manifest.json'} does not "
+                                 f"list {folder.name!r}), so it is unknown; pass {' '.join(missing)} to register "
+                                 "it as a new adapter")
+            entry = {"base_model": DEFAULT_BASE, "data_hash": "", **given}
+        else:
+            entry = {**carried.model_dump(exclude={"files"}), **given}
+        inside = folder.resolve().parent == s.root.resolve()
+        new = s.add(folder, entry, copy=not inside, expected_files=carried.files if carried else None)
+    except (IntegrityError, ManifestError, ValueError, OSError) as e:
+        print(f"attune adapters add: refused: {e}", file=sys.stderr)
+        return 2
+    source = f"verified against {folder.parent / 'manifest.json'}" if carried else "hashed"
+    print(f"added {new.id} ({new.recipe}, r={new.lora.r}; {len(new.files)} files {source}) to {s.root}")
+    return 0
+
+
+def adapters_remove(adapter_id: str | None = None, store: str | None = None) -> int:
+    """Remove an adapter from the store: its manifest entry, then its folder (never the reward model or judge)."""
+    from adapters.registry import AdapterStore, UnknownAdapter
+    from attune.paths import STORE_DIR
+
+    if not adapter_id:
+        print("attune adapters remove: give the id of the adapter to remove (`attune adapters list` shows them)",
+              file=sys.stderr)
+        return 2
+    s = AdapterStore(Path(store) if store else STORE_DIR)
+    try:
+        s.remove(adapter_id)
+    except (UnknownAdapter, ValueError) as e:
+        print(f"attune adapters remove: refused: {e}", file=sys.stderr)
+        return 2
+    print(f"removed {adapter_id} from {s.root}")
+    return 0
 
 
 def serve(config: str | None = None, host: str = "127.0.0.1", port: int = 8000, data_dir: str | None = None) -> int:
@@ -144,6 +259,95 @@ def serve(config: str | None = None, host: str = "127.0.0.1", port: int = 8000, 
         app.stop_local()
 
 
+class StatusError(RuntimeError):
+    """`attune status` got no status; the message says why and what to do."""
+
+
+def _error_text(r) -> str:
+    try:
+        return str(r.json()["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return r.text[:300]
+
+
+def fetch_status(url: str, operator_key: str, transport: httpx.BaseTransport | None = None) -> dict:
+    """GET /v1/admin/status with the operator key; StatusError when the service is unreachable or refuses."""
+    import httpx
+
+    endpoint = f"{url.rstrip('/')}/v1/admin/status"
+    try:
+        with httpx.Client(transport=transport, timeout=60) as client:
+            r = client.get(endpoint, headers={"Authorization": f"Bearer {operator_key}"})
+    except httpx.HTTPError as e:
+        raise StatusError(f"cannot reach {endpoint} ({type(e).__name__}: {e}); is the service running? Start it "
+                          "with `attune serve`, or pass --url / $ATTUNE_URL") from None
+    if r.status_code in (401, 403):
+        raise StatusError(f"{endpoint} refused the key (HTTP {r.status_code}: {_error_text(r)}); give the operator "
+                          "key with --operator-key or $ATTUNE_OPERATOR_KEY (`attune serve` keeps it in "
+                          "<data_dir>/operator_key)")
+    if r.status_code != 200:
+        raise StatusError(f"{endpoint} answered HTTP {r.status_code}: {_error_text(r)}")
+    try:
+        return r.json()
+    except ValueError:
+        raise StatusError(f"{endpoint} did not answer JSON; is {url} an Attune service?") from None
+
+
+def format_status(status: dict) -> str:
+    """The operator's view of GET /v1/admin/status: replicas per deployment, adapters per LLM replica, gate."""
+    from serving.metrics import GATE_KINDS
+
+    engine, gate, lines = status.get("engine") or {}, status.get("gate") or {}, []
+    if "error" in engine:
+        lines.append(f"engine status unavailable: {engine['error']}")
+    for app_name, deployments in sorted((engine.get("deployments") or {}).items()):
+        lines.append(f"application {app_name}:")
+        for name, d in sorted(deployments.items()):
+            states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(d["replicas"].items()) if n)
+            lines.append(f"  {name:16s} {d['status']:12s} replicas: {states or 'none'}")
+    lines.append("LLM replicas (adapters in the LoRA cache):")
+    for replica, r in (engine.get("llm_replicas") or {}).items():
+        when = "now" if r.get("live") else "after its last request"
+        lines.append(f"  {replica} ({when}): {', '.join(r['loaded_adapters']) or 'none'}")
+    decisions = gate.get("decisions") or {}
+    kinds = list(GATE_KINDS) + sorted(set(decisions) - set(GATE_KINDS))
+    lines.append("gate decisions: " + "  ".join(f"{k}={decisions.get(k, 0)}" for k in kinds))
+    if gate.get("safety_threshold") is not None:
+        lines.append(f"gate: safety threshold {gate['safety_threshold']:.3f} ({gate.get('threshold_source')}), "
+                     f"crisis threshold {gate.get('crisis_threshold', 0):.3f}, max regenerations "
+                     f"{gate.get('max_regenerations')}")
+    lines.append(f"store: {len(status.get('adapters') or [])} adapters; crisis sessions: "
+                 f"{status.get('crisis_sessions')}; merges built: {status.get('merges_built')}")
+    return "\n".join(lines)
+
+
+def status(url: str | None = None, operator_key: str | None = None) -> int:
+    """Show a running service: replicas per deployment, adapters on each LLM replica, safety gate decisions."""
+    import os
+
+    from serving.bench import keys_from_env
+    from serving.config import ConfigError
+
+    url = url or os.environ.get("ATTUNE_URL") or "http://127.0.0.1:8000"
+    try:
+        key = keys_from_env(None, operator_key)[1]
+    except ConfigError as e:
+        print(f"attune status: {e}", file=sys.stderr)
+        return 2
+    if not key:
+        print("attune status: no operator key; pass --operator-key, set $ATTUNE_OPERATOR_KEY, or run it where "
+              "`attune serve` wrote <data_dir>/operator_key", file=sys.stderr)
+        return 2
+    try:
+        payload = fetch_status(url, key)
+    except StatusError as e:
+        print(f"attune status: {e}", file=sys.stderr)
+        return 1
+    print(f"Attune at {url}")
+    print(format_status(payload))
+    return 0
+
+
 def bench_serve(url: str = "http://127.0.0.1:8000", api_key: str | None = None, operator_key: str | None = None,
                 requests: int | None = None, max_tokens: int | None = None, concurrency: list[int] | None = None,
                 out: str | None = None, quick: bool = False, time_limit: float | None = None) -> int:
@@ -164,6 +368,22 @@ def bench_serve(url: str = "http://127.0.0.1:8000", api_key: str | None = None, 
         print(f"attune bench serve: {e}", file=sys.stderr)
         return 2
     run_bench(plan, Path(out) if out else REPORTS_DIR / ("bench_serve_quick.json" if quick else "bench_serve.json"))
+    return 0
+
+
+def ui(api_url: str | None = None, api_key: str | None = None, host: str = "127.0.0.1", port: int = 7860) -> int:
+    """Start the patient web app (Gradio) in front of a running Attune API, until Ctrl-C."""
+    import os
+
+    url = api_url or os.environ.get("ATTUNE_API_URL") or "http://127.0.0.1:8000"
+    key = api_key or os.environ.get("ATTUNE_API_KEY")
+    if not key:
+        print("attune ui: give a patient-app key with --api-key or $ATTUNE_API_KEY (`attune serve` prints where "
+              "its key file is)", file=sys.stderr)
+        return 2
+    from ui.app import serve as serve_ui
+
+    serve_ui(url, key, host=host, port=port)
     return 0
 
 
@@ -195,6 +415,20 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--recipe", default="shipped", help="recipe whose adapters to evaluate"),
         arg("--out", help="reports folder (default: reports/)"), _CC,
         arg("--limit", type=int, help="evaluate on at most this many prompts (smoke runs)")]),
+    ("eval", "safety"): (eval_safety, [
+        arg("--url", help="base URL of a running service (default: start one here and stop it afterwards)"),
+        arg("--api-key", help="patient-app key for the gate-on requests (default: $ATTUNE_API_KEY or "
+            "<data_dir>/api_key; else the operator key)"),
+        arg("--operator-key", help="operator key for the gate-off requests and /v1/admin/status (default: "
+            "$ATTUNE_OPERATOR_KEY or <data_dir>/operator_key); start the service with ATTUNE_REQUESTS_PER_MINUTE=0 "
+            "or the run waits out 429s"),
+        arg("--out", help="reports folder (default: reports/)"),
+        arg("--eval-dir", help="folder holding safety/*.csv (default: ../shared/eval)"), _CC,
+        arg("--limit", type=int, help="at most this many prompts per set (smoke runs)"),
+        arg("--max-tokens", type=int, default=96, help="max_tokens per reply (default %(default)s)"),
+        arg("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"),
+        arg("--no-gate-off", action="store_true", help="skip the gate-off comparison (halves the run)"),
+        arg("--reward-dir", help="reward model that scores gate-off replies here (default: the shipped one)")]),
     ("serve",): (serve, [
         arg("--config", help="ServeConfig YAML (default: $ATTUNE_SERVE_CONFIG or the built-in defaults; ATTUNE_* "
             "variables override single settings, see serving/config.py)"),
@@ -213,20 +447,63 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--out", help="JSON report (default reports/bench_serve.json; --quick: reports/bench_serve_quick.json)"),
         arg("--quick", action="store_true", help="tiny smoke run (about a minute on CPU)"),
         arg("--time-limit", type=float, help="seconds after which no request starts (default 1800; --quick 300)")]),
+    ("ui",): (ui, [
+        arg("--api-url", help="base URL of the Attune API (default: $ATTUNE_API_URL or http://127.0.0.1:8000)"),
+        arg("--api-key", help="patient-app API key (default: $ATTUNE_API_KEY; prefer the variable, flags show in ps)"),
+        arg("--host", default="127.0.0.1", help="address to serve the page on (default: loopback only)"),
+        arg("--port", type=int, default=7860, help="port to serve the page on (default 7860)")]),
     ("adapters", "list"): (adapters_list, [_STORE]),
     ("adapters", "verify"): (adapters_verify, [_STORE]),
+    ("adapters", "add"): (adapters_add, [
+        arg("path", nargs="?", metavar="PATH",
+            help="PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)"),
+        arg("--id", dest="adapter_id", help="adapter id, a slug (default: the id in the folder's manifest entry)"),
+        arg("--recipe", help="how it was made: sft, dpo, modpo, joint_dpo, soup or merge"),
+        arg("--weights", nargs="+", metavar="W", help="the Preference it serves: one JSON object or objective=weight "
+            "pairs, e.g. empathy=0.7 safety=0.3 (objectives left out weigh 0)"),
+        arg("--base-model", help="base model it applies to (default: smollm2-135m-instruct)"),
+        arg("--primary-objective", help="for MODPO: the objective optimised directly"),
+        arg("--data-hash", help="hash of its training data (default: empty)"),
+        _STORE]),
+    ("adapters", "remove"): (adapters_remove, [
+        arg("adapter_id", nargs="?", metavar="ID", help="id of the adapter to remove (see `attune adapters list`)"),
+        _STORE]),
+    ("status",): (status, [
+        arg("--url", help="base URL of the running service (default: $ATTUNE_URL or http://127.0.0.1:8000)"),
+        arg("--operator-key", help="operator key (default: $ATTUNE_OPERATOR_KEY or <data_dir>/operator_key, as "
+            "`attune serve` writes it)")]),
 }
+
+
+class _SubcommandsOf(argparse._SubParsersAction):
+    """Subcommands of a command that also runs alone (`attune eval` and `attune eval safety`): the command's own
+    flags belong to its function, so they leave the namespace when a subcommand is chosen (and may not be given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action in parser._actions:
+            if action is self or action.dest == argparse.SUPPRESS or not hasattr(namespace, action.dest):
+                continue
+            if getattr(namespace, action.dest) != action.default:
+                parser.error(f"{'/'.join(action.option_strings)} is a flag of `{parser.prog}` itself; "
+                             f"give `{values[0]}` its own flags after its name")
+            delattr(namespace, action.dest)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attune", description=__doc__.split("\n")[0])
     groups: dict[str, argparse._SubParsersAction] = {}
+    alone: dict[str, argparse.ArgumentParser] = {}
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for path, (fn, args) in COMMANDS.items():
         doc = (fn.__doc__ or "").strip().split("\n")[0]
         if len(path) == 1:
-            sub = top.add_parser(path[0], help=doc, description=doc)
+            sub = alone[path[0]] = top.add_parser(path[0], help=doc, description=doc)
         else:
+            if path[0] in alone and path[0] not in groups:
+                groups[path[0]] = alone[path[0]].add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", action=_SubcommandsOf,
+                    help=f"optional; `attune {path[0]} SUBCOMMAND --help` for its flags")
             if path[0] not in groups:
                 g = top.add_parser(path[0], help=f"{path[0]} commands")
                 groups[path[0]] = g.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")

@@ -3,6 +3,12 @@
 # override with ATTUNE_VENV) and prepares the base model. Safe to rerun: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's chromium for the browser test (tests/integration/test_ui_browser.py): Playwright drives it, and
+# `playwright install` (a browser download) is never used.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+    SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 VENV=${ATTUNE_VENV:-$HOME/.cache/attune-venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
