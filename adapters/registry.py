@@ -23,6 +23,8 @@ from attune.locks import file_lock
 
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+RESERVED_IDS = ("reward", "judge")
+"""Folders of the store that hold the reward model and the judge: never registered or removed as adapters."""
 
 
 class UnknownAdapter(KeyError):
@@ -50,6 +52,14 @@ def read_lora_config(folder: Path) -> dict[str, Any]:
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{folder}/adapter_config.json has peft_type={cfg.get('peft_type')!r}; only LORA is stored")
     return cfg
+
+
+def carried_entry(folder: Path) -> AdapterManifest | None:
+    """The entry another store keeps for `folder`, i.e. `folder.name` in `folder/../manifest.json` (a folder
+    copied out of a store together with its manifest); None when there is no such entry."""
+    folder = Path(folder)
+    manifest = folder.parent / MANIFEST_FILE
+    return load_manifest(manifest).find(folder.name) if manifest.is_file() else None
 
 
 def lora_spec_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,18 +121,23 @@ class AdapterStore:
                 failures[entry.id] = e
         return failures
 
-    def add(self, folder: Path, entry: AdapterManifest | Mapping[str, Any], *, copy: bool = True) -> AdapterManifest:
+    def add(self, folder: Path, entry: AdapterManifest | Mapping[str, Any], *, copy: bool = True,
+            expected_files: Mapping[str, str] | None = None) -> AdapterManifest:
         """Register a PEFT LoRA folder under `entry['id']`, hashing its files into `entry.files`.
 
         `entry` is an AdapterManifest or a mapping without `files` (computed here); `lora` may be left
         out and is then read from adapter_config.json, otherwise it must agree with it. With
         copy=True the folder is copied to `<root>/<id>/`; with copy=False it must already be there.
+        `expected_files` is the sha256 allowlist the folder arrived with (e.g. `carried_entry(folder).files`):
+        the folder must match it exactly, else IntegrityError and nothing is registered.
         """
         folder = Path(folder)
         data = entry.model_dump() if isinstance(entry, AdapterManifest) else dict(entry)
         if data.get("files"):
             raise ValueError("leave `files` out of the entry: the store hashes the folder itself")
         cfg = read_lora_config(folder)
+        if expected_files is not None:
+            verify(folder, expected_files)
         spec = lora_spec_from_config(cfg)
         data.setdefault("lora", spec)
         data["files"] = hash_folder(folder)
@@ -130,6 +145,8 @@ class AdapterStore:
             new = AdapterManifest.model_validate(data)
         except ValidationError as e:
             raise ManifestError(f"adapter entry for {folder} is invalid:\n{format_errors(e)}") from None
+        if new.id in RESERVED_IDS:
+            raise ValueError(f"adapter id {new.id!r} names the store's {new.id} model folder; pick another id")
         if (new.lora.r, float(new.lora.alpha)) != (spec["r"], float(spec["alpha"])):
             raise ManifestError(f"entry lora r={new.lora.r}, alpha={new.lora.alpha} disagrees with "
                                 f"{folder}/adapter_config.json (r={spec['r']}, lora_alpha={spec['alpha']}); "
@@ -168,6 +185,8 @@ class AdapterStore:
 
     def remove(self, adapter_id: str) -> None:
         """Drop the entry (manifest first, atomically), then delete the folder."""
+        if adapter_id in RESERVED_IDS:
+            raise ValueError(f"{adapter_id!r} is the store's {adapter_id} model, not an adapter; it cannot be removed")
         with self._locked():
             m = self.manifest()
             if m.find(adapter_id) is None:

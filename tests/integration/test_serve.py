@@ -1,38 +1,21 @@
 """The real application (Ray Serve, vLLM on SmolLM2 with two LoRA adapters, the reward model, SQLite) driven over
 HTTP with the official `openai` client: plain and streamed chat, preference routing, the crisis protocol, a fault
 injected into the scorer, every rejection (401/403/404/413/422/429), metrics per adapter and health.
-The first test also loads deploy/serve-cpu.yaml against Ray's schema and the app builder's arguments."""
+(deploy/serve-cpu.yaml is loaded by tests/deploy/test_deploy_files.py.)"""
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from alignment.objectives import OBJECTIVES
 from serving.safety import FALLBACK_REPLY
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "serve-cpu.yaml"
 FEELING = [{"role": "user", "content": "I had a rough week at work and I feel completely drained."}]
 GATES = {"pass", "regenerated", "fallback", "crisis"}
-
-
-def test_serve_cpu_yaml_loads_into_ray_schema_and_app_args():
-    from ray.serve.schema import ServeDeploySchema
-
-    from serving.app import AppArgs, LLMServer, RewardScorer, AttuneIngress, load_config
-
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(DEPLOY.read_text()))
-    (app,) = schema.applications
-    assert app.import_path == "serving.app:build_app"
-    cfg = load_config(AppArgs.model_validate(app.args))
-    assert cfg.engine.cpu_memory_fraction == 0.04 and cfg.limits.requests_per_minute == 60
-    names = {LLMServer.name, RewardScorer.name, AttuneIngress.name}
-    assert {d.name for d in app.deployments} == names
 
 
 def test_app_config_layers_file_settings_then_environment(tmp_path):
