@@ -1,4 +1,5 @@
-# Two commands for a new user: `make demo` (install + run with built-in defaults) and `make test`.
+# Two commands for a new user: `make demo` (install, then the API and the patient UI with built-in defaults) and
+# `make test`.
 VENV ?= $(HOME)/.cache/attune-venv
 export ATTUNE_VENV := $(VENV)
 export HF_HUB_OFFLINE := 1
@@ -16,4 +17,4 @@ test-fast: install
 	$(ACT) python -m pytest -q -m "not slow and not integration" tests
 
 demo: install
-	$(ACT) attune adapters verify && $(ACT) RAY_AUTH_MODE=disabled attune serve
+	$(ACT) attune adapters verify && $(ACT) RAY_AUTH_MODE=disabled attune serve --ui
