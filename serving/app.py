@@ -154,7 +154,8 @@ class LLMServer:
 
     def _cache_stats(self) -> dict:
         cache = self.engine.adapter_cache
-        return {"replica": self.replica, "loads": dict(cache.loads), "evictions": dict(cache.evictions)}
+        return {"replica": self.replica, "loads": dict(cache.loads), "evictions": dict(cache.evictions),
+                "loaded": cache.resident()}
 
     async def ready(self) -> bool:
         await self.engine.check_health()
@@ -245,6 +246,8 @@ class RemoteEngine:
         self.handle, self.metrics = handle, metrics
         self._usage: OrderedDict[str, Usage] = OrderedDict()
         self._live: dict[str, Any] = {}
+        self.replicas: dict[str, list[str]] = {}
+        """LLM replica id -> adapters in its LoRA cache after its last generation (a status call reaches one)."""
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str]:
         options = {"stream": True}
@@ -266,6 +269,8 @@ class RemoteEngine:
                     stats = item.get("stats") or {}
                     self.metrics.observe_engine_stats(stats.get("replica", "?"), stats.get("loads", {}),
                                                       stats.get("evictions", {}))
+                    if "loaded" in stats:
+                        self.replicas[stats["replica"]] = stats["loaded"]
             finished = True
         except (EngineError, PromptTooLong):
             raise
@@ -331,7 +336,8 @@ class AttuneIngress:
                                   max_merged_rank=cfg.engine.max_lora_rank)
         metrics = ServingMetrics()
         self.llm, self.scorer = llm, scorer
-        deps = ChatDeps(repo=Repository(cfg.database_url), engine=RemoteEngine(llm, metrics),
+        self.engine = RemoteEngine(llm, metrics)
+        deps = ChatDeps(repo=Repository(cfg.database_url), engine=self.engine,
                         scorer=RemoteScorer(scorer), store=store, router=router, metrics=metrics,
                         engine_status=self._engine_status,
                         faults=self._faults if test_hooks else None)
@@ -350,10 +356,15 @@ class AttuneIngress:
         return await self.scorer.faults.remote(spec.model_dump())
 
     async def _engine_status(self) -> dict:
+        """Serve's deployment and replica states; the LLM replica that answered (`llm`); `llm_replicas`: the
+        adapters of every LLM replica heard from, live for that one, as of their last generation for the others."""
         status = await asyncio.to_thread(serve.status)
-        apps = {name: {d: {"status": str(ds.status), "replicas": {str(k): v for k, v in ds.replica_states.items()}}
+        apps = {name: {d: {"status": ds.status.value, "replicas": {str(k): v for k, v in ds.replica_states.items()}}
                        for d, ds in app.deployments.items()} for name, app in status.applications.items()}
-        return {"deployments": apps, "llm": await self.llm.status.remote()}
+        live = await self.llm.status.remote()
+        seen = {**self.engine.replicas, live["replica"]: live["loaded_adapters"]}
+        replicas = {r: {"loaded_adapters": a, "live": r == live["replica"]} for r, a in sorted(seen.items())}
+        return {"deployments": apps, "llm": live, "llm_replicas": replicas}
 
     def __serve_build_asgi_app__(self):
         from serving.api_router import create_app
