@@ -9,6 +9,13 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
     SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
     $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# Debian's PostgreSQL binaries for the database and cluster tests: tests/pg.py runs a private throwaway server
+# from them (initdb + pg_ctl on a free loopback port); nothing here starts or configures one.
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! command -v initdb >/dev/null \
+        && command -v apt-get >/dev/null; then
+    SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 VENV=${ATTUNE_VENV:-$HOME/.cache/attune-venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

@@ -1,7 +1,8 @@
 """Persistence for tenants, API keys, sessions, messages, feedback and audit events (SQLAlchemy 2).
 
-Portable types only (SQLite file with WAL by default, PostgreSQL for clusters). Each `Repository`
-method is one short transaction, so it is safe from concurrent handlers; no message text is ever logged.
+Portable types only (SQLite file with WAL by default, PostgreSQL for clusters); serving.migrations (Alembic)
+creates and upgrades the schema. Each `Repository` method is one short transaction, so it is safe from
+concurrent handlers; no message text is ever logged.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from alignment.data import PreferencePair
+from serving.migrations import upgrade as migrate
 
 Role = Literal["patient-app", "operator"]
 ROLES: tuple[str, ...] = ("patient-app", "operator")
@@ -164,6 +166,8 @@ class Repository:
     """
 
     def __init__(self, url: str, *, create_tables: bool = True):
+        """`create_tables`: migrate the schema to the newest revision (serving.migrations; safe when several
+        replicas open one database at once); False uses the database as it is."""
         parsed = make_url(url)
         kwargs: dict[str, Any] = {"hide_parameters": True}  # errors never echo bound values (message text)
         if parsed.get_backend_name() == "sqlite":
@@ -179,7 +183,7 @@ class Repository:
             self._sqlite_pragmas()
         self._tx = sessionmaker(self.engine, expire_on_commit=False)
         if create_tables:
-            Base.metadata.create_all(self.engine)
+            migrate(self.engine)
 
     def _sqlite_pragmas(self) -> None:
         @event.listens_for(self.engine, "connect")

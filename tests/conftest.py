@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg import database_url, postgres, postgres_url  # noqa: F401  (fixtures: SQLite and a private PostgreSQL)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
