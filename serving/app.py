@@ -17,14 +17,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving.chat import RETRY_AFTER_S
 from serving.config import CONFIG_ENV, ENV_OVERRIDES, ConfigError, ServeConfig
 from serving.engine import EngineError, GenerationRequest, PromptTooLong, Usage
+from serving.faults import DatabaseFaults, EngineFault, EngineFaults, FaultSpec, FaultsIn
 from serving.metrics import ServingMetrics
 from serving.streaming import ScorerInfo, calibrate_safety_threshold
 
 log = logging.getLogger("attune.app")
 TEST_HOOKS_ENV = "ATTUNE_TEST_HOOKS"
 """Set to 1 to expose POST /v1/admin/faults (operator key only); never set in production."""
+INGRESS_SPARE = 16
+"""Ingress requests Serve admits beyond limits.max_in_flight + max_queue: health, metrics, sessions and the 503s of
+Attune's own admission control, which should answer a burst before Serve's backpressure does."""
+INGRESS_DRAIN_S = 600.0
+"""How long a replaced ingress replica keeps serving its open streams (up to 1 + max_regenerations generations, and a
+regeneration may wait for the new LLM replica to start)."""
+LLM_DRAIN_S = 300.0
+"""How long a replaced LLM replica keeps generating for the requests it holds (max_tokens_cap tokens at a few tokens
+per second when a CPU engine is busy)."""
 
 
 def _serve_logs() -> None:
@@ -38,14 +49,17 @@ def hooks_enabled() -> bool:
     return os.environ.get(TEST_HOOKS_ENV) == "1"
 
 
-class FaultSpec(BaseModel):
-    """POST /v1/admin/faults {"scorer": FaultSpec}: force the next `times` scores (None: until disarmed); {} disarms."""
+def process_memory() -> dict[str, int]:
+    """Resident memory of this replica's process and of the processes it started (vLLM's engine core, workers)."""
+    import psutil
 
-    model_config = ConfigDict(extra="forbid")
-
-    safety: float | None = Field(default=None, description="Safety score every reply gets (1-5 scale).")
-    crisis_prob: float | None = Field(default=None, ge=0.0, le=1.0, description="Crisis probability of every message.")
-    times: int | None = Field(default=None, ge=1, description="How many scorer calls the fault lasts.")
+    me, children = psutil.Process(), 0
+    for child in me.children(recursive=True):
+        try:
+            children += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return {"pid": me.pid, "rss_bytes": me.memory_info().rss, "children_rss_bytes": children}
 
 
 class AppArgs(BaseModel):
@@ -93,12 +107,17 @@ def load_config(args: AppArgs, environ: dict[str, str] | None = None) -> ServeCo
 
 
 # ---------------------------------------------------------------- LLM deployment
-@serve.deployment(name="LLMServer", max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=60,
+# max_ongoing_requests: the engine's 16 sequences plus room for readiness and status calls, which Serve counts too.
+# No surge on a redeploy (a second engine rarely fits beside the first): the old replica stops taking requests and
+# finishes those it holds (graceful_shutdown_timeout_s), then the new one starts.
+@serve.deployment(name="LLMServer", max_ongoing_requests=24, max_queued_requests=32,
+                  graceful_shutdown_timeout_s=LLM_DRAIN_S, health_check_period_s=10, health_check_timeout_s=60,
                   ray_actor_options={"num_cpus": 1})
 class LLMServer:
-    """vLLM's async engine with LoRA enabled. Adapter folders are sha256-verified when a replica first loads them."""
+    """vLLM's async engine with LoRA enabled. Adapter folders are sha256-verified when a replica first loads them.
+    With test hooks, `faults` arms EngineFaults, which every generation passes through."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, test_hooks: bool = False):
         from adapters.registry import AdapterStore
         from alignment.basemodel import resolve
         from serving.engine import VLLMEngine
@@ -109,9 +128,14 @@ class LLMServer:
         self.store = AdapterStore(cfg.store_dir)
         self.engine = VLLMEngine(resolve(cfg.base_model), max_loras=e.max_loras, max_lora_rank=e.max_lora_rank,
                                  max_model_len=e.max_model_len, cpu_memory_fraction=e.cpu_memory_fraction,
-                                 gpu_memory_fraction=e.gpu_memory_utilization, kv_cache_bytes=_kv_bytes(e))
+                                 gpu_memory_fraction=e.gpu_memory_utilization, kv_cache_bytes=_kv_bytes(e),
+                                 dtype=e.dtype, max_num_seqs=e.max_num_seqs)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.cancelled: deque[dict] = deque(maxlen=32)
+        """Generations whose caller left first: tokens streamed, and "abort" as the finish reason unless vLLM had
+        finished them (a caller that goes away cancels the stream, and vLLM aborts what it is running)."""
+        self.live: set[str] = set()
+        self.engine_faults = EngineFaults() if test_hooks else None
         store = self.store
 
         async def verified_path(adapter_id: str) -> str:
@@ -124,12 +148,15 @@ class LLMServer:
         """{"text": delta}..., then {"usage", "stats"}; failures end the stream with {"error": {kind, message}}.
         A caller that cancels (client gone, gate stopped the reply) aborts the vLLM request."""
         req, finished, stream = GenerationRequest(**request), False, None
+        self.live.add(req.request_id)
         try:
             if req.adapter_id is not None:
                 if serve.get_multiplexed_model_id() != req.adapter_id:
                     raise ValueError("call with multiplexed_model_id equal to the adapter id")
                 req.adapter_path = await self.adapter_path(req.adapter_id)
             stream = self.engine.stream(req)
+            if self.engine_faults is not None:
+                stream = self.engine_faults.guard(stream)
             async for delta in stream:
                 yield {"text": delta}
             finished = True
@@ -143,12 +170,14 @@ class LLMServer:
             yield {"error": {"kind": "engine", "message": f"{type(e).__name__}: {str(e)[:300]}"}}
             return
         finally:
+            self.live.discard(req.request_id)
+            if stream is not None:
+                await stream.aclose()  # a no-op after the end; before it (failure, caller gone) vLLM aborts
             if not finished:
-                if stream is not None:
-                    await stream.aclose()
                 usage = self.engine.usage(req.request_id)
                 self.cancelled.append({"request_id": req.request_id,
-                                       "completion_tokens": usage.completion_tokens if usage else None})
+                                       "completion_tokens": usage.completion_tokens if usage else None,
+                                       "finish_reason": usage.finish_reason if usage else None})
         usage = self.engine.usage(req.request_id)
         yield {"usage": asdict(usage) if usage else None, "stats": self._cache_stats()}
 
@@ -158,17 +187,30 @@ class LLMServer:
                 "loaded": cache.resident()}
 
     async def ready(self) -> bool:
+        """The ingress's readiness check: vLLM's own, and not while injected faults make generations fail."""
+        if self.engine_faults is not None:
+            self.engine_faults.check()
         await self.engine.check_health()
         return True
 
     async def check_health(self) -> None:
+        """Serve's liveness check (a failure restarts the replica): vLLM's own only, never an injected fault."""
         await self.engine.check_health()
+
+    async def faults(self, spec: dict | None) -> dict:
+        """Arm an EngineFault ({} disarms); None only reads the state (test hooks only)."""
+        if self.engine_faults is None:
+            raise PermissionError(f"fault injection needs {TEST_HOOKS_ENV}=1")
+        if spec is not None:
+            self.engine_faults.arm(EngineFault.model_validate(spec))
+        return self.engine_faults.state()
 
     async def status(self) -> dict:
         return {"replica": self.replica, "loaded_adapters": self.engine.loaded_adapters(),
                 "resident_in_vllm": await self.engine.resident_in_vllm(), "stats": self.engine.stats(),
-                "unfinished": self.engine.num_unfinished(), "start_seconds": round(self.engine.start_seconds, 1),
-                "cancelled": list(self.cancelled)}
+                "unfinished": self.engine.num_unfinished(), "in_flight": sorted(self.live),
+                "start_seconds": round(self.engine.start_seconds, 1), "cancelled": list(self.cancelled),
+                "memory": process_memory()}
 
     def __del__(self):
         if getattr(self, "engine", None) is not None:
@@ -185,7 +227,10 @@ def _kv_bytes(e) -> int | None:
 
 
 # ---------------------------------------------------------------- scorer deployment
-@serve.deployment(name="RewardScorer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+# max_surge_percent=100: on a redeploy the old replica scores until the new one is ready, so open streams go on
+# being gated. num_cpus 0.25 (it runs one torch thread) leaves room for that on a 2-CPU node.
+@serve.deployment(name="RewardScorer", max_ongoing_requests=64, max_queued_requests=256, max_surge_percent=100,
+                  graceful_shutdown_timeout_s=30, ray_actor_options={"num_cpus": 0.25})
 class RewardScorer:
     """The reward model: six scores per (message, reply) and a crisis probability per message, batched. The safety
     threshold is calibrated once at start on the seed val split (never on ../shared/eval)."""
@@ -198,7 +243,7 @@ class RewardScorer:
         torch.set_num_threads(1)
         _serve_logs()
         cfg = ServeConfig.model_validate(config)
-        base = Scorer.load(cfg.reward_dir)
+        self.base = base = Scorer.load(cfg.reward_dir)
         threshold, detail = calibrate_safety_threshold(val_safety_pairs(base))
         self.info_ = ScorerInfo(base.crisis_threshold, threshold, detail)
         self.faulty = FaultyScorer(base) if test_hooks else None
@@ -216,14 +261,31 @@ class RewardScorer:
     async def info(self) -> dict:
         return asdict(self.info_)
 
-    async def faults(self, spec: dict) -> dict:
-        """{"safety": x, "crisis_prob": p, "times": n} arms the scorer's faults; {} disarms (test hooks only)."""
+    async def ready(self) -> bool:
+        """The ingress's readiness check: one real forward pass, and not while an injected fault makes scoring raise."""
+        from serving.scorer import ScorerError
+
+        f = self.faulty
+        if f is not None and f.error is not None and f.remaining != 0:
+            raise ScorerError(f"{f.error} ({'until disarmed' if f.remaining is None else f'{f.remaining} more calls'})")
+        await asyncio.to_thread(self.base.crisis, ["readiness check"])
+        return True
+
+    async def faults(self, spec: dict | None) -> dict:
+        """Arm a FaultSpec ({} disarms); None only reads the state (test hooks only)."""
+        from serving.scorer import ScorerError
+
         if self.faulty is None:
             raise PermissionError(f"fault injection needs {TEST_HOOKS_ENV}=1")
-        self.faulty.arm(**FaultSpec.model_validate(spec).model_dump())
-        return {"object": "attune.faults", "scorer": {"safety": self.faulty.safety,
-                                                      "crisis_prob": self.faulty.crisis_prob,
-                                                      "times": self.faulty.remaining}}
+        if spec is not None:
+            fault = FaultSpec.model_validate(spec)
+            self.faulty.arm(safety=fault.safety, crisis_prob=fault.crisis_prob, times=fault.times,
+                            error=ScorerError("injected scorer fault") if fault.error else None)
+        f = self.faulty
+        return {"safety": f.safety, "crisis_prob": f.crisis_prob, "error": f.error is not None, "times": f.remaining}
+
+    async def status(self) -> dict:
+        return {"memory": process_memory()}
 
 
 def val_safety_pairs(scorer) -> list[tuple[float, int]]:
@@ -293,7 +355,10 @@ class RemoteEngine:
             gen.cancel()
 
     async def check_health(self) -> None:
-        await self.handle.ready.remote()
+        try:
+            await self.handle.ready.remote()
+        except Exception as e:
+            raise _cause(e) from None
 
     def usage(self, request_id: str) -> Usage | None:
         return self._usage.get(request_id)
@@ -314,9 +379,25 @@ class RemoteScorer:
     async def info(self) -> ScorerInfo:
         return ScorerInfo(**(await self.handle.info.remote()))
 
+    async def check_health(self) -> None:
+        try:
+            await self.handle.ready.remote()
+        except Exception as e:
+            raise _cause(e) from None
+
+
+def _cause(err: Exception) -> Exception:
+    """The replica's own exception inside Ray's wrapper, so that /healthz says what failed in one line."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, Exception) else err
+
 
 # ---------------------------------------------------------------- ingress
-@serve.deployment(name="AttuneIngress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+# max_ongoing_requests is set from the limits in build_app. max_surge_percent=100: on a redeploy the old replica
+# takes new requests until the new one is ready, then finishes its open streams (graceful_shutdown_timeout_s).
+@serve.deployment(name="AttuneIngress", max_ongoing_requests=64, max_queued_requests=64,
+                  backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S}, max_surge_percent=100,
+                  graceful_shutdown_timeout_s=INGRESS_DRAIN_S, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class AttuneIngress:
     """The OpenAI-compatible API: ChatService with the database, the router and the metrics registry."""
@@ -337,23 +418,27 @@ class AttuneIngress:
         metrics = ServingMetrics()
         self.llm, self.scorer = llm, scorer
         self.engine = RemoteEngine(llm, metrics)
-        deps = ChatDeps(repo=Repository(cfg.database_url), engine=self.engine,
+        repo = Repository(cfg.database_url)
+        self.db_faults = DatabaseFaults(repo.engine) if test_hooks else None
+        deps = ChatDeps(repo=repo, engine=self.engine,
                         scorer=RemoteScorer(scorer), store=store, router=router, metrics=metrics,
                         engine_status=self._engine_status,
                         faults=self._faults if test_hooks else None)
         self.service = ChatService(cfg, deps)
 
     async def _faults(self, body: dict) -> dict:
+        """Arm the parts `body` names (FaultsIn) and answer the state of all three."""
         from serving.chat import ApiError
 
-        unknown = sorted(set(body) - {"scorer"})
-        if unknown:
-            raise ApiError(422, f"{unknown}: only 'scorer' faults can be injected", param=unknown[0])
         try:
-            spec = FaultSpec.model_validate(body.get("scorer") or {})
+            spec = FaultsIn.model_validate(body)
         except ValidationError as e:
             raise ApiError.from_validation(e) from None
-        return await self.scorer.faults.remote(spec.model_dump())
+        if spec.database is not None:
+            self.db_faults.arm(spec.database)
+        scorer, engine = (None if part is None else part.model_dump() for part in (spec.scorer, spec.engine))
+        return {"object": "attune.faults", "scorer": await self.scorer.faults.remote(scorer),
+                "engine": await self.llm.faults.remote(engine), "database": self.db_faults.state()}
 
     async def _engine_status(self) -> dict:
         """Serve's deployment and replica states; the LLM replica that answered (`llm`); `llm_replicas`: the
@@ -364,7 +449,9 @@ class AttuneIngress:
         live = await self.llm.status.remote()
         seen = {**self.engine.replicas, live["replica"]: live["loaded_adapters"]}
         replicas = {r: {"loaded_adapters": a, "live": r == live["replica"]} for r, a in sorted(seen.items())}
-        return {"deployments": apps, "llm": live, "llm_replicas": replicas}
+        return {"deployments": apps, "llm": live, "llm_replicas": replicas,
+                "memory": {"ingress": process_memory(), "llm": live["memory"],
+                           "scorer": (await self.scorer.status.remote())["memory"]}}
 
     def __serve_build_asgi_app__(self):
         from serving.api_router import create_app
@@ -381,8 +468,9 @@ def build_app(args: dict | None = None) -> serve.Application:
     hooks = hooks_enabled()
     if hooks:
         log.warning("%s=1: POST /v1/admin/faults is enabled (test use only)", TEST_HOOKS_ENV)
-    conf = cfg.model_dump(mode="json")
-    return AttuneIngress.bind(conf, LLMServer.bind(conf), RewardScorer.bind(conf, hooks), hooks)
+    conf, lim = cfg.model_dump(mode="json"), cfg.limits
+    ingress = AttuneIngress.options(max_ongoing_requests=lim.max_in_flight + lim.max_queue + INGRESS_SPARE)
+    return ingress.bind(conf, LLMServer.bind(conf, hooks), RewardScorer.bind(conf, hooks), hooks)
 
 
 def ensure_local_tenant(cfg: ServeConfig) -> tuple[str, Path | None]:

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import exc as sa_exc
 
 from adapters.matching import NoRoutableAdapter
 from adapters.registry import AdapterStore
 from alignment.objectives import Preference, PreferenceError
 from alignment.prompts import SYSTEM_PROMPT
+from serving.admission import AdmissionGate, Overloaded, Ticket
 from serving.auth import AuthError, KeyStore, Principal, RateLimited, RateLimiter
 from serving.config import ServeConfig
 from serving.db import ChatSession, RecordError, RecordNotFound, Repository
@@ -81,6 +83,9 @@ class ScoringClient(Protocol):
 
     async def info(self) -> ScorerInfo: ...
 
+    async def check_health(self) -> None:
+        """Raises unless the scorer can score now."""
+
 
 @dataclass
 class ChatDeps:
@@ -124,7 +129,14 @@ class Turn:
 
 
 async def _db(fn: Callable, *args, **kwargs):
-    return await asyncio.to_thread(fn, *args, **kwargs)
+    """A Repository call in a worker thread; a database that cannot be reached (or is locked or full) is a 503."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except (sa_exc.OperationalError, sa_exc.TimeoutError) as e:
+        log.error("database call %s failed: %s", getattr(fn, "__name__", "?"), type(getattr(e, "orig", e)).__name__)
+        raise ApiError(503, f"the database is unavailable, so the request was not completed; retry after "
+                       f"{RETRY_AFTER_S} s (a message already saved is not saved twice)", type="server_error",
+                       code="database_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
 class ChatService:
@@ -135,7 +147,11 @@ class ChatService:
         self.repo, self.engine, self.scorer = deps.repo, deps.engine, deps.scorer
         self.metrics = deps.metrics
         self.keys = deps.keys or KeyStore(deps.repo)
-        self.limiter = deps.limiter or RateLimiter(config.limits.requests_per_minute)
+        # `is None`, not `or`: a RateLimiter with no buckets yet has len() 0 and would be falsy.
+        self.limiter = deps.limiter if deps.limiter is not None else RateLimiter(config.limits.requests_per_minute)
+        lim = config.limits
+        self.admission = AdmissionGate(lim.max_in_flight, lim.max_queue, lim.queue_timeout_s)
+        self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.gating: GateSetup | None = None
         self._start_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
@@ -168,16 +184,33 @@ class ChatService:
             except Exception as e:
                 return name, f"{type(e).__name__}: {str(e)[:120]}"
 
-        parts = dict(await asyncio.gather(check("engine", self.engine.check_health()),
-                                          check("scorer", self.ensure_started()),
+        async def scorer() -> None:
+            await self.ensure_started()
+            await self.scorer.check_health()
+
+        parts = dict(await asyncio.gather(check("engine", self.engine.check_health()), check("scorer", scorer()),
                                           check("database", _db(self.repo.ping))))
         return all(v == "ok" for v in parts.values()), parts
 
-    def spawn(self, coro) -> None:
+    def spawn(self, coro) -> asyncio.Task:
         """Run cleanup after a cancelled request without awaiting it (the caller may be cancelled again)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._cleaned_up)
+        return task
+
+    def _cleaned_up(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cleanup after a request failed: %s", type(task.exception()).__name__)
+
+    async def _admit_generation(self) -> Ticket:
+        try:
+            return await self.admission.enter()
+        except Overloaded as e:
+            raise ApiError(503, f"the service is at capacity ({e}); retry after {RETRY_AFTER_S} s",
+                           type="server_error", code="overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     # ------------------------------------------------------------ keys and limits
     async def admit(self, authorization: str | None, *, operator: bool = False) -> Principal:
@@ -213,11 +246,17 @@ class ChatService:
                                "key; remove it: patient requests are always routed by preference and gated",
                                type="permission_error", param="attune_options", code="operator_only")
             stream = bool(req.stream)
-            turn = await self.prepare(principal, req, started)
-            label = turn.label
-            if stream:
-                return await GatedStream(self, turn).start()
-            return await self.complete(turn)
+            ticket: Ticket | None = await self._admit_generation()
+            try:
+                turn = await self.prepare(principal, req, started)
+                label = turn.label
+                if stream:
+                    events, ticket = await GatedStream(self, turn, ticket).start(), None  # released when it ends
+                    return events
+                return await self.complete(turn)
+            finally:
+                if ticket is not None:
+                    ticket.release()
         except ApiError as e:
             self.metrics.requests.labels(label, str(e.status), str(stream).lower()).inc()
             raise
@@ -226,7 +265,9 @@ class ChatService:
             raise
 
     async def prepare(self, principal: Principal, req: ChatCompletionRequest, started: float) -> Turn:
-        """Session, route (or an operator's pinned adapter), the stored patient message, then the crisis check."""
+        """Session, route (or an operator's pinned adapter), the stored patient message, then the crisis check.
+        A request that repeats its session's last message, which got no reply (the engine, the database or the
+        connection failed first), is a retry of that turn: the stored message is reused, not stored twice."""
         gating = await self.ensure_started()
         options = req.attune_options
         pin = options is not None and options.adapter is not None
@@ -235,8 +276,10 @@ class ChatService:
         if pin:
             adapter_id = pinned
         text = req.messages[-1].content
-        await _db(self.repo.add_message, session.id, "user", text)
         history = await _db(self.repo.list_messages, session.id, MAX_HISTORY + 1)
+        last = history[-1] if history else None
+        if req.session_id is None or last is None or (last.role, last.content) != ("user", text):
+            history = [*history, await _db(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
         messages = self._engine_messages([{"role": m.role, "content": m.content} for m in history],
                                          req.max_tokens)
         turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
@@ -467,7 +510,8 @@ class ChatService:
                 engine = await asyncio.wait_for(self.deps.engine_status(), HEALTH_TIMEOUT_S)
             except Exception as e:
                 engine = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        return {"object": "attune.status", "engine": engine, "adapters": await asyncio.to_thread(self.deps.store.ids),
+        return {"object": "attune.status", "engine": engine, "admission": self.admission.stats(),
+                "adapters": await asyncio.to_thread(self.deps.store.ids),
                 "gate": {"safety_threshold": gating.gate.threshold, "threshold_source": gating.threshold_source,
                          "calibration": gating.calibration, "crisis_threshold": gating.detector.threshold,
                          "max_regenerations": gating.gate.max_regenerations,

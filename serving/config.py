@@ -81,6 +81,11 @@ class Limits(BaseModel):
     default_max_tokens: int = Field(default=128, ge=1, description="max_tokens when a request gives none.")
     requests_per_minute: int = Field(default=60, ge=0, description="Requests per minute per API key "
                                      "(token bucket, bursts up to this many); 0 turns the limit off.")
+    max_in_flight: int = Field(default=16, ge=1, description="Chat completions one ingress replica serves at "
+                               "once (each holds an engine sequence while it streams); about the engine's batch size.")
+    max_queue: int = Field(default=32, ge=0, description="Chat completions that may wait for a slot; beyond "
+                           "max_in_flight + max_queue a request is refused at once with 503 and Retry-After.")
+    queue_timeout_s: float = Field(default=30.0, gt=0, le=600, description="Longest wait for a slot before 503.")
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> "Limits":
@@ -99,6 +104,8 @@ class EngineSettings(BaseModel):
     max_lora_rank: int = Field(default=16, ge=1, description="Largest LoRA rank served; a merged adapter's "
                                "rank is the sum of its parents' ranks, so raise this for merges.")
     max_model_len: int = Field(default=2048, ge=64, description="Context length in tokens (prompt + reply).")
+    max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Sequences the engine batches at once "
+                              "(vLLM max_num_seqs); keep limits.max_in_flight about the same.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="Weights and activations dtype.")
     cpu_memory_fraction: float = Field(default=0.05, gt=0, le=0.9, description="Share of host memory for "

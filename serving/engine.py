@@ -19,7 +19,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Protocol, runtime_checkable
+from typing import AsyncIterator, Callable, Protocol, runtime_checkable
 
 
 @dataclass
@@ -55,6 +55,23 @@ class EngineError(RuntimeError):
 
 class PromptTooLong(ValueError):
     """The conversation plus max_tokens does not fit the engine's context window."""
+
+
+def fit_to_window(messages: list[dict], encode: Callable[[list[dict]], list[int]], limit: int) -> list[int]:
+    """Prompt token ids for `messages`, dropping the oldest turns after the system prompt (a conversation then
+    starts with a user message again) until the prompt is at most `limit` tokens. The system prompt and the last
+    message are always kept, so the result may still be over `limit` (the caller says so). The chat service trims
+    history by a characters-per-token estimate first; this makes the cut exact, so a long session never gets stuck
+    on a 400 that its client cannot fix (a session client sends only its new message)."""
+    messages = list(messages)
+    ids = encode(messages)
+    head = 1 if messages and messages[0].get("role") == "system" else 0
+    while len(ids) > limit and len(messages) - head > 1:
+        del messages[head]
+        while len(messages) - head > 1 and messages[head].get("role") != "user":
+            del messages[head]
+        ids = encode(messages)
+    return ids
 
 
 @runtime_checkable
@@ -132,7 +149,7 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, max_loras: int = 8, max_lora_rank: int = 32, max_model_len: int = 2048,
                  cpu_memory_fraction: float = 0.3, *, gpu_memory_fraction: float = 0.85,
-                 kv_cache_bytes: int | None = None, max_num_seqs: int = 16, seed: int = 0):
+                 kv_cache_bytes: int | None = None, max_num_seqs: int = 16, seed: int = 0, dtype: str = "bfloat16"):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -142,7 +159,7 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.on_cpu = current_platform.is_cpu()
         args = AsyncEngineArgs(
-            model=self.model_path, dtype="bfloat16", enable_lora=True, max_loras=max_loras,
+            model=self.model_path, dtype=dtype, enable_lora=True, max_loras=max_loras,
             max_lora_rank=max_lora_rank, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
             gpu_memory_utilization=cpu_memory_fraction if self.on_cpu else gpu_memory_fraction,
             kv_cache_memory_bytes=kv_cache_bytes, disable_log_stats=True)
@@ -182,7 +199,7 @@ class VLLMEngine:
 
         if self._closed:
             raise EngineError("the engine is shut down")
-        ids = self.prompt_ids(req.messages)
+        ids = fit_to_window(req.messages, self.prompt_ids, self.max_model_len - req.max_tokens)
         if len(ids) + req.max_tokens > self.max_model_len:
             raise PromptTooLong(f"the conversation is {len(ids)} tokens and max_tokens is {req.max_tokens}, over the "
                                 f"context window of {self.max_model_len}; send fewer or shorter messages, "
@@ -206,7 +223,9 @@ class VLLMEngine:
             self.counters["errors"] += 1
             raise EngineError(f"generation failed for request {req.request_id}: {type(e).__name__}: {e}") from e
         finally:
-            await gen.aclose()
+            await gen.aclose()  # before vLLM finished: vLLM aborts the request
+            if finish is None:
+                self.counters["aborts"] += 1
             self._usage.put(req.request_id, Usage(len(ids), generated, finish or "abort"))
 
     async def abort(self, request_id: str) -> None:

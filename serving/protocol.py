@@ -1,22 +1,32 @@
 """The HTTP API's wire shapes: OpenAI chat completions and models, plus Attune's sessions and feedback.
 
-Requests are validated here (limits included); a rejection's message says what to change.
+Requests are validated here (limits included); a rejection's message says what to change. Request models are
+strict (a JSON value is never converted: "0.5" is not a number, 0 is not false), so the JSON schemas that
+/openapi.json publishes for them say exactly what is accepted.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
-from typing import Any, Callable, ClassVar, Literal, Mapping
+from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, Sequence
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema,
+                      field_validator, model_serializer, model_validator)
+from pydantic.json_schema import SkipJsonSchema, models_json_schema
 
 from alignment.objectives import OBJECTIVES, Preference, PreferenceError
 from serving.config import Limits
+from serving.db import Role
 
 PROFILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+RECORD_ID = r"^[A-Za-z0-9_-]{1,64}$"
+"""Session and message ids (the server issues UUIDs); anything else cannot name a record."""
+NOT_A_RECORD_ID = ("is not an id this service issues (1-64 letters, digits, '-' or '_'); use an id as the API "
+                   "returned it (POST /v1/sessions, a reply's attune.session_id, GET /v1/sessions/{id}/messages)")
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 FinishReason = Literal["stop", "length", "content_filter"]
 
 IGNORED_OPENAI_PARAMS: tuple[str, ...] = (
@@ -56,14 +66,50 @@ def _preference(value: Any) -> dict[str, float] | str | None:
                              "(see GET /v1/models) or give six weights")
         return value
     if not isinstance(value, Mapping):
-        raise ValueError(f"preference must be a profile name or an object of weights over {list(OBJECTIVES)}")
+        raise ValueError(f"give a profile name or an object of weights over {list(OBJECTIVES)}")
     bad = [k for k, w in value.items() if isinstance(w, bool) or not isinstance(w, (int, float))]
     if bad:
-        raise ValueError(f"preference: weight(s) for {sorted(map(str, bad))} must be numbers")
+        raise ValueError(f"weight(s) for {sorted(map(str, bad))} must be numbers")
+    outside = [k for k, w in value.items() if isinstance(w, int) and not 0 <= w <= 1]
+    if outside:  # also keeps integers too big for a float away from Preference
+        raise ValueError(f"weight(s) for {sorted(map(str, outside))} are outside [0, 1]; each weight is a share "
+                         "of the whole, and the six sum to 1")
     try:
         return Preference(value).as_dict()
-    except (PreferenceError, TypeError, ValueError) as e:
-        raise ValueError(f"preference: {e}") from None
+    except PreferenceError as e:
+        try:
+            Preference(value, normalize=True)
+        except PreferenceError:
+            raise ValueError(str(e)) from None
+    total = math.fsum(value.values())
+    raise ValueError(f"weights sum to {total:.4f}, not 1 (an objective left out counts as 0); scale them, "
+                     f"e.g. divide each by {total:.4g}")
+
+
+PREFERENCE_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "object", "description": "Weights in [0, 1] that sum to 1; an objective left out counts as 0.",
+     "properties": {o: {"type": "number", "minimum": 0, "maximum": 1} for o in OBJECTIVES},
+     "additionalProperties": False},
+    {"type": "string", "pattern": PROFILE_NAME, "description": "A profile id from GET /v1/models."},
+    {"type": "null"}]}
+PreferenceIn = Annotated[dict[str, float] | str | None, WithJsonSchema(PREFERENCE_SCHEMA)]
+"""The `preference` field of a request: its schema says what `_preference` checks (all but the sum)."""
+
+
+def _record_id(value: str) -> str:
+    if not re.match(RECORD_ID, value):
+        raise ValueError(f"{value[:80]!r} {NOT_A_RECORD_ID}")
+    return value
+
+
+def _printable(value: str) -> str:
+    if not re.match(PRINTABLE, value):
+        raise ValueError("contains control characters; use printable characters only")
+    return value
+
+
+RecordId = Annotated[str, AfterValidator(_record_id), WithJsonSchema({"type": "string", "pattern": RECORD_ID})]
+Printable = Annotated[str, AfterValidator(_printable)]
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -101,7 +147,7 @@ class AttuneOptions(BaseModel):
     """Operator keys only (benchmarks, diagnostics): pin the adapter, or serve one request without the gate.
     A patient-app key that sends this gets 403; patient traffic is always routed and gated."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     adapter: str | None = Field(default=None, min_length=1, max_length=128, description="'base' for the base "
                                 "model alone, or an adapter id from GET /v1/models; None routes by preference.")
@@ -110,7 +156,7 @@ class AttuneOptions(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"] = Field(description="Who wrote it ('developer' is read as system).")
     content: str = Field(description="The text (a list of text parts is joined).")
@@ -130,14 +176,16 @@ class ChatMessage(BaseModel):
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise ValueError("only text content parts are supported; send images or audio as text or not at all")
-            data["content"] = "".join(str(p.get("text", "")) for p in content)
+            if not all(isinstance(p.get("text", ""), str) for p in content):
+                raise ValueError("a text content part needs 'text' as a string: {'type': 'text', 'text': '...'}")
+            data["content"] = "".join(p.get("text", "") for p in content)
         return data
 
 
 class ChatCompletionRequest(BaseModel):
     """POST /v1/chat/completions. Limits come from `context={"limits": Limits}` (defaults otherwise)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(default="attune", description="Ignored for routing (the preference picks the adapter).")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest first.")
@@ -155,13 +203,13 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = Field(default=None, description="Only {type: text}.")
     modalities: list[str] | None = Field(default=None, description="Only ['text'].")
     tool_choice: Any = Field(default=None, description="Only 'none' (no tool calling).")
-    preference: dict[str, float] | str | None = Field(default=None, description="Attune: six weights summing "
-                                                      "to 1, or a profile name; None keeps the session's.")
-    session_id: str | None = Field(default=None, max_length=64, description="Attune: continue this session.")
+    preference: PreferenceIn = Field(default=None, description="Attune: six weights summing to 1, or a profile "
+                                     "name; None keeps the session's.")
+    session_id: RecordId | None = Field(default=None, description="Attune: continue this session.")
     attune_options: AttuneOptions | None = Field(default=None, description="Attune, operator keys only: pin the "
                                                  "adapter or turn the gate off for this request.")
-    ignored: dict[str, Any] = Field(default_factory=dict, exclude=True, description="Harmless OpenAI "
-                                    "parameters that were accepted without effect.")
+    ignored: SkipJsonSchema[dict[str, Any]] = Field(default_factory=dict, exclude=True, description="Harmless "
+                                                    "OpenAI parameters that were accepted without effect.")
 
     @model_validator(mode="before")
     @classmethod
@@ -215,6 +263,8 @@ class ChatCompletionRequest(BaseModel):
             if len(m.content) > limits.max_message_chars:
                 raise ValueError(f"message {i} has {len(m.content)} characters; shorten it to at most "
                                  f"{limits.max_message_chars}")
+            if "\x00" in m.content:
+                raise ValueError(f"message {i} contains a NUL character (\\u0000), which cannot be stored; remove it")
         if v[-1].role != "user":
             raise ValueError("the last message must have role 'user' (the message to answer)")
         return v
@@ -343,10 +393,10 @@ class ModelList(BaseModel):
 
 # ---------------------------------------------------------------- sessions and feedback
 class SessionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    preference: dict[str, float] | str | None = Field(default=None, description="Six weights or a profile "
-                                                      "name; None = the 'balanced' profile.")
+    preference: PreferenceIn = Field(default=None, description="Six weights or a profile name; None = the "
+                                     "'balanced' profile.")
     locale: str | None = Field(default=None, max_length=35, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$",
                                description="BCP 47 tag such as 'en' or 'en-GB'; picks the crisis resources.")
 
@@ -396,12 +446,12 @@ class MessageList(BaseModel):
 class FeedbackIn(BaseModel):
     """Either a thumb on one reply {message_id, rating} or a choice {chosen_message_id, rejected_message_id}."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    message_id: str | None = None
+    message_id: RecordId | None = Field(default=None, description="The reply a thumb rates.")
     rating: Literal["up", "down"] | None = None
-    chosen_message_id: str | None = None
-    rejected_message_id: str | None = None
+    chosen_message_id: RecordId | None = Field(default=None, description="The better of two replies.")
+    rejected_message_id: RecordId | None = Field(default=None, description="The worse of two replies.")
 
     @model_validator(mode="after")
     def _one_form(self) -> "FeedbackIn":
@@ -422,7 +472,69 @@ class FeedbackIn(BaseModel):
         return "rating" if self.rating is not None else "choice"
 
 
+class FeedbackOut(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    kind: Literal["rating", "choice"]
+    session_id: str
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
+
+
+# ---------------------------------------------------------------- operators and health
+class KeyCreate(BaseModel):
+    """POST /v1/admin/keys: a new key for a tenant (the tenant is created if new)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tenant: Printable = Field(min_length=1, max_length=64, description="Tenant id: 1-64 printable characters.",
+                              json_schema_extra={"pattern": PRINTABLE})
+    role: Role = Field(default="patient-app", description="'operator' keys may use /v1/admin and attune_options.")
+    label: Printable = Field(default="", max_length=64, json_schema_extra={"pattern": PRINTABLE},
+                             description="A note for the operator, e.g. which app holds the key.")
+
+
+class KeyCreated(BaseModel):
+    object: Literal["api_key"] = "api_key"
+    tenant: str
+    role: Role
+    key: str = Field(description="The secret, shown once; send it as 'Authorization: Bearer <key>'.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    engine: str = Field(description="'ok' or why the engine is not ready.")
+    scorer: str = Field(description="'ok' or why the scorer is not ready.")
+    database: str = Field(description="'ok' or why the database is not ready.")
+
+
+# ---------------------------------------------------------------- OpenAPI
+def request_schemas(models: Sequence[type[BaseModel]], limits: Limits) -> dict[str, dict[str, Any]]:
+    """The request bodies' JSON schemas as OpenAPI components (`#/components/schemas/<name>`), with the
+    served `limits` written into the chat request's schema so that clients and fuzzers see the real caps."""
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    defs = top.get("$defs", {})
+    chat = defs.get(ChatCompletionRequest.__name__, {}).get("properties", {})
+    for name, bound in (("messages", {"maxItems": limits.max_messages}),
+                        ("max_tokens", {"maximum": limits.max_tokens_cap}),
+                        ("max_completion_tokens", {"maximum": limits.max_tokens_cap})):
+        for branch in chat.get(name, {}).get("anyOf", [chat.get(name, {})]):
+            if branch.get("type") in ("array", "integer"):
+                branch.update(bound)
+    return defs
+
+
 # ---------------------------------------------------------------- errors
+TYPE_ERRORS = frozenset({"float_type", "int_type", "bool_type", "string_type", "list_type", "dict_type"})
+"""Pydantic's errors for a value of the wrong JSON type (request models are strict: "1" is not a number)."""
+JSON_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean", "list": "an array",
+              "dict": "an object", "NoneType": "null"}
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str = "invalid_request_error"
@@ -446,7 +558,15 @@ class ErrorResponse(BaseModel):
             loc = ".".join(str(p) for p in e["loc"])
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
-                msg = "unknown field; remove it (Attune takes OpenAI chat parameters plus preference and session_id)"
+                msg = "unknown field; remove it (the fields each endpoint takes are listed at /docs)"
+            elif e["type"] == "json_invalid":
+                msg = (f"the body could not be read as JSON ({e.get('ctx', {}).get('error', msg)}); send one JSON "
+                       "object, UTF-8 encoded")
+            elif not loc and e["type"] in ("model_type", "dict_type", "model_attributes_type"):
+                got = JSON_NAMES.get(type(e["input"]).__name__, "this")
+                msg = f"the body must be a JSON object, not {got}; the fields are listed at /docs"
+            elif e["type"] in TYPE_ERRORS:
+                msg = f"{msg}, not {JSON_NAMES.get(type(e['input']).__name__, 'this')} (values are not converted)"
             params.append(loc or None)
             lines.append(f"{loc}: {msg}" if loc else msg)
         return cls.of("; ".join(lines), param=params[0] if params else None, code="invalid_value")

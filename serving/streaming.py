@@ -4,6 +4,8 @@ Also the gate's setup: the safety threshold from config, or calibrated on the se
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
@@ -15,7 +17,10 @@ from serving.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, SSE
 from serving.safety import CrisisDetector, CrisisProtocol, GateDecision, SafetyGate, SentenceBuffer, normalise_locale
 
 if TYPE_CHECKING:
+    from serving.admission import Ticket
     from serving.chat import ChatService, Turn
+
+log = logging.getLogger("attune.streaming")
 
 
 @dataclass(frozen=True)
@@ -190,10 +195,12 @@ class GatedStream:
     then releases text sentence by sentence, each scored with everything released before it. A failing
     sentence is never sent: with nothing released yet the safety adapter regenerates (bounded), else the
     fallback text follows what was sent. The last chunk carries `attune`, then [DONE]. If the client goes
-    away, the engine request is aborted and what the patient saw is stored (gate "interrupted")."""
+    away, the engine request is aborted and what the patient saw is stored (gate "interrupted"). Any failure
+    after the first event ends the stream with an error event, then (once what was seen is stored) [DONE]. The
+    admission ticket is released when the stream ends, however it ends."""
 
-    def __init__(self, svc: "ChatService", turn: "Turn"):
-        self.svc, self.turn = svc, turn
+    def __init__(self, svc: "ChatService", turn: "Turn", ticket: "Ticket | None" = None):
+        self.svc, self.turn, self.ticket = svc, turn, ticket
         self.adapter, self.attempt, self.kind = turn.adapter_id, 0, "pass"
         self.released, self.scores, self.reasons = "", {}, []
         self.created = int(time.time())
@@ -294,11 +301,20 @@ class GatedStream:
                 yield self._chunk(usage=Usage(prompt_tokens=turn.prompt_tokens, completion_tokens=turn.completion_tokens,
                                               total_tokens=turn.prompt_tokens + turn.completion_tokens))
             yield SSE_DONE
-        except ApiError as e:
+        except Exception as e:
+            if not isinstance(e, ApiError):
+                log.error("stream %s failed: %s", turn.request_id, type(e).__name__)
+                e = ApiError(500, "internal error; retry, and tell the operator if it persists", type="server_error",
+                             code="internal_error")
             status = str(e.status)
             yield sse(e.body())
+            if self.released:  # stored before [DONE], so a client that then reads the session finds it
+                kept, self.released = svc.spawn(svc.store_partial(turn, self.released, self.adapter)), ""
+                await asyncio.wait([kept])
             yield SSE_DONE
         finally:
+            if self.ticket is not None:
+                self.ticket.release()
             if status != "200":
                 svc.metrics.requests.labels(turn.label, status, "true").inc()
                 if self._source is not None:

@@ -29,6 +29,8 @@ class Server:
     data_dir: Path
     adapters: dict[str, dict[str, float]]
     startup_seconds: float
+    settings: dict
+    """The ServeConfig settings the app was started with (a test that redeploys restores them)."""
 
     @property
     def v1(self) -> str:
@@ -98,9 +100,11 @@ def server(tmp_path_factory) -> Server:
     store, reward = _store(tmp, base), _reward(tmp)
     # The gate is exercised by injected faults; a threshold at the bottom of the scale keeps the text of
     # random adapters (which the reward model rightly scores low) from being replaced in the other tests.
+    # Admission is small (4 generating, 8 waiting) so that test_overload's burst of 60 is far beyond it.
     settings = {
         "store_dir": str(store), "reward_dir": str(reward), "data_dir": str(tmp / "data"), "safety_threshold": 1.0,
-        "limits": {"max_body_bytes": 16384, "max_tokens_cap": 64, "default_max_tokens": 24, "requests_per_minute": 20},
+        "limits": {"max_body_bytes": 16384, "max_tokens_cap": 64, "default_max_tokens": 24, "requests_per_minute": 20,
+                   "max_in_flight": 4, "max_queue": 8, "queue_timeout_s": 120},
         "engine": {"max_loras": 4, "max_lora_rank": 16, "max_model_len": 1024, "cpu_memory_fraction": 0.02},
     }
     started = time.perf_counter()
@@ -115,7 +119,7 @@ def server(tmp_path_factory) -> Server:
         adapters = {a.id: a.weights for a in AdapterStore(store).list() if a.recipe in ROUTABLE_RECIPES}
         assert set(next(iter(adapters.values()))) == set(OBJECTIVES)
         yield Server(url, (tmp / "data" / "api_key").read_text().strip(),
-                     (tmp / "data" / "operator_key").read_text().strip(), tmp / "data", adapters, seconds)
+                     (tmp / "data" / "operator_key").read_text().strip(), tmp / "data", adapters, seconds, settings)
     finally:
         app.stop_local()
         os.environ.pop(app.TEST_HOOKS_ENV, None)

@@ -5,16 +5,16 @@ injected into the scorer, every rejection (401/403/404/413/422/429), metrics per
 from __future__ import annotations
 
 import json
+import re
 import time
-import uuid
 
 import httpx
 import pytest
 
 from alignment.objectives import OBJECTIVES
 from serving.safety import FALLBACK_REPLY
+from tests.integration.api import FEELING, new_key, operator_status
 
-FEELING = [{"role": "user", "content": "I had a rough week at work and I feel completely drained."}]
 GATES = {"pass", "regenerated", "fallback", "crisis"}
 
 
@@ -37,14 +37,7 @@ def test_app_config_layers_file_settings_then_environment(tmp_path):
 def client(server, key: str | None = None):
     from openai import OpenAI
 
-    return OpenAI(base_url=server.v1, api_key=key or server.api_key, max_retries=0, timeout=120)
-
-
-def new_key(server, tenant: str | None = None) -> str:
-    r = httpx.post(f"{server.v1}/admin/keys", json={"tenant": tenant or f"t-{uuid.uuid4().hex[:8]}"},
-                   headers={"Authorization": f"Bearer {server.operator_key}"})
-    assert r.status_code == 201, r.text
-    return r.json()["key"]
+    return OpenAI(base_url=server.v1, api_key=key or server.api_key, max_retries=0, timeout=600)
 
 
 def faults(server, spec: dict, key: str | None = None) -> httpx.Response:
@@ -225,19 +218,28 @@ def test_session_erasure_and_feedback(server):
 
 @pytest.mark.integration
 def test_client_disconnect_aborts_the_generation(server):
+    """While the client is connected, the LLM replica and vLLM hold the request (64 tokens take seconds on a CPU);
+    once it leaves, the replica records the stream as cancelled before vLLM finished it, vLLM holds nothing, its
+    abort counter went up by one and the request is counted as a 499."""
     key = new_key(server)
+    aborts = operator_status(server)["engine"]["llm"]["stats"].get("aborts", 0)
     body = {"model": "attune", "max_tokens": 64, "temperature": 0, "stream": True,
             "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper, in many parts."}]}
     with httpx.stream("POST", f"{server.v1}/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {key}"}) as r:
-        first = next(line for line in r.iter_lines() if line)
-    request_id = json.loads(first.removeprefix("data: "))["id"] + "-0"
-    deadline, llm = time.monotonic() + 30, {}
+                      headers={"Authorization": f"Bearer {key}"}, timeout=600) as r:
+        lines = r.iter_lines()  # kept referenced: a dropped line iterator closes the connection
+        first = next(line for line in lines if line)
+        request_id = json.loads(first.removeprefix("data: "))["id"] + "-0"
+        live = operator_status(server)["engine"]["llm"]
+        assert request_id in live["in_flight"] and live["unfinished"] == 1, live
+    deadline, llm = time.monotonic() + 300, {}
     while time.monotonic() < deadline:
-        llm = httpx.get(f"{server.v1}/admin/status", headers={"Authorization": f"Bearer {server.operator_key}"}
-                        ).json()["engine"]["llm"]
-        if any(c["request_id"] == request_id for c in llm["cancelled"]) and llm["unfinished"] == 0:
+        llm = operator_status(server)["engine"]["llm"]
+        if any(c["request_id"] == request_id for c in llm["cancelled"]) and request_id not in llm["in_flight"]:
             break
-        time.sleep(0.5)
+        time.sleep(1)
     (cancelled,) = [c for c in llm["cancelled"] if c["request_id"] == request_id]
-    assert cancelled["completion_tokens"] < 64 and llm["unfinished"] == 0
+    assert cancelled["finish_reason"] == "abort" and cancelled["completion_tokens"] < 64, cancelled
+    assert llm["unfinished"] == 0 and llm["stats"]["aborts"] == aborts + 1
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(r'^attune_requests_total\{adapter="[^"]+",status="499",stream="true"\} [1-9]', metrics, re.M)

@@ -59,6 +59,10 @@ class ScriptedScorer:
     async def info(self) -> ScorerInfo:
         return ScorerInfo(crisis_threshold=0.5, safety_threshold=3.0, calibration={"method": "test"})
 
+    async def check_health(self) -> None:
+        if self.fail:
+            raise RuntimeError("scorer down")
+
 
 class SpyEngine(FakeEngine):
     """FakeEngine that records how many messages the database held when each generation began."""
@@ -167,7 +171,11 @@ async def test_engine_failure_is_503_and_keeps_the_patient_message(make):
     events = [json.loads(e.removeprefix("data: ")) async for e in await chat(svc, session_id=session.id, stream=True)
               if e != "data: [DONE]\n\n"]
     assert events[-1]["error"]["code"] == "engine_unavailable"
-    assert [m.role for m in svc.repo.list_messages(session.id)] == ["user", "user", "user"]
+    assert [m.role for m in svc.repo.list_messages(session.id)] == ["user"]  # each retry reused the stored message
+    svc.engine.fail_after_tokens = None
+    reply = await chat(svc, session_id=session.id)
+    assert [(m.role, m.content) for m in svc.repo.list_messages(session.id)] == [
+        ("user", "Work has been overwhelming lately."), ("assistant", reply.choices[0].message.content)]
 
 
 def _session_body(preference="warm"):

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serving.engine import AdapterCache, EngineError, FakeEngine, GenerationRequest, LLMEngine
+from serving.engine import AdapterCache, EngineError, FakeEngine, GenerationRequest, LLMEngine, fit_to_window
 
 MESSAGES = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "I feel low today."}]
 
@@ -189,3 +189,32 @@ async def test_vllm_engine_base_vs_lora_and_abort(tmp_path):
         assert engine.usage("gone").finish_reason == "abort"
     finally:
         engine.shutdown()
+
+
+def _words(messages: list[dict]) -> list[int]:
+    """A stand-in tokenizer: one token per word plus two per message."""
+    return [0] * sum(len(m["content"].split()) + 2 for m in messages)
+
+
+def test_fit_to_window_drops_the_oldest_turns_and_keeps_system_and_new_message():
+    system = {"role": "system", "content": "be kind"}
+    turns = [{"role": r, "content": f"{r} turn {i} " + "word " * 10} for i in range(3) for r in ("user", "assistant")]
+    new = {"role": "user", "content": "the new message"}
+    messages = [system, *turns, new]
+    assert len(fit_to_window(messages, _words, 10_000)) == len(_words(messages))  # fits: nothing dropped
+
+    seen: list[list[dict]] = []
+
+    def encode(ms):
+        seen.append(ms)
+        return _words(ms)
+
+    ids = fit_to_window(messages, encode, 50)
+    kept = seen[-1]
+    assert len(ids) <= 50 and kept[0] == system and kept[-1] == new
+    assert kept[1]["role"] == "user" and kept[1:-1] == turns[len(turns) - (len(kept) - 2):]  # a recent suffix
+    assert len(kept) < len(messages)
+    assert messages == [system, *turns, new]  # the caller's list is untouched
+
+    # Even the system prompt and the new message alone are over: they are returned whole (the engine then refuses).
+    assert len(fit_to_window(messages, _words, 3)) == len(_words([system, new]))

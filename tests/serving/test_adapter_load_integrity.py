@@ -1,0 +1,58 @@
+"""What the LLM replica's adapter loader refuses. `LLMServer` keeps one `AdapterStore` for its life and calls its
+`get` (through `serve.multiplexed`) whenever a replica first loads an adapter, so one store object must refuse,
+on the next load, a file changed after its checksum was recorded, a file added, and a folder the manifest does
+not list, each with a message that says what differs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+
+from adapters.integrity import IntegrityError
+from adapters.registry import AdapterStore, UnknownAdapter
+from alignment.objectives import OBJECTIVES
+
+
+def load(store: AdapterStore, adapter_id: str) -> str:
+    """As the replica loads: off the event loop, the verified folder as a string."""
+    return asyncio.run(asyncio.to_thread(lambda: str(store.get(adapter_id))))
+
+
+@pytest.fixture
+def store(tmp_path) -> AdapterStore:
+    """Two registered folders with the two files of a PEFT LoRA (the bytes need not be real weights here)."""
+    store = AdapterStore(tmp_path / "store")
+    for adapter_id in ("warm", "calm"):
+        folder = tmp_path / adapter_id
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+        (folder / "adapter_model.safetensors").write_bytes(adapter_id.encode() * 16)
+        store.add(folder, {"id": adapter_id, "recipe": "modpo", "weights": {o: 1 / 6 for o in OBJECTIVES},
+                           "base_model": "test", "data_hash": "sha256:test"})
+    return store
+
+
+def test_a_file_changed_after_its_checksum_was_recorded_is_refused_at_the_next_load(store):
+    assert load(store, "warm") == str(store.root / "warm")
+    weights = store.root / "warm" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")
+    with pytest.raises(IntegrityError, match=r"changed: adapter_model\.safetensors.*restore the files"):
+        load(store, "warm")
+    assert load(store, "calm") == str(store.root / "calm"), "one bad adapter does not block the others"
+
+
+def test_a_file_added_to_a_registered_folder_is_refused(store):
+    (store.root / "calm" / "extra_weights.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(IntegrityError, match=r"extra: extra_weights\.bin"):
+        load(store, "calm")
+
+
+def test_a_folder_the_manifest_does_not_list_is_refused_even_if_it_looks_like_an_adapter(store):
+    shutil.copytree(store.root / "warm", store.root / "smuggled")
+    with pytest.raises(UnknownAdapter, match=r"unknown adapter 'smuggled'; the store has \['calm', 'warm'\]"):
+        load(store, "smuggled")
+    with pytest.raises(UnknownAdapter):
+        load(store, "../store/warm")
