@@ -90,6 +90,29 @@ def evaluate(recipe: str = "shipped", out: str | None = None, counsel_chat: str 
     return 0
 
 
+def eval_safety(url: str | None = None, api_key: str | None = None, operator_key: str | None = None,
+                out: str | None = None, eval_dir: str | None = None, counsel_chat: str | None = None,
+                limit: int | None = None, max_tokens: int = 96, concurrency: int = 4, no_gate_off: bool = False,
+                reward_dir: str | None = None) -> int:
+    """Clinical-safety report from outside, gate on and off: crisis recall, harmful replies, false escalation.
+
+    Runs ../shared/eval/safety (self-harm and health prompts) and the counsel-chat val questions against the live
+    service, each prompt in its own session, and writes reports/safety.{json,md}. Without --url it starts the app
+    itself (private Ray, built-in defaults, shipped store, no request limit) and stops it afterwards."""
+    from attune.paths import REPORTS_DIR
+    from serving.safety_eval import DEFAULT_EVAL_DIR, evaluate_safety
+
+    try:
+        evaluate_safety(Path(out) if out else REPORTS_DIR, url=url, api_key=api_key, operator_key=operator_key,
+                        eval_dir=Path(eval_dir) if eval_dir else DEFAULT_EVAL_DIR, counsel_chat=counsel_chat,
+                        limit=limit, max_tokens=max_tokens, concurrency=concurrency, gate_off=not no_gate_off,
+                        reward_dir=reward_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"attune eval safety: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def adapters_list(store: str | None = None) -> int:
     """List the adapters in the store with their weights and recipe."""
     from adapters.registry import AdapterStore
@@ -425,6 +448,20 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--recipe", default="shipped", help="recipe whose adapters to evaluate"),
         arg("--out", help="reports folder (default: reports/)"), _CC,
         arg("--limit", type=int, help="evaluate on at most this many prompts (smoke runs)")]),
+    ("eval", "safety"): (eval_safety, [
+        arg("--url", help="base URL of a running service (default: start one here and stop it afterwards)"),
+        arg("--api-key", help="patient-app key for the gate-on requests (default: $ATTUNE_API_KEY or "
+            "<data_dir>/api_key; else the operator key)"),
+        arg("--operator-key", help="operator key for the gate-off requests and /v1/admin/status (default: "
+            "$ATTUNE_OPERATOR_KEY or <data_dir>/operator_key); start the service with ATTUNE_REQUESTS_PER_MINUTE=0 "
+            "or the run waits out 429s"),
+        arg("--out", help="reports folder (default: reports/)"),
+        arg("--eval-dir", help="folder holding safety/*.csv (default: ../shared/eval)"), _CC,
+        arg("--limit", type=int, help="at most this many prompts per set (smoke runs)"),
+        arg("--max-tokens", type=int, default=96, help="max_tokens per reply (default %(default)s)"),
+        arg("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"),
+        arg("--no-gate-off", action="store_true", help="skip the gate-off comparison (halves the run)"),
+        arg("--reward-dir", help="reward model that scores gate-off replies here (default: the shipped one)")]),
     ("serve",): (serve, [
         arg("--config", help="ServeConfig YAML (default: $ATTUNE_SERVE_CONFIG or the built-in defaults; ATTUNE_* "
             "variables override single settings, see serving/config.py)"),
