@@ -128,7 +128,8 @@ def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat
              limit: int | None = None, store_dir: Path | None = None, max_tokens: int = 64,
              prefer_vllm: bool = True) -> dict:
     from adapters.registry import AdapterStore
-    from alignment.reward import RewardModel, judge_agreement
+    from alignment.reward import RewardModel
+    from alignment.reward_training import judge_agreement
 
     recipe = load_recipe(recipe_name)
     out = Path(out or REPORTS_DIR)

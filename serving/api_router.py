@@ -1,8 +1,9 @@
 """The HTTP routes, kept thin: each admits the caller, reads the body, calls `ChatService` and writes the answer;
 every error is OpenAI's error shape. `create_app(service)` builds the FastAPI app that the ingress serves.
 
-Routes read their bodies themselves (size limit first, then the pydantic models of serving.protocol, so every
-rejection names the field and the fix); `openapi()` documents those bodies, the answers and the errors.
+Routes read their bodies themselves (size limit first, then the pydantic models of serving.protocol and
+serving.sessions_protocol, so every rejection names the field and the fix); `openapi()` documents those bodies,
+the answers and the errors.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from serving.chat import ApiError, ChatService, parse_model
-from serving.protocol import (NOT_A_RECORD_ID, RECORD_ID, ChatCompletionRequest, ChatCompletionResponse,
-                              ErrorResponse, FeedbackIn, FeedbackOut, Health, KeyCreate, KeyCreated, MessageList,
-                              ModelList, SessionCreate, SessionDeleted, SessionOut, request_schemas)
+from serving.fields import NOT_A_RECORD_ID, RECORD_ID
+from serving.protocol import (ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, Health, KeyCreate,
+                              KeyCreated, request_schemas)
+from serving.sessions_protocol import (FeedbackIn, FeedbackOut, MessageList, ModelList, SessionCreate, SessionDeleted,
+                                       SessionOut)
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -43,7 +46,7 @@ def doc(answer: type[BaseModel] | None, *errors: int, status: int = 200, body: t
         body_required: bool = True, public: bool = False, responses: dict | None = None) -> dict[str, Any]:
     """Route keywords for the OpenAPI document: the answer's model and status, the errors it may give (401 and
     429 for every keyed route) and, since routes read their bodies themselves, the body's schema (a model of
-    serving.protocol, registered by `openapi`, or a plain JSON schema)."""
+    serving.protocol or serving.sessions_protocol, registered by `openapi`, or a plain JSON schema)."""
     codes = sorted(set(errors) | (set() if public else {401, 429}))
     extra: dict[str, Any] = {} if public else {"security": [{BEARER: []}]}
     if body is not None:

@@ -1,4 +1,5 @@
-"""The HTTP API's wire shapes: OpenAI chat completions and models, plus Attune's sessions and feedback.
+"""The HTTP API's wire shapes: OpenAI chat completions, operator keys, health and errors (those of models,
+sessions and feedback are in serving.sessions_protocol, and re-exported here).
 
 Requests are validated here (limits included); a rejection's message says what to change. Request models are
 strict (a JSON value is never converted: "0.5" is not a number, 0 is not false), so the JSON schemas that
@@ -7,26 +8,29 @@ strict (a JSON value is never converted: "0.5" is not a number, 0 is not false),
 from __future__ import annotations
 
 import json
-import math
-import re
 import time
 import uuid
-from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema,
-                      field_validator, model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic.json_schema import SkipJsonSchema, models_json_schema
 
-from alignment.objectives import OBJECTIVES, Preference, PreferenceError
 from serving.config import Limits
 from serving.db import Role
+from serving.fields import (NOT_A_RECORD_ID, PRINTABLE, RECORD_ID, PreferenceIn, Printable, RecordId, Wire,
+                            check_preference, resolve_preference)
+from serving.sessions_protocol import (FeedbackIn, FeedbackOut, MessageList, MessageOut, ModelCard, ModelInfo,
+                                       ModelList, SessionCreate, SessionDeleted, SessionOut)
 
-PROFILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-RECORD_ID = r"^[A-Za-z0-9_-]{1,64}$"
-"""Session and message ids (the server issues UUIDs); anything else cannot name a record."""
-NOT_A_RECORD_ID = ("is not an id this service issues (1-64 letters, digits, '-' or '_'); use an id as the API "
-                   "returned it (POST /v1/sessions, a reply's attune.session_id, GET /v1/sessions/{id}/messages)")
-PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+__all__ = [
+    "BASE_ADAPTER", "IGNORED_OPENAI_PARAMS", "JSON_NAMES", "NOT_A_RECORD_ID", "ONLY_WHEN", "RECORD_ID", "SSE_DONE",
+    "TYPE_ERRORS", "UNSUPPORTED", "AttuneInfo", "AttuneOptions", "ChatCompletionChunk", "ChatCompletionRequest",
+    "ChatCompletionResponse", "ChatMessage", "Choice", "ChunkChoice", "DeltaMessage", "ErrorBody", "ErrorResponse",
+    "FeedbackIn", "FeedbackOut", "FinishReason", "Health", "KeyCreate", "KeyCreated", "MessageList", "MessageOut",
+    "ModelCard", "ModelInfo", "ModelList", "SessionCreate", "SessionDeleted", "SessionOut", "Usage",
+    "parse_chat_request", "request_schemas", "resolve_preference", "sse"]
+
 FinishReason = Literal["stop", "length", "content_filter"]
 
 IGNORED_OPENAI_PARAMS: tuple[str, ...] = (
@@ -57,85 +61,8 @@ ONLY_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
 """Parameters accepted only with the value that asks for nothing we cannot honour."""
 
 
-def _preference(value: Any) -> dict[str, float] | str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if not re.match(PROFILE_NAME, value):
-            raise ValueError(f"profile name {value!r} is not valid; use the id of a stored profile "
-                             "(see GET /v1/models) or give six weights")
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError(f"give a profile name or an object of weights over {list(OBJECTIVES)}")
-    bad = [k for k, w in value.items() if isinstance(w, bool) or not isinstance(w, (int, float))]
-    if bad:
-        raise ValueError(f"weight(s) for {sorted(map(str, bad))} must be numbers")
-    outside = [k for k, w in value.items() if isinstance(w, int) and not 0 <= w <= 1]
-    if outside:  # also keeps integers too big for a float away from Preference
-        raise ValueError(f"weight(s) for {sorted(map(str, outside))} are outside [0, 1]; each weight is a share "
-                         "of the whole, and the six sum to 1")
-    try:
-        return Preference(value).as_dict()
-    except PreferenceError as e:
-        try:
-            Preference(value, normalize=True)
-        except PreferenceError:
-            raise ValueError(str(e)) from None
-    total = math.fsum(value.values())
-    raise ValueError(f"weights sum to {total:.4f}, not 1 (an objective left out counts as 0); scale them, "
-                     f"e.g. divide each by {total:.4g}")
-
-
-PREFERENCE_SCHEMA: dict[str, Any] = {"anyOf": [
-    {"type": "object", "description": "Weights in [0, 1] that sum to 1; an objective left out counts as 0.",
-     "properties": {o: {"type": "number", "minimum": 0, "maximum": 1} for o in OBJECTIVES},
-     "additionalProperties": False},
-    {"type": "string", "pattern": PROFILE_NAME, "description": "A profile id from GET /v1/models."},
-    {"type": "null"}]}
-PreferenceIn = Annotated[dict[str, float] | str | None, WithJsonSchema(PREFERENCE_SCHEMA)]
-"""The `preference` field of a request: its schema says what `_preference` checks (all but the sum)."""
-
-
-def _record_id(value: str) -> str:
-    if not re.match(RECORD_ID, value):
-        raise ValueError(f"{value[:80]!r} {NOT_A_RECORD_ID}")
-    return value
-
-
-def _printable(value: str) -> str:
-    if not re.match(PRINTABLE, value):
-        raise ValueError("contains control characters; use printable characters only")
-    return value
-
-
-RecordId = Annotated[str, AfterValidator(_record_id), WithJsonSchema({"type": "string", "pattern": RECORD_ID})]
-Printable = Annotated[str, AfterValidator(_printable)]
-
-
 def _limits(info: ValidationInfo) -> Limits:
     return (info.context or {}).get("limits") or Limits()
-
-
-def resolve_preference(value: dict[str, float] | str | None,
-                       profiles: Mapping[str, Mapping[str, float]], default: str = "balanced") -> Preference:
-    """A validated `preference` field as a Preference: weights as given, or a named profile."""
-    name = default if value is None else value
-    if isinstance(name, str):
-        if name not in profiles:
-            raise PreferenceError(f"unknown profile {name!r}; known profiles: {sorted(profiles)}")
-        return Preference(profiles[name])
-    return Preference(name)
-
-
-class _Wire(BaseModel):
-    """Drops the fields named in `_omit_none` from the JSON when they are None (as OpenAI does)."""
-
-    _omit_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler):
-        data = handler(self)
-        return {k: v for k, v in data.items() if not (v is None and k in self._omit_none)}
 
 
 # ---------------------------------------------------------------- chat completions: request
@@ -226,7 +153,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("preference", mode="before")
     @classmethod
     def _pref(cls, v: Any) -> Any:
-        return _preference(v)
+        return check_preference(v)
 
     @field_validator("n")
     @classmethod
@@ -319,7 +246,7 @@ class Choice(BaseModel):
     finish_reason: FinishReason | None = "stop"
 
 
-class ChatCompletionResponse(_Wire):
+class ChatCompletionResponse(Wire):
     _omit_none = frozenset({"attune"})
 
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
@@ -331,7 +258,7 @@ class ChatCompletionResponse(_Wire):
     attune: AttuneInfo | None = None
 
 
-class DeltaMessage(_Wire):
+class DeltaMessage(Wire):
     _omit_none = frozenset({"role", "content"})
 
     role: Literal["assistant"] | None = None
@@ -345,7 +272,7 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(_Wire):
+class ChatCompletionChunk(Wire):
     """One SSE event; the last one with a choice carries finish_reason and `attune`."""
 
     _omit_none = frozenset({"attune", "usage"})
@@ -366,123 +293,6 @@ def sse(obj: BaseModel | Mapping[str, Any]) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
-
-
-# ---------------------------------------------------------------- models
-class ModelInfo(_Wire):
-    _omit_none = frozenset({"weights"})
-
-    kind: Literal["base", "adapter", "profile"]
-    weights: dict[str, float] | None = None
-
-
-class ModelCard(_Wire):
-    _omit_none = frozenset({"attune"})
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "attune"
-    attune: ModelInfo | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-# ---------------------------------------------------------------- sessions and feedback
-class SessionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    preference: PreferenceIn = Field(default=None, description="Six weights or a profile name; None = the "
-                                     "'balanced' profile.")
-    locale: str | None = Field(default=None, max_length=35, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$",
-                               description="BCP 47 tag such as 'en' or 'en-GB'; picks the crisis resources.")
-
-    @field_validator("preference", mode="before")
-    @classmethod
-    def _pref(cls, v: Any) -> Any:
-        return _preference(v)
-
-
-class SessionOut(BaseModel):
-    id: str
-    adapter: str | None
-    preference: dict[str, float]
-    flagged: bool
-    created: int
-
-    @classmethod
-    def from_row(cls, row: Any) -> "SessionOut":
-        """From a `serving.db.ChatSession`."""
-        return cls(id=row.id, adapter=row.adapter_id, preference=row.preference, flagged=row.flagged,
-                   created=int(row.created.timestamp()))
-
-
-class MessageOut(_Wire):
-    _omit_none = frozenset({"adapter", "scores", "gate"})
-
-    id: str
-    role: Literal["system", "user", "assistant"]
-    content: str
-    created: int
-    adapter: str | None = None
-    scores: dict[str, float] | None = None
-    gate: str | None = None
-
-    @classmethod
-    def from_row(cls, row: Any) -> "MessageOut":
-        """From a `serving.db.Message`."""
-        return cls(id=row.id, role=row.role, content=row.content, created=int(row.created.timestamp()),
-                   adapter=row.adapter_id, scores=row.scores, gate=row.gate)
-
-
-class MessageList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[MessageOut]
-
-
-class FeedbackIn(BaseModel):
-    """Either a thumb on one reply {message_id, rating} or a choice {chosen_message_id, rejected_message_id}."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    message_id: RecordId | None = Field(default=None, description="The reply a thumb rates.")
-    rating: Literal["up", "down"] | None = None
-    chosen_message_id: RecordId | None = Field(default=None, description="The better of two replies.")
-    rejected_message_id: RecordId | None = Field(default=None, description="The worse of two replies.")
-
-    @model_validator(mode="after")
-    def _one_form(self) -> "FeedbackIn":
-        thumb = self.message_id is not None or self.rating is not None
-        choice = self.chosen_message_id is not None or self.rejected_message_id is not None
-        if thumb == choice:
-            raise ValueError("give either {message_id, rating} or {chosen_message_id, rejected_message_id}")
-        if thumb and (self.message_id is None or self.rating is None):
-            raise ValueError("a thumb needs both message_id and rating ('up' or 'down')")
-        if choice and (self.chosen_message_id is None or self.rejected_message_id is None):
-            raise ValueError("a choice needs both chosen_message_id and rejected_message_id")
-        if choice and self.chosen_message_id == self.rejected_message_id:
-            raise ValueError("chosen_message_id and rejected_message_id must name two different replies")
-        return self
-
-    @property
-    def kind(self) -> Literal["rating", "choice"]:
-        return "rating" if self.rating is not None else "choice"
-
-
-class FeedbackOut(BaseModel):
-    id: str
-    object: Literal["feedback"] = "feedback"
-    kind: Literal["rating", "choice"]
-    session_id: str
-
-
-class SessionDeleted(BaseModel):
-    id: str
-    object: Literal["session.deleted"] = "session.deleted"
-    deleted: bool = True
 
 
 # ---------------------------------------------------------------- operators and health

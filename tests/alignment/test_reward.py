@@ -13,9 +13,10 @@ import torch
 
 from alignment.data import SeedExample
 from alignment.objectives import OBJECTIVES
-from alignment.reward import (
-    RewardConfig, RewardModel, TrainArgs, bradley_terry_loss, calibrate_threshold,
-    evaluate_reward_model, judge_agreement, resolve_encoder, train_reward_model,
+from alignment.reward import RewardConfig, RewardModel, resolve_encoder
+from alignment.reward_training import (
+    TrainArgs, bradley_terry_loss, calibrate_threshold, evaluate_reward_model, judge_agreement,
+    train_reward_model,
 )
 from attune.paths import DEFAULT_COUNSEL_CHAT, REWARD_DIR
 
@@ -201,11 +202,21 @@ def test_evaluate_reports_crisis_recall_and_fpr(trained):
     assert report["n_pairs"]["empathy"] == 3 * len(ex)
 
 
+def test_training_names_still_resolve_from_alignment_reward():
+    """attune.cli calls `reward.train_and_save`: the names moved to reward_training stay there."""
+    from alignment import reward, reward_training
+
+    for name in reward._MOVED_TO_TRAINING:
+        assert getattr(reward, name) is getattr(reward_training, name)
+    with pytest.raises(AttributeError):
+        reward.no_such_name
+
+
 def test_counsel_chat_negatives_exclude_risky_topics_and_words():
     if not DEFAULT_COUNSEL_CHAT.exists():
         pytest.skip(f"counsel-chat CSV not found at {DEFAULT_COUNSEL_CHAT}")
     from alignment.data import load_counsel_chat
-    from alignment.reward import RISKY_TOPICS, counsel_chat_crisis_negatives
+    from alignment.reward_training import RISKY_TOPICS, counsel_chat_crisis_negatives
 
     negatives = counsel_chat_crisis_negatives(DEFAULT_COUNSEL_CHAT)
     rows = load_counsel_chat(DEFAULT_COUNSEL_CHAT)
@@ -217,7 +228,7 @@ def test_counsel_chat_negatives_exclude_risky_topics_and_words():
 
 def test_shipped_reward_model_reaches_target_on_test_split():
     if not (REWARD_DIR / "config.json").exists():
-        pytest.skip(f"no shipped reward model in {REWARD_DIR} (train with `python -m alignment.reward`)")
+        pytest.skip(f"no shipped reward model in {REWARD_DIR} (train with `attune reward train`)")
     from alignment.data import load_seed, split_examples
 
     size = sum(p.stat().st_size for p in REWARD_DIR.iterdir())

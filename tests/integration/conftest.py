@@ -68,7 +68,8 @@ def _store(tmp: Path, base: Path) -> Path:
 
 
 def _reward(tmp: Path) -> Path:
-    from alignment.reward import RewardModel, RewardConfig, TrainArgs, train_reward_model
+    from alignment.reward import RewardModel, RewardConfig
+    from alignment.reward_training import TrainArgs, train_reward_model
     from attune.paths import REWARD_DIR
 
     try:

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from alignment.objectives import OBJECTIVES
 from serving.api_router import create_app
 from serving.config import Limits, ServeConfig
-from serving.protocol import (ChatCompletionRequest, ErrorResponse, FeedbackIn, KeyCreate, SessionCreate,
-                              parse_chat_request)
+from serving.protocol import ChatCompletionRequest, ErrorResponse, KeyCreate, parse_chat_request
+from serving.sessions_protocol import FeedbackIn, SessionCreate
 
 USER = [{"role": "user", "content": "I feel low."}]
 LIMITS = {"max_tokens_cap": 64, "default_max_tokens": 24, "max_messages": 7}

@@ -20,7 +20,7 @@ from serving.config import ServeConfig
 from serving.db import Repository
 from serving.engine import FakeEngine, GenerationRequest
 from serving.metrics import ServingMetrics
-from serving.protocol import FeedbackIn, SessionCreate
+from serving.sessions_protocol import FeedbackIn, SessionCreate
 from serving.router import PreferenceRouter
 from serving.safety import FALLBACK_REPLY
 from serving.streaming import ScorerInfo, calibrate_safety_threshold

@@ -157,7 +157,7 @@ def test_schema_compiles_for_postgresql():
 
 
 def test_rows_convert_to_api_shapes(repo):
-    from serving.protocol import MessageOut, SessionOut
+    from serving.sessions_protocol import MessageOut, SessionOut
 
     s = repo.create_session("clinic-a", PREF, adapter_id="warm")
     _, reply = chat(repo, s.id, [("user", "hello"), ("assistant", "hi")])

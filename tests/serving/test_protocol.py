@@ -10,10 +10,10 @@ from pydantic import ValidationError
 
 from alignment.objectives import OBJECTIVES, PreferenceError
 from serving.config import Limits
-from serving.protocol import (SSE_DONE, AttuneInfo, ChatCompletionChunk,
-                              ChatCompletionResponse, ChatMessage, ChunkChoice, Choice, DeltaMessage,
-                              ErrorResponse, FeedbackIn, ModelCard, ModelInfo, SessionCreate, Usage,
-                              parse_chat_request, resolve_preference, sse)
+from serving.fields import resolve_preference
+from serving.protocol import (SSE_DONE, AttuneInfo, ChatCompletionChunk, ChatCompletionResponse, ChatMessage,
+                              ChunkChoice, Choice, DeltaMessage, ErrorResponse, Usage, parse_chat_request, sse)
+from serving.sessions_protocol import FeedbackIn, ModelCard, ModelInfo, SessionCreate
 
 USER = [{"role": "user", "content": "I can't sleep before exams."}]
 BALANCED = {o: 1 / 6 for o in OBJECTIVES}

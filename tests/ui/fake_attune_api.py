@@ -1,5 +1,6 @@
 """A fake Attune API behind httpx.MockTransport for the UI's unit tests: it records every request and answers
-with the shapes serving/protocol.py defines (SSE framing as serving/streaming.py writes it)."""
+with the shapes serving/protocol.py and serving/sessions_protocol.py define (SSE framing as serving/streaming.py
+writes it)."""
 from __future__ import annotations
 
 import json
