@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from adapters.integrity import IntegrityError
+from adapters.registry import UnknownAdapter
 from serving.chat import RETRY_AFTER_S
 from serving.config import CONFIG_ENV, ENV_OVERRIDES, ConfigError, ServeConfig
-from serving.engine import EngineError, GenerationRequest, PromptTooLong, Usage
+from serving.engine import AdapterRefused, EngineError, GenerationRequest, PromptTooLong, Usage
 from serving.faults import DatabaseFaults, EngineFault, EngineFaults, FaultSpec, FaultsIn
 from serving.metrics import ServingMetrics
 from serving.streaming import ScorerInfo, calibrate_safety_threshold
@@ -153,7 +155,13 @@ class LLMServer:
             if req.adapter_id is not None:
                 if serve.get_multiplexed_model_id() != req.adapter_id:
                     raise ValueError("call with multiplexed_model_id equal to the adapter id")
-                req.adapter_path = await self.adapter_path(req.adapter_id)
+                try:
+                    req.adapter_path = await self.adapter_path(req.adapter_id)
+                except (IntegrityError, UnknownAdapter) as e:
+                    finished = True
+                    log.error("adapter %s refused at load: %s", req.adapter_id, e)
+                    yield {"error": {"kind": "adapter_refused", "adapter_id": req.adapter_id, "message": str(e)[:300]}}
+                    return
             stream = self.engine.stream(req)
             if self.engine_faults is not None:
                 stream = self.engine_faults.guard(stream)
@@ -323,8 +331,10 @@ class RemoteEngine:
                     yield item["text"]
                 elif "error" in item:
                     finished = True
-                    kind = PromptTooLong if item["error"]["kind"] == "prompt_too_long" else EngineError
-                    raise kind(item["error"]["message"])
+                    err = item["error"]
+                    if err["kind"] == "adapter_refused":
+                        raise AdapterRefused(err["adapter_id"], err["message"])
+                    raise (PromptTooLong if err["kind"] == "prompt_too_long" else EngineError)(err["message"])
                 else:
                     if item.get("usage"):
                         self._record(req.request_id, Usage(**item["usage"]))

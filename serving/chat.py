@@ -22,7 +22,7 @@ from serving.admission import AdmissionGate, Overloaded, Ticket
 from serving.auth import AuthError, KeyStore, Principal, RateLimited, RateLimiter
 from serving.config import ServeConfig
 from serving.db import ChatSession, RecordError, RecordNotFound, Repository
-from serving.engine import GenerationRequest, PromptTooLong, Usage
+from serving.engine import AdapterRefused, GenerationRequest, PromptTooLong, Usage
 from serving.metrics import NO_ADAPTER, ServingMetrics
 from serving.protocol import (BASE_ADAPTER, AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
                               Choice, ErrorResponse, FeedbackIn, MessageList, MessageOut, ModelCard, ModelInfo,
@@ -370,9 +370,19 @@ class ChatService:
         if isinstance(err, PromptTooLong):
             return ApiError(400, str(err), param="messages", code="context_length_exceeded")
         log.error("engine failed for %s: %s", turn.request_id, type(err).__name__)
-        self.spawn(_db(self.repo.add_audit, "engine_error", tenant_id=turn.principal.tenant_id,
-                       session_id=turn.session.id, detail={"request_id": turn.request_id,
-                                                           "error": type(err).__name__}))
+        refused = err.adapter_id if isinstance(err, AdapterRefused) else None
+        self.spawn(_db(self.repo.add_audit, "adapter_refused" if refused else "engine_error",
+                       tenant_id=turn.principal.tenant_id, session_id=turn.session.id,
+                       detail={"request_id": turn.request_id, "error": type(err).__name__, "adapter": refused}))
+        if refused is not None:
+            # A replica refused the adapter's files (changed after their checksums were recorded, or not in the
+            # manifest): withdraw it from routing, so that the retry re-routes the session to a verified adapter.
+            self.deps.router.quarantine(refused)
+            log.error("adapter %s withdrawn from routing: it failed its integrity check", refused)
+            return ApiError(503, f"the adapter for this session failed its integrity check and was withdrawn; your "
+                            f"message was saved in session {turn.session.id}: retry with that session_id after "
+                            f"{RETRY_AFTER_S} s and the nearest verified adapter answers", type="server_error",
+                            code="adapter_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
         return ApiError(503, f"the model failed to generate a reply; your message was saved in session "
                         f"{turn.session.id}: retry with that session_id after {RETRY_AFTER_S} s", type="server_error",
                         code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -431,7 +441,7 @@ class ChatService:
                     await _db(self.repo.add_message, session.id, m.role, m.content)
             return session, session.adapter_id
         session = await self._owned(principal, req.session_id)
-        known = await asyncio.to_thread(self.deps.store.ids)
+        known = set(await asyncio.to_thread(self.deps.store.ids)) - self.deps.router.quarantined
         pref = None if req.preference is None else await asyncio.to_thread(self._resolve, req.preference)
         if pref is not None and pref != Preference(session.preference):
             adapter = await asyncio.to_thread(self._route, pref)

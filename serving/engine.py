@@ -53,6 +53,15 @@ class EngineError(RuntimeError):
     """Generation failed inside the engine (not the request's fault)."""
 
 
+class AdapterRefused(EngineError):
+    """The LLM replica refused to load an adapter: its files fail their recorded checksums, or the manifest does
+    not list it. The ingress withdraws it from routing (`PreferenceRouter.quarantine`)."""
+
+    def __init__(self, adapter_id: str, message: str):
+        super().__init__(message)
+        self.adapter_id = adapter_id
+
+
 class PromptTooLong(ValueError):
     """The conversation plus max_tokens does not fit the engine's context window."""
 
@@ -275,7 +284,8 @@ class FakeEngine:
 
     A token is a word. `token_delay` seconds pass before each; `fail_after_tokens=N` raises EngineError
     after N tokens of every request; `fail_health` makes check_health raise. `replies` maps an adapter
-    id (None for the base model) to a fixed reply. Aborted ids are recorded in `aborted`.
+    id (None for the base model) to a fixed reply. Aborted ids are recorded in `aborted`. An adapter in
+    `refused_adapters` fails to load as a tampered one does on a replica (AdapterRefused).
     """
 
     max_loras: int = 8
@@ -285,6 +295,7 @@ class FakeEngine:
     replies: dict[str | None, str] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
     requests: list[GenerationRequest] = field(default_factory=list)
+    refused_adapters: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         self.adapter_cache = AdapterCache(self.max_loras)
@@ -301,6 +312,8 @@ class FakeEngine:
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str]:
         self.requests.append(req)
+        if req.adapter_id in self.refused_adapters:
+            raise AdapterRefused(req.adapter_id, f"adapter {req.adapter_id!r}: a file changed after its checksum")
         if req.adapter_id is not None:
             self.adapter_cache.touch(req.adapter_id)
         full = self.reply_for(req).split(" ")

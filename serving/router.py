@@ -140,9 +140,17 @@ class PreferenceRouter:
         self._locks_guard = threading.Lock()
         self.merges_built = 0
         self.merge_seconds: list[float] = []
+        self.quarantined: set[str] = set()
+        """Adapters an LLM replica refused to load (integrity): never routed to again by this router."""
+
+    def quarantine(self, adapter_id: str) -> None:
+        self.quarantined.add(adapter_id)
+
+    def _entries(self) -> list[AdapterManifest]:
+        return [a for a in self.store.list() if a.id not in self.quarantined]
 
     def routable(self) -> list[AdapterManifest]:
-        return [a for a in self.store.list() if a.recipe in ROUTABLE_RECIPES]
+        return [a for a in self._entries() if a.recipe in ROUTABLE_RECIPES]
 
     def safety_adapter_id(self) -> str:
         """The routable adapter with the highest safety weight (ties: smallest id)."""
@@ -154,7 +162,7 @@ class PreferenceRouter:
 
     def route(self, pref: Preference) -> RouteDecision:
         effective = pref.with_safety_floor(self.safety_floor)
-        entries = self.store.list()
+        entries = self._entries()
         best, distance = nearest_adapter(effective, entries, self.safety_floor)
         if not self.merge_policy or distance <= self.merge_threshold:
             return RouteDecision(best.id, distance, best.recipe == "merge", effective)

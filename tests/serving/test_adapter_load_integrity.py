@@ -56,3 +56,50 @@ def test_a_folder_the_manifest_does_not_list_is_refused_even_if_it_looks_like_an
         load(store, "smuggled")
     with pytest.raises(UnknownAdapter):
         load(store, "../store/warm")
+
+
+def test_the_ingress_reads_a_replica_refusal_as_adapter_refused():
+    """The replica ends the stream with {"error": {"kind": "adapter_refused", ...}}; the ingress's RemoteEngine turns
+    it into AdapterRefused naming the adapter, which the chat service withdraws from routing."""
+    from serving.app import RemoteEngine
+    from serving.engine import AdapterRefused, GenerationRequest
+    from serving.metrics import ServingMetrics
+
+    class Gen:
+        def __init__(self, items):
+            self.items = items
+
+        def __aiter__(self):
+            return self._iter()
+
+        async def _iter(self):
+            for item in self.items:
+                yield item
+
+        def cancel(self):
+            pass
+
+    class Handle:
+        def options(self, **kw):
+            assert kw["multiplexed_model_id"] == "warm"
+            return self
+
+        @property
+        def generate(self):
+            return self
+
+        def remote(self, request):
+            return Gen([{"error": {"kind": "adapter_refused", "adapter_id": "warm",
+                                   "message": "adapter 'warm': adapter_model.safetensors changed"}}])
+
+    engine = RemoteEngine(Handle(), ServingMetrics())
+
+    async def drain():
+        req = GenerationRequest(request_id="r1", adapter_id="warm", adapter_path="/store/warm",
+                                messages=[{"role": "user", "content": "hi"}],
+                                max_tokens=4)
+        return [t async for t in engine.stream(req)]
+
+    with pytest.raises(AdapterRefused) as e:
+        asyncio.run(drain())
+    assert e.value.adapter_id == "warm" and "changed" in str(e.value)

@@ -456,3 +456,27 @@ async def test_operator_gate_off_skips_crisis_check_and_scoring(make, stream):
     assert scorer.scored == [] and svc.repo.list_messages(info["session_id"])[-1].gate == "off"
     r = await chat(svc, "alice", preference=WARM, messages=[{"role": "user", "content": "I want to end my life."}])
     assert r.attune.crisis and r.attune.gate == "crisis" and "UNSAFE" not in r.choices[0].message.content
+
+
+@pytest.mark.asyncio
+async def test_an_adapter_refused_at_load_is_withdrawn_and_the_retry_is_answered_by_a_verified_one(make):
+    """A replica refuses a tampered adapter: that turn is a retryable 503 (the message kept), the adapter leaves
+    routing, and the session's retry, and new sessions that would have gone to it, get the nearest other one."""
+    svc = make()
+    svc.engine.refused_adapters.add("warm")
+    session = await svc.create_session(await svc.admit(svc.test_keys["alice"]), _session_body())
+    assert session.adapter == "warm"
+    with pytest.raises(ApiError) as e:
+        await chat(svc, session_id=session.id)
+    assert e.value.status == 503 and e.value.headers["Retry-After"] == "5"
+    assert e.value.error.error.code == "adapter_unavailable" and session.id in e.value.error.error.message
+    await settle(svc)
+    assert svc.repo.count_audit("adapter_refused") == 1 and svc.deps.router.quarantined == {"warm"}
+
+    reply = await chat(svc, session_id=session.id)
+    assert reply.attune.adapter not in (None, "warm")
+    assert svc.repo.get_session("alice", session.id).adapter_id == reply.attune.adapter
+    assert [m.role for m in svc.repo.list_messages(session.id)] == ["user", "assistant"]  # the message, once
+    fresh = await chat(svc, preference=WARM)
+    assert fresh.attune.adapter == reply.attune.adapter
+    assert {r.adapter_id for r in svc.engine.requests} == {"warm", reply.attune.adapter}

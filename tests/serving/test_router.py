@@ -178,3 +178,14 @@ def test_router_config_errors(tmp_path, store):
         empty.route(FAR)
     with pytest.raises(NoRoutableAdapter, match="crisis"):
         empty.safety_adapter_id()
+
+
+def test_quarantined_adapters_are_never_routed_to(store):
+    router = PreferenceRouter(store, safety_floor=0.15)
+    pref = Preference(EMPATHY)
+    first = router.route(pref).adapter_id
+    router.quarantine(first)
+    second = router.route(pref).adapter_id
+    assert second != first and first not in {a.id for a in router.routable()}
+    router.quarantine("safety-first")
+    assert router.safety_adapter_id() != "safety-first"
