@@ -1,6 +1,6 @@
-"""The chat logic behind the API (vLLM's `serving.py` role): keys and limits, sessions, routing, the crisis
-protocol and the output gate around generation. Knows nothing about HTTP frameworks or Ray: the engine and
-the scorer are clients behind small protocols, and every rejection is an `ApiError` in OpenAI's shape.
+"""The chat logic behind the API (vLLM's `serving.py` role): keys and limits, the crisis protocol and the output
+gate around generation, with sessions and their routing in serving.sessions. Knows nothing about HTTP frameworks or
+Ray: the engine and the scorer are clients behind small protocols, and every rejection is an OpenAI-shaped `ApiError`.
 """
 from __future__ import annotations
 
@@ -9,57 +9,37 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import exc as sa_exc
 
-from adapters.matching import NoRoutableAdapter
 from adapters.registry import AdapterStore
-from alignment.objectives import Preference, PreferenceError
+from alignment.objectives import Preference
 from alignment.prompts import SYSTEM_PROMPT
 from serving.admission import AdmissionGate, Overloaded, Ticket
 from serving.auth import AuthError, KeyStore, Principal, RateLimited, RateLimiter
 from serving.config import ServeConfig
-from serving.db import ChatSession, RecordError, RecordNotFound, Repository
+from serving.db import ChatSession, Repository
 from serving.engine import AdapterRefused, GenerationRequest, PromptTooLong, Usage
+from serving.errors import RETRY_AFTER_S, ApiError, db_call
 from serving.metrics import NO_ADAPTER, ServingMetrics
-from serving.protocol import (BASE_ADAPTER, AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
-                              Choice, ErrorResponse, FeedbackIn, MessageList, MessageOut, ModelCard, ModelInfo,
-                              ModelList, SessionCreate, SessionOut, Usage as WireUsage, parse_chat_request,
-                              resolve_preference)
+from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
+                              FeedbackIn, MessageList, ModelCard, ModelInfo, ModelList, SessionCreate, SessionOut,
+                              Usage as WireUsage, parse_chat_request)
 from serving.router import PreferenceRouter
+from serving.sessions import Sessions
 from serving.streaming import GatedStream, GateSetup, Gated, ScorerInfo, gate_reply
 
-__all__ = ["ApiError", "ChatDeps", "ChatService", "EngineClient", "ScorerInfo", "ScoringClient", "Turn"]
+__all__ = ["RETRY_AFTER_S", "ApiError", "ChatDeps", "ChatService", "EngineClient", "ScorerInfo", "ScoringClient",
+           "Turn", "parse_model"]
 
 log = logging.getLogger("attune.chat")
 CHARS_PER_TOKEN = 3
 """Conservative characters per token for trimming history without a tokenizer (the engine checks exactly)."""
 MAX_HISTORY = 40
-RETRY_AFTER_S = 5
 HEALTH_TIMEOUT_S = 5.0
 SCORER_TIMEOUT_S = 15.0
 """A scorer call that takes longer counts as failed: the gate fails closed, the crisis rules decide alone."""
-
-
-class ApiError(Exception):
-    """A rejection with an HTTP status and an OpenAI-shaped body whose message says what to change."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, dict(headers or {})
-        self.error = ErrorResponse.of(message, type=type, param=param, code=code)
-
-    @classmethod
-    def from_validation(cls, err: ValidationError) -> "ApiError":
-        e = cls(422, "invalid request")
-        e.error = ErrorResponse.from_validation(err)
-        return e
-
-    def body(self) -> dict[str, Any]:
-        return self.error.model_dump()
 
 
 class EngineClient(Protocol):
@@ -128,17 +108,6 @@ class Turn:
         return self.adapter_id or NO_ADAPTER
 
 
-async def _db(fn: Callable, *args, **kwargs):
-    """A Repository call in a worker thread; a database that cannot be reached (or is locked or full) is a 503."""
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except (sa_exc.OperationalError, sa_exc.TimeoutError) as e:
-        log.error("database call %s failed: %s", getattr(fn, "__name__", "?"), type(getattr(e, "orig", e)).__name__)
-        raise ApiError(503, f"the database is unavailable, so the request was not completed; retry after "
-                       f"{RETRY_AFTER_S} s (a message already saved is not saved twice)", type="server_error",
-                       code="database_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-
-
 class ChatService:
     """Serves the OpenAI-compatible chat API and Attune's sessions for one ingress replica."""
 
@@ -146,6 +115,7 @@ class ChatService:
         self.config, self.deps = config, deps
         self.repo, self.engine, self.scorer = deps.repo, deps.engine, deps.scorer
         self.metrics = deps.metrics
+        self.sessions = Sessions(config, deps)
         self.keys = deps.keys or KeyStore(deps.repo)
         # `is None`, not `or`: a RateLimiter with no buckets yet has len() 0 and would be falsy.
         self.limiter = deps.limiter if deps.limiter is not None else RateLimiter(config.limits.requests_per_minute)
@@ -189,7 +159,7 @@ class ChatService:
             await self.scorer.check_health()
 
         parts = dict(await asyncio.gather(check("engine", self.engine.check_health()), check("scorer", scorer()),
-                                          check("database", _db(self.repo.ping))))
+                                          check("database", db_call(self.repo.ping))))
         return all(v == "ok" for v in parts.values()), parts
 
     def spawn(self, coro) -> asyncio.Task:
@@ -215,7 +185,7 @@ class ChatService:
     # ------------------------------------------------------------ keys and limits
     async def admit(self, authorization: str | None, *, operator: bool = False) -> Principal:
         try:
-            principal = await _db(self.keys.authenticate, authorization)
+            principal = await db_call(self.keys.authenticate, authorization)
         except AuthError as e:
             raise ApiError(401, str(e), type="authentication_error", code="invalid_api_key") from None
         if operator and not principal.is_operator:
@@ -271,15 +241,15 @@ class ChatService:
         gating = await self.ensure_started()
         options = req.attune_options
         pin = options is not None and options.adapter is not None
-        pinned = await self._pinned(options.adapter) if pin else None
-        session, adapter_id = await self._session_for(principal, req)
+        pinned = await self.sessions.pinned(options.adapter) if pin else None
+        session, adapter_id = await self.sessions.session_for(principal, req)
         if pin:
             adapter_id = pinned
         text = req.messages[-1].content
-        history = await _db(self.repo.list_messages, session.id, MAX_HISTORY + 1)
+        history = await db_call(self.repo.list_messages, session.id, MAX_HISTORY + 1)
         last = history[-1] if history else None
         if req.session_id is None or last is None or (last.role, last.content) != ("user", text):
-            history = [*history, await _db(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
+            history = [*history, await db_call(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
         messages = self._engine_messages([{"role": m.role, "content": m.content} for m in history],
                                          req.max_tokens)
         turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
@@ -300,8 +270,8 @@ class ChatService:
             detector = "both" if assessment.by_rules and assessment.by_model else (
                 "rules" if assessment.by_rules else "model")
             self.metrics.crisis.labels(detector).inc()
-            await _db(self.repo.flag_session, session.id)
-            await _db(self.repo.add_audit, "crisis_protocol", tenant_id=principal.tenant_id, session_id=session.id,
+            await db_call(self.repo.flag_session, session.id)
+            await db_call(self.repo.add_audit, "crisis_protocol", tenant_id=principal.tenant_id, session_id=session.id,
                       detail={"request_id": turn.request_id, "rules": assessment.by_rules,
                               "by_model": assessment.by_model, "prob": assessment.prob,
                               "adapter": turn.adapter_id, "locale": turn.locale})
@@ -347,10 +317,10 @@ class ChatService:
     async def finish(self, turn: Turn, gated: Gated, *, stream: bool) -> AttuneInfo:
         """Store the reply as the patient saw it, record the gate and the request; the `attune` extension."""
         kind = "crisis" if turn.crisis else gated.kind
-        await _db(self.repo.add_message, turn.session.id, "assistant", gated.text, adapter_id=gated.adapter_id,
+        await db_call(self.repo.add_message, turn.session.id, "assistant", gated.text, adapter_id=gated.adapter_id,
                   scores=gated.scores or None, gate=kind)
         if gated.kind in ("regenerated", "fallback"):
-            await _db(self.repo.add_audit, f"gate_{gated.kind}", tenant_id=turn.principal.tenant_id,
+            await db_call(self.repo.add_audit, f"gate_{gated.kind}", tenant_id=turn.principal.tenant_id,
                       session_id=turn.session.id, detail={"request_id": turn.request_id, "attempts": gated.attempts,
                                                           "reasons": gated.reasons[:5], "crisis": turn.crisis})
         self.metrics.observe_gate(kind)
@@ -361,7 +331,7 @@ class ChatService:
 
     async def store_partial(self, turn: Turn, text: str, adapter_id: str | None) -> None:
         """What a patient saw of a stream that did not finish (client gone, engine failed)."""
-        await _db(self.repo.add_message, turn.session.id, "assistant", text, adapter_id=adapter_id,
+        await db_call(self.repo.add_message, turn.session.id, "assistant", text, adapter_id=adapter_id,
                   gate="interrupted")
 
     def engine_failed(self, turn: Turn, err: Exception) -> ApiError:
@@ -371,7 +341,7 @@ class ChatService:
             return ApiError(400, str(err), param="messages", code="context_length_exceeded")
         log.error("engine failed for %s: %s", turn.request_id, type(err).__name__)
         refused = err.adapter_id if isinstance(err, AdapterRefused) else None
-        self.spawn(_db(self.repo.add_audit, "adapter_refused" if refused else "engine_error",
+        self.spawn(db_call(self.repo.add_audit, "adapter_refused" if refused else "engine_error",
                        tenant_id=turn.principal.tenant_id, session_id=turn.session.id,
                        detail={"request_id": turn.request_id, "error": type(err).__name__, "adapter": refused}))
         if refused is not None:
@@ -387,120 +357,27 @@ class ChatService:
                         f"{turn.session.id}: retry with that session_id after {RETRY_AFTER_S} s", type="server_error",
                         code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    # ------------------------------------------------------------ routing and sessions
-    def _profiles(self) -> dict[str, dict[str, float]]:
-        return self.deps.store.manifest().profiles
-
-    def _resolve(self, value) -> Preference:
-        try:
-            return resolve_preference(value, self._profiles())
-        except PreferenceError as e:
-            raise ApiError(422, f"preference: {e}", param="preference", code="invalid_value") from None
-
-    def _route(self, pref: Preference) -> str | None:
-        """Adapter id for `pref` (None: no routable adapter, the base model answers)."""
-        try:
-            decision = self.deps.router.route(pref)
-        except NoRoutableAdapter:
-            return None
-        self.metrics.observe_merge(decision.merge_seconds)
-        return decision.adapter_id
-
-    async def _pinned(self, adapter: str) -> str | None:
-        """The adapter id an operator's attune_options.adapter names; None for the base model."""
-        if adapter == BASE_ADAPTER:
-            return None
-        known = await asyncio.to_thread(self.deps.store.ids)
-        if adapter not in known:
-            raise ApiError(422, f"attune_options.adapter: no adapter {adapter!r}; use {BASE_ADAPTER!r} or one of "
-                           f"{sorted(known)}", param="attune_options.adapter", code="invalid_value")
-        return adapter
-
+    # ------------------------------------------------------------ sessions (serving.sessions)
     async def safety_adapter(self) -> str | None:
-        """The most safety-weighted routable adapter (None: the base model)."""
-        try:
-            return await asyncio.to_thread(self.deps.router.safety_adapter_id)
-        except NoRoutableAdapter:
-            return None
-
-    async def _owned(self, principal: Principal, session_id: str) -> ChatSession:
-        session = await _db(self.repo.get_session, principal.tenant_id, session_id)
-        if session is None:
-            raise ApiError(404, f"no session {session_id!r} for this key; create one with POST /v1/sessions or "
-                           "leave session_id out", param="session_id", code="session_not_found")
-        return session
-
-    async def _session_for(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, str | None]:
-        """The request's session (created if absent) and its adapter, re-routed only when the preference changes.
-        A new session imports the request's earlier user/assistant turns; an existing one keeps its stored history.
-        Client system messages are never used: Attune's system prompt is fixed."""
-        if req.session_id is None:
-            session = await self._create_session(principal, req.preference, None)
-            for m in req.messages[:-1]:
-                if m.role in ("user", "assistant"):
-                    await _db(self.repo.add_message, session.id, m.role, m.content)
-            return session, session.adapter_id
-        session = await self._owned(principal, req.session_id)
-        known = set(await asyncio.to_thread(self.deps.store.ids)) - self.deps.router.quarantined
-        pref = None if req.preference is None else await asyncio.to_thread(self._resolve, req.preference)
-        if pref is not None and pref != Preference(session.preference):
-            adapter = await asyncio.to_thread(self._route, pref)
-            session = await _db(self.repo.update_session, principal.tenant_id, session.id,
-                                preference=pref.as_dict(), adapter_id=adapter) or session
-            return session, adapter
-        if session.adapter_id is None or session.adapter_id not in known:
-            adapter = await asyncio.to_thread(self._route, Preference(session.preference))
-            if adapter is not None:
-                await _db(self.repo.update_session, principal.tenant_id, session.id, adapter_id=adapter)
-            return session, adapter
-        return session, session.adapter_id
-
-    async def _create_session(self, principal: Principal, preference, locale: str | None) -> ChatSession:
-        pref = await asyncio.to_thread(self._resolve, preference)
-        adapter = await asyncio.to_thread(self._route, pref)
-        return await _db(self.repo.create_session, principal.tenant_id, pref.as_dict(), adapter,
-                         locale or self.config.default_locale)
+        return await self.sessions.safety_adapter()
 
     async def create_session(self, principal: Principal, body: SessionCreate) -> SessionOut:
-        return SessionOut.from_row(await self._create_session(principal, body.preference, body.locale))
+        return await self.sessions.create(principal, body)
 
     async def get_session(self, principal: Principal, session_id: str) -> SessionOut:
-        return SessionOut.from_row(await self._owned(principal, session_id))
+        return await self.sessions.get(principal, session_id)
 
     async def update_session(self, principal: Principal, session_id: str, body: SessionCreate) -> SessionOut:
-        """Change a session's preference (and so its adapter); the locale is fixed at creation."""
-        session = await self._owned(principal, session_id)
-        if body.locale is not None:
-            raise ApiError(422, "locale is fixed when a session is created; create a new session for another locale",
-                           param="locale", code="invalid_value")
-        if body.preference is not None:
-            pref = await asyncio.to_thread(self._resolve, body.preference)
-            if pref != Preference(session.preference):
-                adapter = await asyncio.to_thread(self._route, pref)
-                session = await _db(self.repo.update_session, principal.tenant_id, session_id,
-                                    preference=pref.as_dict(), adapter_id=adapter) or session
-        return SessionOut.from_row(session)
+        return await self.sessions.update(principal, session_id, body)
 
     async def messages(self, principal: Principal, session_id: str) -> MessageList:
-        await self._owned(principal, session_id)
-        rows = await _db(self.repo.list_messages, session_id)
-        return MessageList(data=[MessageOut.from_row(r) for r in rows])
+        return await self.sessions.messages(principal, session_id)
 
     async def delete_session(self, principal: Principal, session_id: str) -> dict:
-        if not await _db(self.repo.delete_session, principal.tenant_id, session_id):
-            await self._owned(principal, session_id)
-        return {"id": session_id, "object": "session.deleted", "deleted": True}
+        return await self.sessions.delete(principal, session_id)
 
     async def feedback(self, principal: Principal, session_id: str, body: FeedbackIn) -> dict:
-        await self._owned(principal, session_id)
-        try:
-            row = await _db(self.repo.add_feedback, session_id, message_id=body.message_id, rating=body.rating,
-                            chosen_message_id=body.chosen_message_id, rejected_message_id=body.rejected_message_id)
-        except RecordNotFound as e:
-            raise ApiError(404, str(e), param="message_id", code="message_not_found") from None
-        except RecordError as e:
-            raise ApiError(422, str(e), param="message_id", code="invalid_value") from None
-        return {"id": row.id, "object": "feedback", "kind": body.kind, "session_id": session_id}
+        return await self.sessions.feedback(principal, session_id, body)
 
     # ------------------------------------------------------------ models and operators
     async def models(self) -> ModelList:
@@ -526,7 +403,7 @@ class ChatService:
                          "calibration": gating.calibration, "crisis_threshold": gating.detector.threshold,
                          "max_regenerations": gating.gate.max_regenerations,
                          "decisions": dict(self.metrics.gate_counts)},
-                "crisis_sessions": await _db(self.repo.count_sessions, None, True),
+                "crisis_sessions": await db_call(self.repo.count_sessions, None, True),
                 "merges_built": self.deps.router.merges_built}
 
     async def create_key(self, body: dict) -> dict:
@@ -534,7 +411,7 @@ class ChatService:
         if not isinstance(tenant, str) or not 1 <= len(tenant) <= 64:
             raise ApiError(422, "tenant: give the tenant id as a string of 1-64 characters", param="tenant")
         try:
-            key = await _db(self.keys.create_key, tenant, role, str(body.get("label", ""))[:64])
+            key = await db_call(self.keys.create_key, tenant, role, str(body.get("label", ""))[:64])
         except ValueError as e:
             raise ApiError(422, f"role: {e}", param="role") from None
         return {"object": "api_key", "tenant": tenant, "role": role, "key": key}

@@ -61,7 +61,7 @@ def test_a_folder_the_manifest_does_not_list_is_refused_even_if_it_looks_like_an
 def test_the_ingress_reads_a_replica_refusal_as_adapter_refused():
     """The replica ends the stream with {"error": {"kind": "adapter_refused", ...}}; the ingress's RemoteEngine turns
     it into AdapterRefused naming the adapter, which the chat service withdraws from routing."""
-    from serving.app import RemoteEngine
+    from serving.remote import RemoteEngine
     from serving.engine import AdapterRefused, GenerationRequest
     from serving.metrics import ServingMetrics
 

@@ -1,0 +1,108 @@
+"""The ingress's clients of the other deployments: `RemoteEngine` streams from the LLM deployment and
+`RemoteScorer` calls the scorer deployment, behind the protocols the chat logic expects (serving.chat).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict
+from typing import Any, AsyncIterator
+
+from ray.serve.handle import DeploymentHandle
+
+from serving.engine import AdapterRefused, EngineError, GenerationRequest, PromptTooLong, Usage
+from serving.metrics import ServingMetrics
+from serving.streaming import ScorerInfo
+
+
+class RemoteEngine:
+    """EngineClient over the LLM deployment: streams with multiplexed_model_id = adapter id; closing a stream
+    early cancels the replica's generator, which aborts the vLLM request."""
+
+    def __init__(self, handle: DeploymentHandle, metrics: ServingMetrics):
+        self.handle, self.metrics = handle, metrics
+        self._usage: OrderedDict[str, Usage] = OrderedDict()
+        self._live: dict[str, Any] = {}
+        self.replicas: dict[str, list[str]] = {}
+        """LLM replica id -> adapters in its LoRA cache after its last generation (a status call reaches one)."""
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[str]:
+        options = {"stream": True}
+        if req.adapter_id is not None:
+            options["multiplexed_model_id"] = req.adapter_id
+        gen = self.handle.options(**options).generate.remote(asdict(req))
+        self._live[req.request_id], finished = gen, False
+        try:
+            async for item in gen:
+                if "text" in item:
+                    yield item["text"]
+                elif "error" in item:
+                    finished = True
+                    err = item["error"]
+                    if err["kind"] == "adapter_refused":
+                        raise AdapterRefused(err["adapter_id"], err["message"])
+                    raise (PromptTooLong if err["kind"] == "prompt_too_long" else EngineError)(err["message"])
+                else:
+                    if item.get("usage"):
+                        self._record(req.request_id, Usage(**item["usage"]))
+                    stats = item.get("stats") or {}
+                    self.metrics.observe_engine_stats(stats.get("replica", "?"), stats.get("loads", {}),
+                                                      stats.get("evictions", {}))
+                    if "loaded" in stats:
+                        self.replicas[stats["replica"]] = stats["loaded"]
+            finished = True
+        except (EngineError, PromptTooLong):
+            raise
+        except Exception as e:
+            finished = True
+            raise EngineError(f"the LLM deployment failed: {type(e).__name__}") from e
+        finally:
+            self._live.pop(req.request_id, None)
+            if not finished:
+                gen.cancel()
+
+    def _record(self, request_id: str, usage: Usage) -> None:
+        self._usage[request_id] = usage
+        while len(self._usage) > 1024:
+            self._usage.popitem(last=False)
+
+    async def abort(self, request_id: str) -> None:
+        gen = self._live.get(request_id)
+        if gen is not None:
+            gen.cancel()
+
+    async def check_health(self) -> None:
+        try:
+            await self.handle.ready.remote()
+        except Exception as e:
+            raise _cause(e) from None
+
+    def usage(self, request_id: str) -> Usage | None:
+        return self._usage.get(request_id)
+
+
+class RemoteScorer:
+    """ScoringClient over the scorer deployment (each call joins a `serve.batch`)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def score(self, prompt: str, reply: str) -> dict[str, float]:
+        return await self.handle.score.remote((prompt, reply))
+
+    async def crisis(self, message: str) -> float:
+        return await self.handle.crisis.remote(message)
+
+    async def info(self) -> ScorerInfo:
+        return ScorerInfo(**(await self.handle.info.remote()))
+
+    async def check_health(self) -> None:
+        try:
+            await self.handle.ready.remote()
+        except Exception as e:
+            raise _cause(e) from None
+
+
+def _cause(err: Exception) -> Exception:
+    """The replica's own exception inside Ray's wrapper, so that /healthz says what failed in one line."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, Exception) else err

@@ -1,0 +1,144 @@
+"""Chat sessions for one ingress replica: each belongs to a tenant and is routed to the adapter nearest its
+preference (re-routed when the preference changes or the adapter is gone); the session endpoints and feedback.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from adapters.matching import NoRoutableAdapter
+from alignment.objectives import Preference, PreferenceError
+from serving.auth import Principal
+from serving.config import ServeConfig
+from serving.db import ChatSession, RecordError, RecordNotFound
+from serving.errors import ApiError, db_call
+from serving.protocol import (BASE_ADAPTER, ChatCompletionRequest, FeedbackIn, MessageList, MessageOut, SessionCreate,
+                              SessionOut, resolve_preference)
+
+if TYPE_CHECKING:
+    from serving.chat import ChatDeps
+
+
+class Sessions:
+    """Ownership checks, preference routing and the session CRUD of a ChatService, over its ChatDeps."""
+
+    def __init__(self, config: ServeConfig, deps: ChatDeps):
+        self.config, self.deps = config, deps
+        self.repo, self.metrics = deps.repo, deps.metrics
+
+    # ------------------------------------------------------------ routing
+    def _profiles(self) -> dict[str, dict[str, float]]:
+        return self.deps.store.manifest().profiles
+
+    def _resolve(self, value) -> Preference:
+        try:
+            return resolve_preference(value, self._profiles())
+        except PreferenceError as e:
+            raise ApiError(422, f"preference: {e}", param="preference", code="invalid_value") from None
+
+    def _route(self, pref: Preference) -> str | None:
+        """Adapter id for `pref` (None: no routable adapter, the base model answers)."""
+        try:
+            decision = self.deps.router.route(pref)
+        except NoRoutableAdapter:
+            return None
+        self.metrics.observe_merge(decision.merge_seconds)
+        return decision.adapter_id
+
+    async def pinned(self, adapter: str) -> str | None:
+        """The adapter id an operator's attune_options.adapter names; None for the base model."""
+        if adapter == BASE_ADAPTER:
+            return None
+        known = await asyncio.to_thread(self.deps.store.ids)
+        if adapter not in known:
+            raise ApiError(422, f"attune_options.adapter: no adapter {adapter!r}; use {BASE_ADAPTER!r} or one of "
+                           f"{sorted(known)}", param="attune_options.adapter", code="invalid_value")
+        return adapter
+
+    async def safety_adapter(self) -> str | None:
+        """The most safety-weighted routable adapter (None: the base model)."""
+        try:
+            return await asyncio.to_thread(self.deps.router.safety_adapter_id)
+        except NoRoutableAdapter:
+            return None
+
+    # ------------------------------------------------------------ sessions
+    async def owned(self, principal: Principal, session_id: str) -> ChatSession:
+        session = await db_call(self.repo.get_session, principal.tenant_id, session_id)
+        if session is None:
+            raise ApiError(404, f"no session {session_id!r} for this key; create one with POST /v1/sessions or "
+                           "leave session_id out", param="session_id", code="session_not_found")
+        return session
+
+    async def session_for(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, str | None]:
+        """The request's session (created if absent) and its adapter, re-routed only when the preference changes.
+        A new session imports the request's earlier user/assistant turns; an existing one keeps its stored history.
+        Client system messages are never used: Attune's system prompt is fixed."""
+        if req.session_id is None:
+            session = await self._create(principal, req.preference, None)
+            for m in req.messages[:-1]:
+                if m.role in ("user", "assistant"):
+                    await db_call(self.repo.add_message, session.id, m.role, m.content)
+            return session, session.adapter_id
+        session = await self.owned(principal, req.session_id)
+        known = set(await asyncio.to_thread(self.deps.store.ids)) - self.deps.router.quarantined
+        pref = None if req.preference is None else await asyncio.to_thread(self._resolve, req.preference)
+        if pref is not None and pref != Preference(session.preference):
+            adapter = await asyncio.to_thread(self._route, pref)
+            session = await db_call(self.repo.update_session, principal.tenant_id, session.id,
+                                    preference=pref.as_dict(), adapter_id=adapter) or session
+            return session, adapter
+        if session.adapter_id is None or session.adapter_id not in known:
+            adapter = await asyncio.to_thread(self._route, Preference(session.preference))
+            if adapter is not None:
+                await db_call(self.repo.update_session, principal.tenant_id, session.id, adapter_id=adapter)
+            return session, adapter
+        return session, session.adapter_id
+
+    async def _create(self, principal: Principal, preference, locale: str | None) -> ChatSession:
+        pref = await asyncio.to_thread(self._resolve, preference)
+        adapter = await asyncio.to_thread(self._route, pref)
+        return await db_call(self.repo.create_session, principal.tenant_id, pref.as_dict(), adapter,
+                             locale or self.config.default_locale)
+
+    async def create(self, principal: Principal, body: SessionCreate) -> SessionOut:
+        return SessionOut.from_row(await self._create(principal, body.preference, body.locale))
+
+    async def get(self, principal: Principal, session_id: str) -> SessionOut:
+        return SessionOut.from_row(await self.owned(principal, session_id))
+
+    async def update(self, principal: Principal, session_id: str, body: SessionCreate) -> SessionOut:
+        """Change a session's preference (and so its adapter); the locale is fixed at creation."""
+        session = await self.owned(principal, session_id)
+        if body.locale is not None:
+            raise ApiError(422, "locale is fixed when a session is created; create a new session for another locale",
+                           param="locale", code="invalid_value")
+        if body.preference is not None:
+            pref = await asyncio.to_thread(self._resolve, body.preference)
+            if pref != Preference(session.preference):
+                adapter = await asyncio.to_thread(self._route, pref)
+                session = await db_call(self.repo.update_session, principal.tenant_id, session_id,
+                                        preference=pref.as_dict(), adapter_id=adapter) or session
+        return SessionOut.from_row(session)
+
+    async def messages(self, principal: Principal, session_id: str) -> MessageList:
+        await self.owned(principal, session_id)
+        rows = await db_call(self.repo.list_messages, session_id)
+        return MessageList(data=[MessageOut.from_row(r) for r in rows])
+
+    async def delete(self, principal: Principal, session_id: str) -> dict:
+        if not await db_call(self.repo.delete_session, principal.tenant_id, session_id):
+            await self.owned(principal, session_id)
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    async def feedback(self, principal: Principal, session_id: str, body: FeedbackIn) -> dict:
+        await self.owned(principal, session_id)
+        try:
+            row = await db_call(self.repo.add_feedback, session_id, message_id=body.message_id, rating=body.rating,
+                                chosen_message_id=body.chosen_message_id,
+                                rejected_message_id=body.rejected_message_id)
+        except RecordNotFound as e:
+            raise ApiError(404, str(e), param="message_id", code="message_not_found") from None
+        except RecordError as e:
+            raise ApiError(422, str(e), param="message_id", code="invalid_value") from None
+        return {"id": row.id, "object": "feedback", "kind": body.kind, "session_id": session_id}
