@@ -109,38 +109,38 @@ async def models(request: Request):
 @router.post("/v1/sessions", **doc(SessionOut, 413, 422, status=201, body=SessionCreate, body_required=False))
 async def create_session(request: Request):
     svc, who, body = await admitted(request, SessionCreate)
-    return _json(await svc.create_session(who, body), 201)
+    return _json(await svc.sessions.create(who, body), 201)
 
 
 @router.get("/v1/sessions/{session_id}", **doc(SessionOut, 404, 422))
 async def get_session(request: Request, session_id: str = SessionId):
     svc, who, _ = await admitted(request)
-    return _json(await svc.get_session(who, session_id))
+    return _json(await svc.sessions.get(who, session_id))
 
 
 @router.patch("/v1/sessions/{session_id}", **doc(SessionOut, 404, 413, 422, body=SessionCreate,
                                                   body_required=False))
 async def update_session(request: Request, session_id: str = SessionId):
     svc, who, body = await admitted(request, SessionCreate)
-    return _json(await svc.update_session(who, session_id, body))
+    return _json(await svc.sessions.update(who, session_id, body))
 
 
 @router.get("/v1/sessions/{session_id}/messages", **doc(MessageList, 404, 422))
 async def session_messages(request: Request, session_id: str = SessionId):
     svc, who, _ = await admitted(request)
-    return _json(await svc.messages(who, session_id))
+    return _json(await svc.sessions.messages(who, session_id))
 
 
 @router.delete("/v1/sessions/{session_id}", **doc(SessionDeleted, 404, 422))
 async def delete_session(request: Request, session_id: str = SessionId):
     svc, who, _ = await admitted(request)
-    return _json(await svc.delete_session(who, session_id))
+    return _json(await svc.sessions.delete(who, session_id))
 
 
 @router.post("/v1/sessions/{session_id}/feedback", **doc(FeedbackOut, 404, 413, 422, status=201, body=FeedbackIn))
 async def feedback(request: Request, session_id: str = SessionId):
     svc, who, body = await admitted(request, FeedbackIn)
-    return _json(await svc.feedback(who, session_id, body), 201)
+    return _json(await svc.sessions.feedback(who, session_id, body), 201)
 
 
 @router.get("/healthz", **doc(Health, public=True, responses={

@@ -24,8 +24,7 @@ from serving.engine import AdapterRefused, GenerationRequest, PromptTooLong, Usa
 from serving.errors import RETRY_AFTER_S, ApiError, db_call
 from serving.metrics import NO_ADAPTER, ServingMetrics
 from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
-                              FeedbackIn, MessageList, ModelCard, ModelInfo, ModelList, SessionCreate, SessionOut,
-                              Usage as WireUsage, parse_chat_request)
+                              ModelCard, ModelInfo, ModelList, Usage as WireUsage, parse_chat_request)
 from serving.router import PreferenceRouter
 from serving.sessions import Sessions
 from serving.streaming import GatedStream, GateSetup, Gated, ScorerInfo, gate_reply
@@ -266,7 +265,7 @@ class ChatService:
         assessment = gating.detector.assess(text, prob)
         if assessment.crisis:
             turn.crisis = True
-            turn.adapter_id = await self.safety_adapter()
+            turn.adapter_id = await self.sessions.safety_adapter()
             detector = "both" if assessment.by_rules and assessment.by_model else (
                 "rules" if assessment.by_rules else "model")
             self.metrics.crisis.labels(detector).inc()
@@ -339,8 +338,9 @@ class ChatService:
         self.metrics.engine_errors.labels(turn.label).inc()
         if isinstance(err, PromptTooLong):
             return ApiError(400, str(err), param="messages", code="context_length_exceeded")
-        log.error("engine failed for %s: %s", turn.request_id, type(err).__name__)
         refused = err.adapter_id if isinstance(err, AdapterRefused) else None
+        log.error("engine failed for %s: %s%s", turn.request_id, type(err).__name__,
+                  f" (adapter {refused} withdrawn from routing: it failed its integrity check)" if refused else "")
         self.spawn(db_call(self.repo.add_audit, "adapter_refused" if refused else "engine_error",
                        tenant_id=turn.principal.tenant_id, session_id=turn.session.id,
                        detail={"request_id": turn.request_id, "error": type(err).__name__, "adapter": refused}))
@@ -348,7 +348,6 @@ class ChatService:
             # A replica refused the adapter's files (changed after their checksums were recorded, or not in the
             # manifest): withdraw it from routing, so that the retry re-routes the session to a verified adapter.
             self.deps.router.quarantine(refused)
-            log.error("adapter %s withdrawn from routing: it failed its integrity check", refused)
             return ApiError(503, f"the adapter for this session failed its integrity check and was withdrawn; your "
                             f"message was saved in session {turn.session.id}: retry with that session_id after "
                             f"{RETRY_AFTER_S} s and the nearest verified adapter answers", type="server_error",
@@ -356,28 +355,6 @@ class ChatService:
         return ApiError(503, f"the model failed to generate a reply; your message was saved in session "
                         f"{turn.session.id}: retry with that session_id after {RETRY_AFTER_S} s", type="server_error",
                         code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
-
-    # ------------------------------------------------------------ sessions (serving.sessions)
-    async def safety_adapter(self) -> str | None:
-        return await self.sessions.safety_adapter()
-
-    async def create_session(self, principal: Principal, body: SessionCreate) -> SessionOut:
-        return await self.sessions.create(principal, body)
-
-    async def get_session(self, principal: Principal, session_id: str) -> SessionOut:
-        return await self.sessions.get(principal, session_id)
-
-    async def update_session(self, principal: Principal, session_id: str, body: SessionCreate) -> SessionOut:
-        return await self.sessions.update(principal, session_id, body)
-
-    async def messages(self, principal: Principal, session_id: str) -> MessageList:
-        return await self.sessions.messages(principal, session_id)
-
-    async def delete_session(self, principal: Principal, session_id: str) -> dict:
-        return await self.sessions.delete(principal, session_id)
-
-    async def feedback(self, principal: Principal, session_id: str, body: FeedbackIn) -> dict:
-        return await self.sessions.feedback(principal, session_id, body)
 
     # ------------------------------------------------------------ models and operators
     async def models(self) -> ModelList:

@@ -180,7 +180,7 @@ async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
         reasons += decision.reasons
         if decision.action == "regenerate":
             attempt += 1
-            adapter = await svc.safety_adapter()
+            adapter = await svc.sessions.safety_adapter()
             continue
         text = gating.gate.fallback_reply
         gated = Gated(text, adapter, await svc.score(turn.prompt, text), "fallback", attempt, reasons, "content_filter")
@@ -265,7 +265,7 @@ class GatedStream:
             await self._source.aclose()
             if failed.action == "regenerate" and not self.released:
                 self.attempt += 1
-                self.adapter = await self.svc.safety_adapter()
+                self.adapter = await self.svc.sessions.safety_adapter()
                 self._source = deltas(self.svc, self.turn, self.adapter, self.attempt)
                 continue
             self.kind = "fallback"

@@ -98,26 +98,24 @@ class PrivatePostgres:
 
     def create_database(self, prefix: str = "attune") -> str:
         """A new empty database; returns its SQLAlchemy URL."""
-        from sqlalchemy import create_engine, text
-
         self._databases += 1
         name = f"{prefix}_{self._databases}"
-        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-        finally:
-            engine.dispose()
+        self._admin(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
-        from sqlalchemy import create_engine, make_url, text
+        from sqlalchemy import make_url
 
-        name = make_url(url).database
+        self._admin(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+
+    def _admin(self, sql: str) -> None:
+        """One statement outside a transaction (CREATE/DROP DATABASE), on the server's postgres database."""
+        from sqlalchemy import create_engine, text
+
         engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                conn.execute(text(sql))
         finally:
             engine.dispose()
 

@@ -155,7 +155,7 @@ async def test_session_keeps_its_adapter_until_its_preference_changes(make):
 @pytest.mark.asyncio
 async def test_engine_failure_is_503_and_keeps_the_patient_message(make):
     svc = make(engine_kw={"fail_after_tokens": 2})
-    session = await svc.create_session(await svc.admit(svc.test_keys["alice"]), _session_body())
+    session = await svc.sessions.create(await svc.admit(svc.test_keys["alice"]), _session_body())
     with pytest.raises(ApiError) as e:
         await chat(svc, session_id=session.id)
     assert e.value.status == 503 and e.value.headers["Retry-After"] == "5"
@@ -326,19 +326,19 @@ async def test_keys_see_only_their_own_sessions(make):
     mine = (await chat(svc, key="alice")).attune.session_id
     bob = await svc.admit(svc.test_keys["bob"])
     reply = svc.repo.list_messages(mine)[-1].id
-    for call in (lambda: chat(svc, key="bob", session_id=mine), lambda: svc.get_session(bob, mine),
-                 lambda: svc.messages(bob, mine), lambda: svc.delete_session(bob, mine),
-                 lambda: svc.feedback(bob, mine, FeedbackIn(message_id=reply, rating="up")),
-                 lambda: svc.update_session(bob, mine, SessionCreate(preference="autonomy"))):
+    for call in (lambda: chat(svc, key="bob", session_id=mine), lambda: svc.sessions.get(bob, mine),
+                 lambda: svc.sessions.messages(bob, mine), lambda: svc.sessions.delete(bob, mine),
+                 lambda: svc.sessions.feedback(bob, mine, FeedbackIn(message_id=reply, rating="up")),
+                 lambda: svc.sessions.update(bob, mine, SessionCreate(preference="autonomy"))):
         with pytest.raises(ApiError) as e:
             await call()
         assert e.value.status == 404 and e.value.error.error.param == "session_id"
     assert len(svc.repo.list_messages(mine)) == 2 and svc.repo.count_feedback() == 0
     alice = await svc.admit(svc.test_keys["alice"])
-    assert (await svc.feedback(alice, mine, FeedbackIn(message_id=reply, rating="up")))["kind"] == "rating"
+    assert (await svc.sessions.feedback(alice, mine, FeedbackIn(message_id=reply, rating="up")))["kind"] == "rating"
     assert svc.repo.list_feedback(mine)[0].chosen == svc.repo.list_messages(mine)[-1].content
     with pytest.raises(ApiError) as e:
-        await svc.update_session(alice, mine, SessionCreate(locale="de"))
+        await svc.sessions.update(alice, mine, SessionCreate(locale="de"))
     assert e.value.status == 422 and e.value.error.error.param == "locale"
 
 
@@ -464,7 +464,7 @@ async def test_an_adapter_refused_at_load_is_withdrawn_and_the_retry_is_answered
     routing, and the session's retry, and new sessions that would have gone to it, get the nearest other one."""
     svc = make()
     svc.engine.refused_adapters.add("warm")
-    session = await svc.create_session(await svc.admit(svc.test_keys["alice"]), _session_body())
+    session = await svc.sessions.create(await svc.admit(svc.test_keys["alice"]), _session_body())
     assert session.adapter == "warm"
     with pytest.raises(ApiError) as e:
         await chat(svc, session_id=session.id)

@@ -123,7 +123,7 @@ def test_database_fault_window_ends_by_itself(tmp_path):
 async def test_database_outage_is_a_503_and_a_retry_stores_the_patient_message_once(make):
     svc = make()
     faults = DatabaseFaults(svc.repo.engine)
-    session = await svc.create_session(await svc.admit(svc.test_keys["alice"]), _session_body())
+    session = await svc.sessions.create(await svc.admit(svc.test_keys["alice"]), _session_body())
     faults.arm(DatabaseFault(times=1))
     with pytest.raises(ApiError) as e:
         await chat(svc, session_id=session.id)
@@ -148,7 +148,7 @@ async def test_database_outage_is_a_503_and_a_retry_stores_the_patient_message_o
 async def test_database_failure_at_the_end_of_a_stream_is_an_error_event(make):
     svc = make()
     faults = DatabaseFaults(svc.repo.engine)
-    session = await svc.create_session(await svc.admit(svc.test_keys["alice"]), _session_body())
+    session = await svc.sessions.create(await svc.admit(svc.test_keys["alice"]), _session_body())
     faults.arm(DatabaseFault(writes_only=True, skip=1, times=1))
     events = [e async for e in await chat(svc, session_id=session.id, stream=True)]
     assert events[-1] == "data: [DONE]\n\n"
