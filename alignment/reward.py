@@ -34,6 +34,9 @@ CRISIS_ANCHORS = (
 # Unit-norm embeddings give tiny logits under a default-initialised linear layer; this fixed
 # temperature lets the crisis head reach confident logits at ordinary step sizes.
 CRISIS_SCALE = 10.0
+# Sequences are padded to a multiple of this many tokens, decided by each sequence's own length.
+BUCKET = 32
+_PAD = -100
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -151,23 +154,40 @@ class RewardModel:
         self.config.crisis_threshold = float(value)
 
     # ------------------------------------------------------------ forward passes
+    def _forward(self, texts: Sequence[str], pairs: Sequence[str] | None, pool) -> torch.Tensor:
+        """pool(hidden, segment ids) per text (0/1 = first/second text, -1 = special token, _PAD = padding), in input
+        order. Texts are run in groups
+        padded to a length bucket of their own (BUCKET tokens), never to the longest text of the batch, so a
+        text's score does not depend on which other texts share its batch."""
+        enc = self.tokenizer(list(texts), None if pairs is None else list(pairs), truncation="longest_first"
+                             if pairs is not None else True, max_length=self.config.max_length)
+        segments = [[-1 if s is None else s for s in enc.sequence_ids(i)] for i in range(len(texts))]
+        groups: dict[int, list[int]] = {}
+        for i, seg in enumerate(segments):
+            groups.setdefault(-(-len(seg) // BUCKET) * BUCKET, []).append(i)
+        parts, order = [], []
+        for length, idx in sorted(groups.items()):
+            batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, padding="max_length",
+                                       max_length=length, return_tensors="pt").to(self.device)
+            seg = torch.tensor([segments[i] + [_PAD] * (length - len(segments[i])) for i in idx], device=self.device)
+            parts.append(pool(self.encoder(**batch).last_hidden_state, seg))
+            order += idx
+        out = torch.cat(parts)
+        inverse = torch.empty(len(order), dtype=torch.long, device=self.device)
+        inverse[torch.tensor(order, device=self.device)] = torch.arange(len(order), device=self.device)
+        return out[inverse]
+
     def _pair_features(self, prompts: Sequence[str], replies: Sequence[str]) -> torch.Tensor:
         """[N, 2H]: mean of the reply tokens and of the message tokens, encoded as one sequence."""
-        enc = self.tokenizer(list(prompts), list(replies), truncation="longest_first",
-                             max_length=self.config.max_length, padding=True, return_tensors="pt")
-        seq = torch.tensor([[-1 if s is None else s for s in enc.sequence_ids(i)]
-                            for i in range(len(prompts))], device=self.device)
-        hidden = self.encoder(**enc.to(self.device)).last_hidden_state
-        return torch.cat([_masked_mean(hidden, seq == 1), _masked_mean(hidden, seq == 0)], dim=-1)
+        return self._forward(prompts, replies, lambda hidden, seq: torch.cat(
+            [_masked_mean(hidden, seq == 1), _masked_mean(hidden, seq == 0)], dim=-1))
 
     def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, H] unit-norm mean-pooled texts under the frozen base encoder."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length,
-                             padding=True, return_tensors="pt").to(self.device)
         base = self.encoder.disable_adapter() if self.config.lora_rank else contextlib.nullcontext()
         with base:
-            hidden = self.encoder(**enc).last_hidden_state
-        return nn.functional.normalize(_masked_mean(hidden, enc["attention_mask"].bool()), dim=-1)
+            return nn.functional.normalize(self._forward(texts, None, lambda h, seq: _masked_mean(h, seq != _PAD)),
+                                           dim=-1)
 
     def _crisis_features(self, messages: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass over the messages' sentences: (unit-norm mean sentence embedding [N, H],

@@ -118,6 +118,7 @@ class ChatService:
         self.keys = deps.keys or KeyStore(deps.repo)
         # `is None`, not `or`: a RateLimiter with no buckets yet has len() 0 and would be falsy.
         self.limiter = deps.limiter if deps.limiter is not None else RateLimiter(config.limits.requests_per_minute)
+        self.admin_limiter = RateLimiter(config.limits.admin_requests_per_minute)
         lim = config.limits
         self.admission = AdmissionGate(lim.max_in_flight, lim.max_queue, lim.queue_timeout_s)
         self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
@@ -190,10 +191,13 @@ class ChatService:
         if operator and not principal.is_operator:
             raise ApiError(403, "this endpoint needs an operator key; use the key in <data_dir>/operator_key "
                            "or $ATTUNE_OPERATOR_KEY", type="permission_error", code="operator_only")
+        # Operator administration has a budget of its own: it never spends (or waits on) the chat budget.
+        limiter, per_minute = ((self.admin_limiter, self.config.limits.admin_requests_per_minute) if operator
+                               else (self.limiter, self.config.limits.requests_per_minute))
         try:
-            self.limiter.check(principal.key_id)
+            limiter.check(principal.key_id)
         except RateLimited as e:
-            raise ApiError(429, f"{e}: this key may make {self.config.limits.requests_per_minute} requests per "
+            raise ApiError(429, f"{e}: this key may make {per_minute} {'admin ' if operator else ''}requests per "
                            "minute; wait for Retry-After seconds or ask the operator for a higher limit",
                            type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": e.retry_after_header}) from None

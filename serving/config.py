@@ -27,6 +27,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ATTUNE_SAFETY_THRESHOLD": "safety_threshold",
     "ATTUNE_MERGE_POLICY": "merge_policy",
     "ATTUNE_REQUESTS_PER_MINUTE": "limits.requests_per_minute",
+    "ATTUNE_ADMIN_REQUESTS_PER_MINUTE": "limits.admin_requests_per_minute",
 }
 CONFIG_ENV = "ATTUNE_SERVE_CONFIG"
 
@@ -81,6 +82,9 @@ class Limits(BaseModel):
     default_max_tokens: int = Field(default=128, ge=1, description="max_tokens when a request gives none.")
     requests_per_minute: int = Field(default=60, ge=0, description="Requests per minute per API key "
                                      "(token bucket, bursts up to this many); 0 turns the limit off.")
+    admin_requests_per_minute: int = Field(default=600, ge=0, description="Requests per minute per operator key "
+                                           "on the /v1/admin routes, a budget of its own so that provisioning keys "
+                                           "or reading status never spends the key's chat budget; 0 turns it off.")
     max_in_flight: int = Field(default=16, ge=1, description="Chat completions one ingress replica serves at "
                                "once (each holds an engine sequence while it streams); about the engine's batch size.")
     max_queue: int = Field(default=32, ge=0, description="Chat completions that may wait for a slot; beyond "

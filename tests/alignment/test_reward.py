@@ -146,6 +146,11 @@ def test_load_rejects_a_folder_without_config(tmp_path):
         RewardModel.load(tmp_path)
 
 
+# fp32 matmuls on CPU sum in an order that depends on a row's position in the batch: the same message three
+# times in one batch scores up to 1.3e-5 apart. 1e-4 is ~8x that spread and far below any margin that matters.
+FP32_BATCH_ATOL = 1e-4
+
+
 def test_score_shapes_batching_and_crisis_range(trained):
     ex = _examples(TOPICS, "s")
     prompts = [e.message for e in ex for _ in e.replies]
@@ -153,14 +158,34 @@ def test_score_shapes_batching_and_crisis_range(trained):
                enumerate(r for e in ex for r in e.replies)]
     one, many = trained.score(prompts, replies, batch_size=1), trained.score(prompts, replies)
     assert one.shape == many.shape == (len(prompts), len(OBJECTIVES))
-    np.testing.assert_allclose(one, many, atol=1e-5)
+    np.testing.assert_allclose(one, many, atol=FP32_BATCH_ATOL)
+    assert (np.argsort(one, axis=0) == np.argsort(many, axis=0)).mean() > 0.95
     assert trained.score([], []).shape == (0, len(OBJECTIVES))
     with pytest.raises(ValueError, match="prompts"):
         trained.score(prompts, replies[:-1])
     probs = trained.crisis_prob(prompts, batch_size=5)
     assert probs.shape == (len(prompts),)
     assert ((probs >= 0) & (probs <= 1)).all()
-    np.testing.assert_allclose(probs, trained.crisis_prob(prompts, batch_size=1), atol=1e-5)
+    single = trained.crisis_prob(prompts, batch_size=1)
+    np.testing.assert_allclose(probs, single, atol=FP32_BATCH_ATOL)
+    clear = np.abs(single - trained.crisis_threshold) > FP32_BATCH_ATOL
+    assert ((probs >= trained.crisis_threshold) == (single >= trained.crisis_threshold))[clear].all()
+
+
+def test_a_texts_padding_does_not_depend_on_its_batch(trained, monkeypatch):
+    """Each text is padded to a length bucket of its own, so a long neighbour never changes its input."""
+    from alignment import reward
+
+    shapes = []
+    forward = trained.encoder.forward
+    monkeypatch.setattr(trained.encoder, "forward", lambda **kw: shapes.append(tuple(kw["input_ids"].shape))
+                        or forward(**kw))
+    short, long = "I feel a bit low.", "I feel a bit low. " * 40
+    trained.score([short], ["Tell me more."])
+    alone = shapes[-1]
+    shapes.clear()
+    trained.score([short, long], ["Tell me more.", "Tell me more."], batch_size=2)
+    assert alone[1] % reward.BUCKET == 0 and (1, alone[1]) in shapes and len(shapes) == 2, shapes
 
 
 def test_training_is_deterministic_given_seed(tiny_encoder, trained):

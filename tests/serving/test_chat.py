@@ -372,6 +372,22 @@ async def test_rejections_are_4xx_that_say_what_to_change(make):
     assert "requests per minute" in e.value.error.error.message
 
 
+@pytest.mark.asyncio
+async def test_admin_calls_have_their_own_budget_and_never_spend_the_chat_budget(make):
+    svc = make(limits={"requests_per_minute": 2, "admin_requests_per_minute": 3})
+    svc.limiter = RateLimiter(2)
+    for _ in range(3):  # provisioning at the admin budget leaves the operator's chat budget whole
+        await svc.admit(svc.test_keys["operator"], operator=True)
+    with pytest.raises(ApiError) as e:
+        await svc.admit(svc.test_keys["operator"], operator=True)
+    assert e.value.status == 429 and "3 admin requests per minute" in e.value.error.error.message
+    await chat(svc, "operator")
+    await chat(svc, "operator")
+    with pytest.raises(ApiError) as e:
+        await chat(svc, "operator")
+    assert e.value.status == 429 and "2 requests per minute" in e.value.error.error.message
+
+
 def test_http_routes_shape_errors_and_stream(make):
     svc = make(limits={"max_body_bytes": 2048})
     client = TestClient(create_app(svc))
