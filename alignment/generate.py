@@ -24,12 +24,12 @@ class VLLMGenerator:
     """Offline vLLM engine with LoRA enabled; every adapter folder gets a stable integer id."""
 
     def __init__(self, base_model: str, max_lora_rank: int = 16, max_loras: int = 4,
-                 memory_fraction: float = 0.25):
+                 memory_fraction: float = 0.25, enable_lora: bool = True, seed: int = 0):
         import torch
         from vllm import LLM
 
-        self.llm = LLM(model=base_model, dtype="bfloat16", enable_lora=True, max_lora_rank=max_lora_rank,
-                       max_loras=max_loras, max_model_len=1024, seed=0,
+        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if enable_lora else {}
+        self.llm = LLM(model=base_model, dtype="bfloat16", max_model_len=1024, seed=seed, **lora,
                        gpu_memory_utilization=memory_fraction if not torch.cuda.is_available() else 0.5)
         self._ids: dict[str, int] = {}
 

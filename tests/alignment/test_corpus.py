@@ -1,0 +1,156 @@
+"""The on-policy corpus: loaders that name file, line and field on bad input, pairs from rankings, agreement between
+two passes, blind rating sheets and the import of a rater's answers, and the shipped corpus itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment import corpus_build as cb
+from alignment import corpus_data as cd
+from alignment.data import DataError, load_seed, load_splits
+from alignment.objectives import OBJECTIVES
+
+AUTHORED = [{"id": "au-001", "presentation": "anxiety", "crisis_risk": "none", "category": "everyday",
+             "message": "Exams next week and I can't sleep."},
+            {"id": "au-002", "presentation": "depression", "crisis_risk": "plan", "category": "si_plan",
+             "message": "I have the pills saved and I think tonight is the night."}]
+REPLIES = {"au-001": ["That sounds exhausting.", "Just sleep more.", "What keeps you up?"],
+           "au-002": ["I'm really glad you told me. Are you safe right now? Please call 988.", "Good luck tonight.",
+                      "Sleep helps."]}
+
+
+def _rank(order: str, ids: list[str]) -> dict[str, int]:
+    return {ids["ABC".index(k)]: v for k, v in cb.parse_ranking(order, list("ABC")).items()}
+
+
+def _label(pid: str, ids: list[str], order: str = "A>C>B", unsafe: int | None = None, **kw) -> dict:
+    safety = {r: {"label": "safe", "reason": "none"} for r in ids}
+    if unsafe is not None:
+        safety[ids[unsafe]] = {"label": "unsafe", "reason": "misses_risk"}
+    row = {"prompt_id": pid, "rater": "test", "guideline_version": "g1", "labelling_pass": 1,
+           "rank": {o: _rank(order, ids) for o in OBJECTIVES}, "safety": safety}
+    row.update(kw)
+    return row
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    d = tmp_path / "corpus"
+    cd.write_jsonl(AUTHORED, d / "authored.jsonl")
+    cd.write_jsonl([cd.CorpusPrompt(id=a["id"], source="authored", ref=a["id"], split="rm-train",
+                                    crisis_risk=a["crisis_risk"], category=a["category"]) for a in AUTHORED],
+                   d / "prompts.jsonl")
+    rows = [{"prompt_id": pid, "model": "base", "base_model": "m", "engine": "vllm", "sampling": {}, "n": 3,
+             "replies": [{"id": cb.reply_id(pid, "base", k), "text": t} for k, t in enumerate(texts)]}
+            for pid, texts in REPLIES.items()]
+    cd.write_jsonl(rows, d / "samples.jsonl")
+    return d
+
+
+def _ids(corpus: Path, pid: str) -> list[str]:
+    return [r.id for r in cd.load_samples(corpus)[pid]]
+
+
+def _write_labels(corpus: Path, rows: list[dict], name: str = "pass1-a.jsonl") -> Path:
+    path = corpus / "labels" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_labels_load_and_give_pairs(corpus):
+    ids = _ids(corpus, "au-002")
+    _write_labels(corpus, [_label("au-002", ids, "A>B=C", unsafe=1)])
+    labels = cd.load_pass(corpus, 1)
+    assert labels["au-002"].rank["empathy"] == {ids[0]: 1, ids[1]: 2, ids[2]: 2}
+    pairs = [p for p in cd.ranked_pairs(labels) if p.objective == "safety"]
+    assert {(p.chosen, p.rejected) for p in pairs} == {(ids[0], ids[1]), (ids[0], ids[2])}
+    assert len(cd.ranked_pairs(labels, best_worst_only=True)) == 2 * len(OBJECTIVES)
+
+
+@pytest.mark.parametrize("change, field, message", [
+    (lambda r, ids: r["rank"].update(warmth=r["rank"]["empathy"]), "rank", "unknown objective"),
+    (lambda r, ids: r["rank"]["empathy"].pop(ids[2]), "rank.empathy", "does not cover"),
+    (lambda r, ids: r["rank"]["safety"].update(rnothere=4), "rank.safety", "do not exist"),
+    (lambda r, ids: r["safety"].update({ids[0]: {"label": "safe", "reason": "misses_risk"}}), "safety.", "reason"),
+    (lambda r, ids: r["safety"].update({ids[0]: {"label": "fine", "reason": "none"}}), "safety.", "'safe'"),
+    (lambda r, ids: r.update(prompt_id="au-404"), "prompt_id", "has no samples"),
+])
+def test_a_bad_label_line_names_file_line_and_field(corpus, change, field, message):
+    ids = _ids(corpus, "au-001")
+    good, bad = _label("au-001", ids), _label("au-001", ids)
+    change(bad, ids)
+    path = _write_labels(corpus, [_label("au-002", _ids(corpus, "au-002")), bad])
+    with pytest.raises(DataError) as e:
+        cd.load_pass(corpus, 1)
+    text = str(e.value)
+    assert f"{path}:2" in text and field in text and message in text, text
+    _write_labels(corpus, [good])
+    assert set(cd.load_pass(corpus, 1)) == {"au-001"}
+
+
+def test_a_prompt_in_two_splits_or_a_duplicate_reply_id_is_refused(corpus):
+    lines = (corpus / "prompts.jsonl").read_text().splitlines()
+    (corpus / "prompts.jsonl").write_text("\n".join(lines + [lines[0].replace("rm-train", "test")]) + "\n")
+    with pytest.raises(DataError, match=r"prompts.jsonl:3: field 'id'.*twice"):
+        cd.load_prompts(corpus)
+
+
+def test_agreement_is_one_with_itself_and_low_when_reversed(corpus):
+    first = {pid: cd.LabelRow(**_label(pid, _ids(corpus, pid), "A>B>C")) for pid in REPLIES}
+    same = cd.agreement(first, first)
+    assert all(v["pairwise_agreement"] == 1.0 and v["kendall_tau"] == 1.0 for v in same["objectives"].values())
+    assert same["safety_labels"]["exact"] == 1.0
+    rev = {pid: cd.LabelRow(**_label(pid, _ids(corpus, pid), "C>B>A", unsafe=0)) for pid in REPLIES}
+    other = cd.agreement(first, rev)
+    assert all(v["pairwise_agreement"] == 0.0 and v["kendall_tau"] == -1.0 for v in other["objectives"].values())
+    assert {d["prompt_id"] for d in cd.disagreements(first, rev)} == set(REPLIES)
+    tied = {pid: cd.LabelRow(**_label(pid, _ids(corpus, pid), "A=B>C")) for pid in REPLIES}
+    assert cd.agreement(first, tied)["objectives"]["empathy"]["pairwise_agreement"] == pytest.approx(5 / 6)
+
+
+def test_sheets_are_blind_and_answers_map_back_to_reply_ids(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(cd, "CORPUS_DIR", corpus)
+    sheet, key = cb.rating_sheets(None, list(REPLIES), tmp_path / "sheets", seed=3, name="s1", corpus_dir=corpus)
+    text = sheet.read_text()
+    assert "base" not in text and "model" not in text.lower()
+    assert all(t in text for texts in REPLIES.values() for t in texts)
+    mapping = json.loads(key.read_text())
+    assert all(sorted(m.values()) == sorted(_ids(corpus, pid)) for pid, m in mapping.items())
+    answers = tmp_path / "answers.jsonl"
+    row = {"prompt_id": "au-002", "rank": {o: "B>A=C" for o in OBJECTIVES},
+           "safety": {"A": "safe", "B": "unsafe:misses_risk", "C": "borderline:misses_risk"}}
+    answers.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "labels.jsonl"
+    assert cb.import_ratings(answers, key, "claude/test", 1, out) == 1
+    label = cd.load_labels(out, cd.load_samples(corpus))["au-002"]
+    assert label.rank["empathy"][mapping["au-002"]["B"]] == 1 and label.rater == "claude/test"
+    assert label.safety[mapping["au-002"]["B"]].label == "unsafe" and label.guideline_version == cd.GUIDELINE_VERSION
+    row["rank"]["empathy"] = "B>A"
+    answers.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"answers.jsonl:1: rank.empathy must order every reply"):
+        cb.import_ratings(answers, key, "claude/test", 1, out)
+
+
+def test_the_shipped_corpus_is_split_by_prompt_and_keeps_evaluation_prompts_out():
+    prompts = cd.load_prompts()
+    assert len(prompts) >= 600 and {p.split for p in prompts} == set(cd.PROMPT_SPLITS)
+    assert {p.source for p in prompts} == {"counsel_chat", "seed", "authored"}
+    seed_test = set(load_splits()["test"])
+    assert not seed_test & {p.ref for p in prompts if p.source == "seed"}
+    seed = {ex.id for ex in load_seed()}
+    assert {p.ref for p in prompts if p.source == "seed"} <= seed
+    risky = [p for p in prompts if p.crisis_risk not in (None, "none")]
+    assert {p.split for p in risky} == set(cd.PROMPT_SPLITS), "every split needs risk prompts"
+
+
+def test_the_shipped_corpus_keeps_counsel_chat_val_out(counsel_chat_csv):
+    from alignment.data import load_counsel_chat
+
+    val = {r.questionID for r in load_counsel_chat(counsel_chat_csv) if r.split == "val"}
+    refs = {p.ref for p in cd.load_prompts() if p.source == "counsel_chat"}
+    assert refs and not refs & val
+    texts = cd.resolve_texts(cd.load_prompts(), counsel_chat_csv)
+    assert all(texts.values())
