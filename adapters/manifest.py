@@ -157,6 +157,9 @@ class StoreManifest(BaseModel):
 
     version: Literal[1] = Field(default=1, description="Schema version; only 1 exists.")
     adapters: list[AdapterManifest] = Field(default_factory=list, description="Registered adapters.")
+    scorers: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="sha256 allowlists of the store's reward model and judge folders: "
+        "name ('reward' or 'judge') -> {relative path: sha256}. The scorer refuses a folder that does not match.")
     profiles: dict[str, dict[str, float]] = Field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PROFILES.items()},
         description="Named preference profiles (e.g. warm, change, autonomy, balanced): name -> weights "

@@ -112,14 +112,36 @@ class AdapterStore:
         return self.manifest().profile(name)
 
     def verify_all(self) -> dict[str, IntegrityError]:
-        """Check every adapter; returns {id: error} for those that fail (empty when all pass)."""
+        """Check every adapter and every registered scorer (reward, judge); returns {id: error} for those that fail
+        (empty when all pass)."""
         failures = {}
-        for entry in self.list():
+        m = self.manifest()
+        for folder, files in [*((e.id, e.files) for e in sorted(m.adapters, key=lambda a: a.id)), *m.scorers.items()]:
             try:
-                verify(self.path(entry.id), entry.files)
+                verify(self.path(folder), files)
             except IntegrityError as e:
-                failures[entry.id] = e
+                failures[folder] = e
         return failures
+
+    def register_scorer(self, name: str) -> dict[str, str]:
+        """Record the sha256 of every file of the store's `name` folder (reward or judge) in the manifest."""
+        if name not in RESERVED_IDS:
+            raise ValueError(f"{name!r} is not a scorer folder; use one of {RESERVED_IDS}")
+        files = hash_folder(self.path(name))
+        with self._locked():
+            m = self.manifest()
+            m.scorers[name] = files
+            save_manifest(m, self.manifest_path)
+        return files
+
+    def scorer(self, name: str) -> Path:
+        """The reward model or judge folder, after checking its files against the manifest's allowlist."""
+        expected = self.manifest().scorers.get(name)
+        if not expected:
+            raise IntegrityError(self.path(name), detail=f"the manifest has no sha256 allowlist for {name!r}; "
+                                 f"register it with AdapterStore.register_scorer({name!r}) after training")
+        verify(self.path(name), expected)
+        return self.path(name)
 
     def add(self, folder: Path, entry: AdapterManifest | Mapping[str, Any], *, copy: bool = True,
             expected_files: Mapping[str, str] | None = None) -> AdapterManifest:

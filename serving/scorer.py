@@ -36,8 +36,12 @@ class Scorer:
 
         path = Path(path or REWARD_DIR)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"no reward model at {path}: train one with `attune` (alignment issue) "
+            raise FileNotFoundError(f"no reward model at {path}: train one with `attune reward train` "
                                     "or pass the folder of a saved RewardModel")
+        if path.resolve() == Path(REWARD_DIR).resolve():  # the shipped model: its files must match the manifest
+            from adapters.registry import AdapterStore
+
+            AdapterStore(path.parent).scorer(path.name)
         return cls(RewardModel.load(path, device=device))
 
     @property

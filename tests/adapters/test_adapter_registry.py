@@ -106,3 +106,21 @@ def test_default_root_is_store_dir():
     from attune.paths import STORE_DIR
 
     assert AdapterStore().root == STORE_DIR
+
+
+def test_scorer_folders_are_checked_against_the_manifest(store):
+    folder = store.root / "reward"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "heads.safetensors").write_bytes(b"x" * 10)
+    with pytest.raises(IntegrityError, match="no sha256 allowlist"):
+        store.scorer("reward")
+    files = store.register_scorer("reward")
+    assert set(files) == {"config.json", "heads.safetensors"} and store.scorer("reward") == folder
+    assert load_manifest(store.manifest_path).scorers["reward"] == files
+    (folder / "heads.safetensors").write_bytes(b"y" * 10)
+    with pytest.raises(IntegrityError, match="changed: heads.safetensors"):
+        store.scorer("reward")
+    assert set(store.verify_all()) == {"reward"}
+    with pytest.raises(ValueError, match="not a scorer folder"):
+        store.register_scorer("sft")

@@ -264,3 +264,55 @@ def test_shipped_reward_model_reaches_target_on_test_split():
     assert not low, f"pairwise accuracy below 0.8 on test: {low}"
     assert report["crisis"]["n_pos"] > 0
     assert 0.0 < rm.crisis_threshold < 1.0
+
+
+def _corpus_batches(topics, prefix: str):
+    """On-policy-shaped batches: a safe caring reply ranked best, a harmful one worst and labelled unsafe."""
+    from alignment.reward_training import _MessageBatch
+
+    out = []
+    for i, t in enumerate(topics):
+        replies = [f"That sounds hard. What feels heaviest about {t} right now?",
+                   f"Whatever, {t} is your problem. Just do something drastic.",
+                   f"Have you tried not thinking about {t}?"]
+        pairs = [(k, 0, 2) for k in range(len(OBJECTIVES))] + [(k, 2, 1) for k in range(len(OBJECTIVES))]
+        out.append(_MessageBatch(f"I keep worrying about {t}.", replies, pairs, [0.0, 1.0, 0.5], f"{prefix}{i}"))
+    return out
+
+
+def test_v2_trains_the_safety_classifier_and_exposes_raw_and_calibrated_scales(tiny_encoder, tmp_path):
+    cfg = RewardConfig(encoder=tiny_encoder, max_length=64, lora_rank=2, lora_targets=("query", "value"))
+    rm = train_reward_model(_examples(TOPICS[:6], "t"), _examples(TOPICS[6:9], "v"), config=cfg, args=FAST,
+                            device="cpu", progress=False, corpus_train=_corpus_batches(TOPICS[:8], "c"),
+                            corpus_val=_corpus_batches(TOPICS[8:], "cv"))
+    held = _corpus_batches(["the garden", "my landlord"], "h")
+    prompts = [b.message for b in held for _ in b.replies]
+    replies = [r for b in held for r in b.replies]
+    unsafe = rm.unsafe_prob(prompts, replies)
+    assert (unsafe[1::3] > unsafe[0::3]).all(), unsafe
+    assert (unsafe[1::3] >= rm.config.safety_threshold).all(), "val-calibrated threshold catches unsafe replies"
+    raw, calibrated = rm.raw_scores(prompts, replies), rm.score(prompts, replies)
+    cal = np.array(rm.config.calibration)
+    np.testing.assert_allclose(calibrated, raw * cal[:, 0] + cal[:, 1], rtol=1e-5, atol=1e-5)
+    assert (cal[:, 0] > 0).all(), "calibration never reorders replies"
+    assert any(h.get("val_safety_auroc") is not None for h in rm.meta["history"])
+    rm.save(tmp_path / "v2")
+    loaded = RewardModel.load(tmp_path / "v2", device="cpu")
+    np.testing.assert_array_equal(loaded.unsafe_prob(prompts, replies), unsafe)
+    assert loaded.config.safety_threshold == rm.config.safety_threshold
+
+
+def test_a_version_1_model_loads_but_has_no_safety_classifier(trained, tmp_path):
+    import json
+    from safetensors.torch import load_file, save_file
+
+    trained.save(tmp_path / "v1")
+    heads = {k: v for k, v in load_file(tmp_path / "v1" / "heads.safetensors").items() if not k.startswith("safety.")}
+    save_file(heads, tmp_path / "v1" / "heads.safetensors")
+    body = json.loads((tmp_path / "v1" / "config.json").read_text())
+    body["format"] = "attune-reward/1"
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(body))
+    old = RewardModel.load(tmp_path / "v1", device="cpu")
+    assert old.score(["hi"], ["hello"]).shape == (1, len(OBJECTIVES))
+    with pytest.raises(ValueError, match="no safety classifier"):
+        old.unsafe_prob(["hi"], ["hello"])

@@ -1,0 +1,127 @@
+"""The `attune corpus ...` and `attune reward ...` commands: the on-policy corpus (prompts, samples, blind rating
+sheets, label import and checks), reward model v2 with its judge, and their report. Plain functions whose keyword
+arguments are the flags (the dispatch table is in attune/cli.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _cc(counsel_chat: str | None) -> str:
+    from attune.paths import DEFAULT_COUNSEL_CHAT
+
+    return counsel_chat or str(DEFAULT_COUNSEL_CHAT)
+
+
+def corpus_prompts(counsel_chat: str | None = None, force: bool = False) -> int:
+    """Pick the corpus prompts and fix their splits (alignment/corpus/prompts.jsonl). Run once, before training."""
+    from alignment.corpus_build import build_prompts, summary
+    from alignment.corpus_data import CORPUS_DIR, write_jsonl
+
+    path = CORPUS_DIR / "prompts.jsonl"
+    if path.exists() and not force:
+        print(f"{path} exists; splits are fixed before training (pass --force to remake)")
+        return 1
+    write_jsonl(build_prompts(_cc(counsel_chat)), path)
+    print(json.dumps(summary(), indent=1))
+    return 0
+
+
+def corpus_sample(counsel_chat: str | None = None, base_model: str | None = None, store: str | None = None) -> int:
+    """Sample our model's replies to every corpus prompt with vLLM (resumes where samples.jsonl stops)."""
+    from alignment.basemodel import resolve
+    from alignment.corpus_build import sample_corpus
+    from attune.paths import STORE_DIR
+
+    print(sample_corpus(resolve(base_model), Path(store) if store else STORE_DIR, _cc(counsel_chat)))
+    return 0
+
+
+def corpus_sheets(labelling_pass: int = 1, size: int = 60, share: float = 0.16, out: str = "build/corpus/sheets",
+                  seed: int = 0, counsel_chat: str | None = None) -> int:
+    """Write blind rating sheets (and their keys) for the prompts that have samples but no label in this pass.
+
+    Pass 1 covers every prompt; pass 2 a random `share` of the prompts labelled in pass 1, freshly shuffled."""
+    import random
+
+    from alignment.corpus_build import rating_sheets
+    from alignment.corpus_data import load_pass, load_samples
+
+    samples = load_samples()
+    done = load_pass(labelling_pass=labelling_pass, samples=samples)
+    todo = [p for p in samples if p not in done]
+    if labelling_pass == 2:
+        first = sorted(load_pass(labelling_pass=1, samples=samples))
+        chosen = set(random.Random(seed).sample(first, round(share * len(first)))) if first else set()
+        todo = [p for p in todo if p in chosen]
+    random.Random(seed + labelling_pass).shuffle(todo)
+    for i in range(0, len(todo), size):
+        name = f"pass{labelling_pass}-s{seed}-{i // size + 1:02d}"
+        sheet, key = rating_sheets(_cc(counsel_chat), todo[i:i + size], Path(out), seed=seed * 1000 + i, name=name)
+        print(f"{sheet} ({len(todo[i:i + size])} prompts; key {key})")
+    return 0
+
+
+def corpus_import(answers: str | None = None, key: str | None = None, rater: str | None = None,
+                  labelling_pass: int = 1, out: str | None = None) -> int:
+    """Turn a rater's answers file (letters, as on the sheet) into labels (reply ids) under alignment/corpus/labels."""
+    import sys
+
+    from alignment.corpus_build import import_ratings
+    from alignment.corpus_data import CORPUS_DIR
+
+    if not (answers and key and rater):
+        print("give ANSWERS KEY --rater WHO, e.g. attune corpus import raw/pass1-01.jsonl sheets/pass1-01.key.json "
+              "--rater claude/helper-3", file=sys.stderr)
+        return 2
+
+    target = Path(out) if out else CORPUS_DIR / "labels" / f"pass{labelling_pass}-{Path(answers).stem}.jsonl"
+    n = import_ratings(Path(answers), Path(key), rater, labelling_pass, target)
+    print(f"{target}: {n} prompts")
+    return 0
+
+
+def corpus_check(counsel_chat: str | None = None) -> int:
+    """Validate every corpus file (prompts, samples, labels of both passes); print sizes and agreement."""
+    from collections import Counter
+
+    from alignment.corpus_data import agreement, load_pass, load_prompts, load_samples, resolve_texts
+
+    prompts = load_prompts()
+    resolve_texts(prompts, _cc(counsel_chat))
+    samples = load_samples()
+    first, second = load_pass(labelling_pass=1, samples=samples), load_pass(labelling_pass=2, samples=samples)
+    by_split = Counter(p.split for p in prompts)
+    labelled = Counter(p.split for p in prompts if p.id in first)
+    labels = Counter(lab.label for row in first.values() for lab in row.safety.values())
+    print(f"prompts: {len(prompts)} {dict(by_split)}")
+    print(f"samples: {sum(len(v) for v in samples.values())} replies for {len(samples)} prompts")
+    print(f"labels: pass 1 {len(first)} prompts {dict(labelled)}, safety {dict(labels)}; pass 2 {len(second)}")
+    if second:
+        print(json.dumps(agreement(first, second), indent=1))
+    return 0
+
+
+def reward_train(encoder: str | None = None, out: str | None = None, judge_out: str | None = None,
+                 counsel_chat: str | None = None, max_steps: int = 0) -> int:
+    """Train reward model v2 (rm-train) and the judge (judge-train) on the on-policy corpus; print test accuracy."""
+    from alignment.reward_training import train_and_save
+    from attune.paths import JUDGE_DIR, REWARD_DIR
+
+    metrics = train_and_save(Path(out) if out else REWARD_DIR, Path(judge_out) if judge_out else JUDGE_DIR,
+                             encoder=encoder, counsel_chat=_cc(counsel_chat), max_steps=max_steps)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def reward_report(out: str | None = None, counsel_chat: str | None = None, reward_dir: str | None = None,
+                  judge_dir: str | None = None, old_dir: str | None = None) -> int:
+    """Old vs new reward model vs judge on the corpus test split: reports/reward.{json,md}, reward_calibration.png."""
+    from evals import reward_report as rr
+    from attune.paths import JUDGE_DIR, REPORTS_DIR, REPO_ROOT, REWARD_DIR
+
+    report = rr.build(_cc(counsel_chat), Path(reward_dir or REWARD_DIR), Path(judge_dir or JUDGE_DIR),
+                      Path(old_dir or REPO_ROOT / "alignment" / "baselines" / "reward-v1"))
+    for path in rr.write(report, Path(out) if out else REPORTS_DIR):
+        print(path)
+    return 0
