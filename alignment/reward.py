@@ -71,7 +71,11 @@ class RewardConfig:
     always reads the frozen base encoder, so that its anchors keep their meaning."""
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("query", "value")
-    """Encoder module names that get LoRA (BERT/RoBERTa naming)."""
+    """Encoder module names that get LoRA (BERT/RoBERTa naming; q_proj/v_proj for Llama-style models)."""
+    lora_layers: tuple[int, ...] = ()
+    """Layer indices that get LoRA; () = every layer. Upper layers only keep the backward pass short."""
+    bf16: bool = False
+    """Run the encoder under bfloat16 autocast on CPU (about 1.5-2x faster on AVX-512 BF16 machines)."""
     head_hidden: int = 0
     """Hidden width of the objective heads' shared layer; 0 = six linear heads."""
     calibration: list[list[float]] = field(default_factory=lambda: [[1.0, 3.0]] * len(OBJECTIVES))
@@ -96,6 +100,7 @@ class RewardConfig:
         if len(self.crisis_fusion) != 4 or min(self.crisis_fusion[1], self.crisis_fusion[3]) <= 0:
             raise ValueError("crisis_fusion is (mean, std, mean, std) with positive stds")
         self.lora_targets = tuple(self.lora_targets)
+        self.lora_layers = tuple(self.lora_layers)
         self.crisis_anchors = tuple(self.crisis_anchors)
 
 
@@ -147,7 +152,8 @@ class RewardModel:
 
             encoder = get_peft_model(encoder, LoraConfig(
                 r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.1,
-                target_modules=list(config.lora_targets)))
+                target_modules=list(config.lora_targets),
+                **({"layers_to_transform": list(config.lora_layers)} if config.lora_layers else {})))
         self.encoder = encoder.to(self.device).eval()
         self.heads = _Heads(encoder.config.hidden_size, config.head_hidden).to(self.device).eval()
         self._anchors: torch.Tensor | None = None
@@ -182,7 +188,9 @@ class RewardModel:
             batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, padding="max_length",
                                        max_length=length, return_tensors="pt").to(self.device)
             seg = torch.tensor([segments[i] + [_PAD] * (length - len(segments[i])) for i in idx], device=self.device)
-            parts.append(pool(self.encoder(**batch).last_hidden_state, seg))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+                hidden = self.encoder(**batch).last_hidden_state
+            parts.append(pool(hidden.float(), seg))
             order += idx
         out = torch.cat(parts)
         inverse = torch.empty(len(order), dtype=torch.long, device=self.device)

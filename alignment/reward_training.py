@@ -49,6 +49,8 @@ class TrainArgs:
     """Safety threshold: the highest unsafe_prob threshold that catches this share of unsafe val replies."""
     max_steps: int = 0
     """Stop after this many optimiser steps in all (0 = no limit; tests use a few)."""
+    bf16: bool = False
+    """Train under bfloat16 autocast (CPU or GPU); the saved model scores in its config's precision."""
 
     def __post_init__(self):
         if min(self.epochs, self.messages_per_step) < 1 or self.crisis_steps < 0:
@@ -234,7 +236,9 @@ def _train_objectives(rm: RewardModel, batches, val_batches, args: TrainArgs, se
             val_cache = encode(val_batches) if val_batches else None
     order, rng = list(range(len(batches))), random.Random(seed)
     history, best, best_score, best_epoch, steps = [], None, -1.0, None, 0
+    inference_bf16 = rm.config.bf16
     for epoch in range(1, args.epochs + 1):
+        rm.config.bf16 = inference_bf16 or args.bf16
         rng.shuffle(order)
         rm.heads.train()
         rm.encoder.train(not cached)
@@ -260,6 +264,7 @@ def _train_objectives(rm: RewardModel, batches, val_batches, args: TrainArgs, se
                 break
         rm.heads.eval()
         rm.encoder.eval()
+        rm.config.bf16 = inference_bf16
         record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4) if losses else None}
         if val_batches and args.select_on_val:
             with torch.no_grad():
@@ -435,9 +440,10 @@ def counsel_chat_crisis_negatives(source) -> list[str]:
 # SmolLM2-135M-Instruct (another encoder, pretrained on other data) with a LoRA on q/v, on judge-train prompts only.
 REWARD_CONFIG = dict(encoder=DEFAULT_ENCODER, lora_rank=16, lora_alpha=32,
                      lora_targets=("query", "key", "value", "dense"), max_length=320)
-REWARD_ARGS = dict(epochs=4, messages_per_step=4, lr=2e-3, lora_lr=1e-3, crisis_steps=300)
-JUDGE_CONFIG = dict(encoder="smollm2-135m-instruct", lora_rank=8, lora_alpha=16, lora_targets=("q_proj", "v_proj"),
-                    max_length=320, crisis_anchors=())
+REWARD_ARGS = dict(epochs=3, messages_per_step=4, lr=2e-3, lora_lr=1e-3, crisis_steps=300, bf16=True)
+JUDGE_CONFIG = dict(encoder="smollm2-135m-instruct", lora_rank=8, lora_alpha=16,
+                    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_layers=tuple(range(22, 30)),
+                    max_length=320, crisis_anchors=(), bf16=True)
 JUDGE_ARGS = dict(epochs=2, messages_per_step=4, lr=2e-3, lora_lr=1e-3, select_on_val=False, crisis_steps=0)
 
 

@@ -75,7 +75,9 @@ def corpus_import(answers: str | None = None, key: str | None = None, rater: str
               "--rater claude/helper-3", file=sys.stderr)
         return 2
 
-    target = Path(out) if out else CORPUS_DIR / "labels" / f"pass{labelling_pass}-{Path(answers).stem}.jsonl"
+    stem = Path(answers).stem
+    stem = stem if stem.startswith(f"pass{labelling_pass}-") else f"pass{labelling_pass}-{stem}"
+    target = Path(out) if out else CORPUS_DIR / "labels" / f"{stem}.jsonl"
     n = import_ratings(Path(answers), Path(key), rater, labelling_pass, target)
     print(f"{target}: {n} prompts")
     return 0

@@ -241,8 +241,9 @@ def _kv_bytes(e) -> int | None:
 @serve.deployment(name="RewardScorer", max_ongoing_requests=64, max_queued_requests=256, max_surge_percent=100,
                   graceful_shutdown_timeout_s=30, ray_actor_options={"num_cpus": 0.25})
 class RewardScorer:
-    """The reward model: six scores per (message, reply) and a crisis probability per message, batched. The safety
-    threshold is calibrated once at start on the seed val split (never on ../shared/eval)."""
+    """The reward model: six scores per (message, reply) and a crisis probability per message, batched. The gate's
+    safety threshold is the safety classifier's, calibrated on the corpus rm-val split (reward model v2); a model
+    without a classifier is calibrated once at start on the seed val split. Never on ../shared/eval."""
 
     def __init__(self, config: dict, test_hooks: bool = False):
         import torch
@@ -253,11 +254,11 @@ class RewardScorer:
         _serve_logs()
         cfg = ServeConfig.model_validate(config)
         self.base = base = Scorer.load(cfg.reward_dir)
-        threshold, detail = calibrate_safety_threshold(val_safety_pairs(base))
+        threshold, detail = base.classifier_threshold() or calibrate_safety_threshold(val_safety_pairs(base))
         self.info_ = ScorerInfo(base.crisis_threshold, threshold, detail)
         self.faulty = FaultyScorer(base) if test_hooks else None
         self.batching = BatchingScorer(self.faulty or base)
-        log.info("scorer ready: safety threshold %.3f calibrated on val (%s)", threshold, detail)
+        log.info("scorer ready: safety threshold %.3f (%s)", threshold, detail)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def score(self, items: list[tuple[str, str]]) -> list[dict[str, float]]:

@@ -18,6 +18,11 @@ class RewardModelLike(Protocol):
     def crisis_prob(self, messages: list[str]): ...  # -> array [N]
 
 
+def classifier_scale(unsafe_prob: float) -> float:
+    """The safety classifier's P(unsafe) on the gate's 1-5 safety scale: 5 = surely safe, 1 = surely unsafe."""
+    return 5.0 - 4.0 * float(unsafe_prob)
+
+
 class ScorerError(RuntimeError):
     """The scorer could not produce scores; the gate treats the reply as unscored (fails closed)."""
 
@@ -27,6 +32,17 @@ class Scorer:
 
     def __init__(self, reward_model: RewardModelLike):
         self.reward_model = reward_model
+        self.classifier = bool(getattr(reward_model, "has_safety_classifier", False))
+        """With a safety classifier (reward model v2), the "safety" score is the classifier's view on the 1-5
+        scale (classifier_scale), which is what the gate compares with its threshold."""
+
+    def classifier_threshold(self) -> tuple[float, dict] | None:
+        """The gate threshold on the 1-5 scale from the classifier's own (rm-val calibrated) threshold, or None."""
+        if not self.classifier:
+            return None
+        t = float(self.reward_model.config.safety_threshold)
+        return classifier_scale(t), {"method": "safety classifier", "split": "rm-val (on-policy corpus)",
+                                     "unsafe_prob_threshold": round(t, 4), "threshold": round(classifier_scale(t), 4)}
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str | None = None) -> "Scorer":
@@ -57,7 +73,11 @@ class Scorer:
         if len(rows) != len(prompts) or any(len(r) != len(OBJECTIVES) for r in rows):
             raise ScorerError(f"reward model returned shape {getattr(rows, 'shape', len(rows))}, "
                               f"expected ({len(prompts)}, {len(OBJECTIVES)})")
-        return [{o: float(v) for o, v in zip(OBJECTIVES, row)} for row in rows]
+        out = [{o: float(v) for o, v in zip(OBJECTIVES, row)} for row in rows]
+        if self.classifier:
+            for row, p in zip(out, self.reward_model.unsafe_prob(list(prompts), list(replies))):
+                row["safety"] = classifier_scale(p)
+        return out
 
     def crisis(self, messages: Sequence[str]) -> list[float]:
         if not messages:

@@ -1,6 +1,6 @@
 """Generation under the safety gate: engine deltas (stop strings, token usage), whole replies gated with bounded
 regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release.
-Also the gate's setup: the safety threshold from config, or calibrated on the seed val split.
+Also the gate's setup: the safety threshold from config, or the calibrated one (reward model v2: its safety classifier's, on rm-val).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class ScorerInfo:
     crisis_threshold: float
     """The crisis head's calibrated threshold (from the reward model)."""
     safety_threshold: float | None = None
-    """The safety threshold calibrated on the seed val split (used unless ServeConfig sets one)."""
+    """The calibrated safety threshold on the 1-5 scale (used unless ServeConfig sets one)."""
     calibration: dict = field(default_factory=dict)
 
 
@@ -75,7 +75,7 @@ class GateSetup:
         if config.safety_threshold is not None:
             threshold, source = config.safety_threshold, "config"
         elif info.safety_threshold is not None:
-            threshold, source = info.safety_threshold, "calibrated on the seed val split"
+            threshold, source = info.safety_threshold, f"calibrated on {info.calibration.get('split', 'val')}"
         else:
             raise ValueError("no safety threshold: set safety_threshold or give the scorer a calibration")
         resources = {loc: [r.model_dump() for r in rs] for loc, rs in config.crisis_resources.items()}

@@ -1,0 +1,66 @@
+"""The serving scorer: with a safety classifier (reward model v2) the gate's "safety" score is the classifier's view
+on the 1-5 scale and the gate threshold comes from the classifier's rm-val threshold; the shipped reward folder is
+refused when its files no longer match the store manifest."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from adapters.integrity import IntegrityError
+from alignment.objectives import OBJECTIVES
+from serving.scorer import Scorer, classifier_scale
+
+
+class _Config:
+    safety_threshold = 0.25
+
+
+class V2Like:
+    crisis_threshold = 0.5
+    has_safety_classifier = True
+    config = _Config()
+
+    def score(self, prompts, replies):
+        return np.full((len(prompts), len(OBJECTIVES)), 3.0)
+
+    def unsafe_prob(self, prompts, replies):
+        return np.array([0.9 if "jump" in r else 0.05 for r in replies])
+
+    def crisis_prob(self, messages):
+        return np.zeros(len(messages))
+
+
+def test_the_classifier_drives_the_safety_score_and_the_gate_threshold():
+    scorer = Scorer(V2Like())
+    rows = scorer.score(["I feel low."] * 2, ["That sounds heavy.", "Just jump."])
+    assert rows[0]["safety"] == pytest.approx(classifier_scale(0.05)) and rows[1]["safety"] == pytest.approx(1.4)
+    assert rows[0]["empathy"] == 3.0 and set(rows[0]) == set(OBJECTIVES)
+    threshold, detail = scorer.classifier_threshold()
+    assert threshold == pytest.approx(4.0) and detail["method"] == "safety classifier"
+    assert rows[0]["safety"] >= threshold > rows[1]["safety"]
+
+
+def test_a_model_without_classifier_keeps_its_safety_head():
+    class V1Like(V2Like):
+        has_safety_classifier = False
+
+    scorer = Scorer(V1Like())
+    assert scorer.classifier_threshold() is None
+    assert scorer.score(["x"], ["Just jump."])[0]["safety"] == 3.0
+
+
+def test_the_shipped_reward_folder_must_match_the_manifest(tmp_path, monkeypatch):
+    from attune import paths
+
+    store = tmp_path / "store"
+    shutil.copytree(paths.STORE_DIR, store, ignore=shutil.ignore_patterns("modpo-*", "dpo-*", "sft", "soup-*",
+                                                                            "joint-*", "judge"))
+    monkeypatch.setattr(paths, "REWARD_DIR", store / "reward")
+    Scorer.load(store / "reward")
+    with open(store / "reward" / "heads.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(IntegrityError, match="heads.safetensors"):
+        Scorer.load(store / "reward")
