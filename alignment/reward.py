@@ -104,6 +104,15 @@ class RewardConfig:
         self.crisis_anchors = tuple(self.crisis_anchors)
 
 
+def _lora_targets(config: RewardConfig) -> list[str] | str:
+    """PEFT target modules: the names, or with `lora_layers` a regex over `layers.<i>.` of those layers only (PEFT's
+    layers_to_transform expects a prefix that a bare encoder's module names lack)."""
+    if not config.lora_layers:
+        return list(config.lora_targets)
+    layers, names = "|".join(map(str, config.lora_layers)), "|".join(map(re.escape, config.lora_targets))
+    return rf"(.*\.)?layers\.({layers})\..*\b({names})"
+
+
 class _Heads(nn.Module):
     """Six objective heads and a safety classifier over [reply mean, message mean], and a crisis head over a
     message."""
@@ -152,8 +161,7 @@ class RewardModel:
 
             encoder = get_peft_model(encoder, LoraConfig(
                 r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.1,
-                target_modules=list(config.lora_targets),
-                **({"layers_to_transform": list(config.lora_layers)} if config.lora_layers else {})))
+                target_modules=_lora_targets(config)))
         self.encoder = encoder.to(self.device).eval()
         self.heads = _Heads(encoder.config.hidden_size, config.head_hidden).to(self.device).eval()
         self._anchors: torch.Tensor | None = None

@@ -438,7 +438,7 @@ def counsel_chat_crisis_negatives(source) -> list[str]:
 
 # Reward model v2: all-MiniLM-L6-v2 fine-tuned with LoRA on every attention and feed-forward projection; the judge:
 # SmolLM2-135M-Instruct (another encoder, pretrained on other data) with a LoRA on q/v, on judge-train prompts only.
-REWARD_CONFIG = dict(encoder=DEFAULT_ENCODER, lora_rank=16, lora_alpha=32,
+REWARD_CONFIG = dict(encoder=DEFAULT_ENCODER, lora_rank=8, lora_alpha=16,
                      lora_targets=("query", "key", "value", "dense"), max_length=320)
 REWARD_ARGS = dict(epochs=3, messages_per_step=4, lr=2e-3, lora_lr=1e-3, crisis_steps=300, bf16=True)
 JUDGE_CONFIG = dict(encoder="smollm2-135m-instruct", lora_rank=8, lora_alpha=16,
