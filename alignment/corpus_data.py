@@ -323,3 +323,51 @@ def disagreements(first: dict[str, LabelRow], second: dict[str, LabelRow], min_t
         if labels or objs:
             rows.append({"prompt_id": pid, "safety_replies": labels, "objectives": objs})
     return rows
+
+
+class Adjudication(BaseModel):
+    """How one disagreement between the passes was settled: for a safety label, the label kept; for a ranking,
+    which pass's ranking of that objective is kept."""
+    model_config = ConfigDict(extra="forbid")
+    prompt_id: str
+    kind: Literal["safety", "ranking"]
+    reply_id: str | None = None
+    objective: str | None = None
+    pass1: str
+    pass2: str
+    decision: str = Field(description="safety: 'label:reason' or 'safe'; ranking: 'pass1' or 'pass2'")
+    adjudicator: str
+    note: str = ""
+
+
+def load_adjudicated(corpus_dir: Path = CORPUS_DIR) -> list[Adjudication]:
+    path = corpus_dir / "labels" / "adjudicated.jsonl"
+    return _parse(Adjudication, path) if path.exists() else []
+
+
+def training_labels(corpus_dir: Path = CORPUS_DIR, samples: dict[str, list[SampleReply]] | None = None
+                    ) -> dict[str, LabelRow]:
+    """Pass-1 labels with the adjudicated decisions applied (what the reward model trains and is tested on)."""
+    samples = samples if samples is not None else load_samples(corpus_dir)
+    labels = load_pass(corpus_dir, 1, samples)
+    second = load_pass(corpus_dir, 2, samples)
+    path = corpus_dir / "labels" / "adjudicated.jsonl"
+    for lineno, a in enumerate(load_adjudicated(corpus_dir), 1):
+        row = labels.get(a.prompt_id)
+        if row is None:
+            raise DataError(f"{path}:{lineno}: field 'prompt_id': {a.prompt_id!r} has no pass-1 label")
+        if a.kind == "safety":
+            if a.reply_id not in row.safety:
+                raise DataError(f"{path}:{lineno}: field 'reply_id': {a.reply_id!r} is not a reply of {a.prompt_id!r}")
+            label, _, reason = a.decision.partition(":")
+            try:
+                row.safety[a.reply_id] = SafetyLabel(label=label, reason=reason or "none")
+            except ValidationError as e:
+                raise DataError(f"{path}:{lineno}: field 'decision': {e.errors()[0]['msg']}") from None
+        else:
+            if a.objective not in OBJECTIVES or a.decision not in ("pass1", "pass2"):
+                raise DataError(f"{path}:{lineno}: field 'objective'/'decision': a ranking adjudication names one "
+                                f"of {list(OBJECTIVES)} and decides 'pass1' or 'pass2'")
+            if a.decision == "pass2":
+                row.rank[a.objective] = dict(second[a.prompt_id].rank[a.objective])
+    return labels

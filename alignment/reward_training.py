@@ -451,13 +451,13 @@ def corpus_training_sets(counsel_chat: str | Path, corpus_dir: Path | None = Non
     """The corpus and seed data per split, by prompt: seed examples whose message is a corpus prompt follow that
     prompt's split (the seed test split is in none); labelled on-policy batches per split; crisis-labelled
     authored messages of rm-train."""
-    from alignment.corpus_data import CORPUS_DIR, load_pass, load_prompts, load_samples, resolve_texts
+    from alignment.corpus_data import CORPUS_DIR, load_prompts, load_samples, resolve_texts, training_labels
     from alignment.data import load_seed
 
     corpus_dir = corpus_dir or CORPUS_DIR
     prompts = load_prompts(corpus_dir)
     samples = load_samples(corpus_dir)
-    labels = load_pass(corpus_dir, 1, samples)
+    labels = training_labels(corpus_dir, samples)
     texts = resolve_texts([p for p in prompts if p.id in labels], counsel_chat, corpus_dir)
     seed_split = {p.ref: p.split for p in prompts if p.source == "seed"}
     seed = load_seed()
@@ -492,7 +492,6 @@ def train_and_save(out_dir: str | Path | None = None, judge_dir: str | Path | No
         config=RewardConfig(**{**REWARD_CONFIG, **({"encoder": encoder} if encoder else {})}),
         args=TrainArgs(**REWARD_ARGS, max_steps=max_steps), corpus_train=sets["rm-train"]["corpus"],
         corpus_val=sets["rm-val"]["corpus"], crisis_messages=sets["crisis_messages"])
-    rm.save(out_dir)
     judge = train_reward_model(
         sets["judge-train"]["seed"], [], progress=progress, train_crisis=False,
         config=RewardConfig(**{**JUDGE_CONFIG, **({"encoder": judge_encoder} if judge_encoder else {})}),
@@ -500,10 +499,24 @@ def train_and_save(out_dir: str | Path | None = None, judge_dir: str | Path | No
     judge.meta["note"] = ("evaluation only: trained on judge-train prompts; its calibration and threshold are "
                           "in-sample, on judge-train")
     _calibrate_in_sample(judge, sets["judge-train"]["corpus"])
+    # Backbone choice, on rm-val: the same recipe on the same judge-train data with each offline encoder.
+    twin = train_reward_model(
+        sets["judge-train"]["seed"], [], progress=progress, train_crisis=False,
+        config=RewardConfig(**{**REWARD_CONFIG, **({"encoder": encoder} if encoder else {})}),
+        args=TrainArgs(**{**REWARD_ARGS, "epochs": JUDGE_ARGS["epochs"], "select_on_val": False}, max_steps=max_steps),
+        corpus_train=sets["judge-train"]["corpus"])
+    val = sets["rm-val"]["corpus"]
+    rm.meta["backbone_selection"] = {
+        "data": "judge-train (both), scored on rm-val on-policy pairs",
+        "candidates": {twin.config.encoder: corpus_accuracy(twin, val), judge.config.encoder: corpus_accuracy(judge, val)},
+        "chosen_model_on_rm_val": corpus_accuracy(rm, val),
+        "rejected": {"all-mpnet-base-v2 (split-zip wheels)": "the parts declare no licence and depend on an "
+                     "unrelated package (AAIT); not depended on"}}
+    rm.save(out_dir)
     judge.save(judge_dir)
     _register(out_dir, judge_dir)
     test = sets["test"]["corpus"]
-    return {"labelled_prompts": sets["labelled_prompts"],
+    return {"labelled_prompts": sets["labelled_prompts"], "backbone_selection": rm.meta["backbone_selection"],
             "train_seconds": {"reward": rm.meta["train_seconds"], "judge": judge.meta["train_seconds"]},
             "test_pairwise_accuracy": {"reward": corpus_accuracy(rm, test), "judge": corpus_accuracy(judge, test)},
             "saved": [str(out_dir), str(judge_dir)]}

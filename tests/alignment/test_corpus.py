@@ -154,3 +154,23 @@ def test_the_shipped_corpus_keeps_counsel_chat_val_out(counsel_chat_csv):
     assert refs and not refs & val
     texts = cd.resolve_texts(cd.load_prompts(), counsel_chat_csv)
     assert all(texts.values())
+
+
+def test_adjudicated_decisions_override_pass_one_and_bad_lines_are_named(corpus):
+    ids = _ids(corpus, "au-002")
+    _write_labels(corpus, [_label("au-002", ids, "A>B>C")])
+    second = _label("au-002", ids, "C>B>A", unsafe=1, labelling_pass=2)
+    _write_labels(corpus, [second], "pass2-a.jsonl")
+    rows = [{"prompt_id": "au-002", "kind": "safety", "reply_id": ids[1], "pass1": "safe", "pass2": "unsafe:misses_risk",
+             "decision": "unsafe:misses_risk", "adjudicator": "claude/adj"},
+            {"prompt_id": "au-002", "kind": "ranking", "objective": "empathy", "pass1": "A>B>C", "pass2": "C>B>A",
+             "decision": "pass2", "adjudicator": "claude/adj"}]
+    path = _write_labels(corpus, rows, "adjudicated.jsonl")
+    labels = cd.training_labels(corpus)
+    assert labels["au-002"].safety[ids[1]].label == "unsafe" and labels["au-002"].rank["empathy"][ids[2]] == 1
+    assert labels["au-002"].rank["safety"][ids[0]] == 1, "objectives not adjudicated keep pass 1"
+    assert cd.load_pass(corpus, 1)["au-002"].safety[ids[1]].label == "safe", "pass 1 itself is unchanged"
+    rows[0]["reply_id"] = "rnothere"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"adjudicated.jsonl:1: field 'reply_id'"):
+        cd.training_labels(corpus)
