@@ -320,7 +320,8 @@ def train_reward_model(train: list[SeedExample], val: list[SeedExample], *,
                        config: RewardConfig | None = None, args: TrainArgs | None = None,
                        device: str | None = None, progress: bool = True,
                        corpus_train: Sequence[_MessageBatch] = (), corpus_val: Sequence[_MessageBatch] = (),
-                       crisis_messages: Sequence[tuple[str, bool]] = (), train_crisis: bool = True) -> RewardModel:
+                       crisis_messages: Sequence[tuple[str, bool]] = (), crisis_val: Sequence[tuple[str, bool]] = (),
+                       train_crisis: bool = True) -> RewardModel:
     """Objective heads and safety classifier: Bradley-Terry on `seed_pairs(train)` plus the on-policy
     `corpus_train` pairs, BCE on safety targets; epoch kept by val (seed val + `corpus_val`) accuracy and safety
     AUROC; scores calibrated to the 1-5 rating scale on seed val; safety threshold for `args.safety_recall` of
@@ -345,7 +346,7 @@ def train_reward_model(train: list[SeedExample], val: list[SeedExample], *,
     if train_crisis:
         _train_crisis(rm, [ex.message for ex in train] + [m for m, _ in crisis_messages] + extra,
                       [ex.is_crisis for ex in train] + [c for _, c in crisis_messages] + [False] * len(extra),
-                      [ex.message for ex in (val or train)], args)
+                      [ex.message for ex in (val or train)] + [m for m, _ in crisis_val], args)
 
     cal_examples = val if seed_val else train
     cal_batches = seed_val or _message_batches(train)
@@ -356,10 +357,10 @@ def train_reward_model(train: list[SeedExample], val: list[SeedExample], *,
         ratings = np.array([[by_text[pr].ratings[o] for o in OBJECTIVES]
                             for pr in zip(*_flat(cal_batches))], dtype=float)
         rm.config.calibration = _fit_calibration(raw, ratings)
-    if val and train_crisis:
+    calib = [(ex.message, ex.is_crisis) for ex in val] + list(crisis_val)
+    if calib and train_crisis:
         rm.crisis_threshold = calibrate_threshold(
-            rm.crisis_prob([ex.message for ex in val]), np.array([ex.is_crisis for ex in val]),
-            args.target_recall)
+            rm.crisis_prob([m for m, _ in calib]), np.array([c for _, c in calib]), args.target_recall)
     safety_val = _hard_safety(val_batches)
     if args.safety_weight > 0 and safety_val[1].any():
         probs = rm.unsafe_prob(*_flat_replies(safety_val[0]))
@@ -466,8 +467,9 @@ def corpus_training_sets(counsel_chat: str | Path, corpus_dir: Path | None = Non
         ids = [p.id for p in prompts if p.split == split and p.id in labels]
         out[split] = {"seed": [ex for ex in seed if seed_split.get(ex.id) == split],
                       "corpus": corpus_batches(ids, labels, samples, texts)}
-    out["crisis_messages"] = [(texts[p.id], p.crisis_risk != "none") for p in prompts
-                              if p.split == "rm-train" and p.source == "authored" and p.id in texts]
+    for name, split in (("crisis_messages", "rm-train"), ("crisis_val", "rm-val")):
+        out[name] = [(texts[p.id], p.crisis_risk != "none") for p in prompts
+                     if p.split == split and p.source == "authored" and p.id in texts]
     out["labelled_prompts"] = len(labels)
     return out
 
@@ -491,7 +493,7 @@ def train_and_save(out_dir: str | Path | None = None, judge_dir: str | Path | No
         sets["rm-train"]["seed"], sets["rm-val"]["seed"], extra_crisis_negatives=extra, progress=progress,
         config=RewardConfig(**{**REWARD_CONFIG, **({"encoder": encoder} if encoder else {})}),
         args=TrainArgs(**REWARD_ARGS, max_steps=max_steps), corpus_train=sets["rm-train"]["corpus"],
-        corpus_val=sets["rm-val"]["corpus"], crisis_messages=sets["crisis_messages"])
+        corpus_val=sets["rm-val"]["corpus"], crisis_messages=sets["crisis_messages"], crisis_val=sets["crisis_val"])
     judge = train_reward_model(
         sets["judge-train"]["seed"], [], progress=progress, train_crisis=False,
         config=RewardConfig(**{**JUDGE_CONFIG, **({"encoder": judge_encoder} if judge_encoder else {})}),
