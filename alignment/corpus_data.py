@@ -15,7 +15,7 @@ from typing import Iterable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from alignment.data import DataError
+from alignment.data import DataError, check_six
 from alignment.objectives import OBJECTIVES
 from attune.paths import REPO_ROOT
 
@@ -83,12 +83,7 @@ class LabelRow(BaseModel):
     @field_validator("rank")
     @classmethod
     def _six_rankings(cls, v: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-        unknown = sorted(set(v) - set(OBJECTIVES))
-        if unknown:
-            raise ValueError(f"unknown objective(s) {unknown}; expected {list(OBJECTIVES)}")
-        missing = [o for o in OBJECTIVES if o not in v]
-        if missing:
-            raise ValueError(f"missing ranking(s) for {missing}")
+        check_six(v, "ranking")
         for o, ranks in v.items():
             if any(r < 1 for r in ranks.values()):
                 raise ValueError(f"ranks for {o!r} must be >= 1 (1 = best)")

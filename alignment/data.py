@@ -32,6 +32,16 @@ class DataError(ValueError):
     """Malformed data; the message names the file, the line and the field."""
 
 
+def check_six(keys, what: str) -> None:
+    """ValueError unless `keys` names each of the six objectives exactly once (what: 'rating', 'ranking')."""
+    unknown = sorted(set(keys) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"unknown objective(s) {unknown}; expected {list(OBJECTIVES)}")
+    missing = [o for o in OBJECTIVES if o not in keys]
+    if missing:
+        raise ValueError(f"missing {what}(s) for {missing}")
+
+
 class Reply(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, description="A candidate reply from a supporter.")
@@ -40,12 +50,7 @@ class Reply(BaseModel):
     @field_validator("ratings")
     @classmethod
     def _six_ratings(cls, v: dict[str, int]) -> dict[str, int]:
-        unknown = sorted(set(v) - set(OBJECTIVES))
-        if unknown:
-            raise ValueError(f"unknown objective(s) {unknown}; expected {list(OBJECTIVES)}")
-        missing = [o for o in OBJECTIVES if o not in v]
-        if missing:
-            raise ValueError(f"missing rating(s) for {missing}")
+        check_six(v, "rating")
         for o, r in v.items():
             if not RATING_MIN <= r <= RATING_MAX:
                 raise ValueError(f"rating for {o!r} is {r}; must be {RATING_MIN}-{RATING_MAX}")
