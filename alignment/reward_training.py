@@ -440,11 +440,11 @@ def counsel_chat_crisis_negatives(source) -> list[str]:
 # Reward model v2: all-MiniLM-L6-v2 fine-tuned with LoRA on every attention and feed-forward projection; the judge:
 # SmolLM2-135M-Instruct (another encoder, pretrained on other data) with a LoRA on q/v, on judge-train prompts only.
 REWARD_CONFIG = dict(encoder=DEFAULT_ENCODER, lora_rank=8, lora_alpha=16,
-                     lora_targets=("query", "key", "value", "dense"), max_length=320)
+                     lora_targets=("query", "key", "value", "dense"), max_length=256)
 REWARD_ARGS = dict(epochs=3, messages_per_step=4, lr=2e-3, lora_lr=1e-3, crisis_steps=300, bf16=True)
 JUDGE_CONFIG = dict(encoder="smollm2-135m-instruct", lora_rank=8, lora_alpha=16,
                     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_layers=tuple(range(22, 30)),
-                    max_length=320, crisis_anchors=(), bf16=True)
+                    max_length=256, crisis_anchors=(), bf16=True)
 JUDGE_ARGS = dict(epochs=2, messages_per_step=4, lr=2e-3, lora_lr=1e-3, select_on_val=False, crisis_steps=0)
 
 
