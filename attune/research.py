@@ -104,14 +104,15 @@ def corpus_check(counsel_chat: str | None = None) -> int:
     return 0
 
 
-def reward_train(encoder: str | None = None, out: str | None = None, judge_out: str | None = None,
-                 counsel_chat: str | None = None, max_steps: int = 0) -> int:
+def reward_train(encoder: str | None = None, judge_encoder: str | None = None, out: str | None = None,
+                 judge_out: str | None = None, counsel_chat: str | None = None, max_steps: int = 0) -> int:
     """Train reward model v2 (rm-train) and the judge (judge-train) on the on-policy corpus; print test accuracy."""
     from alignment.reward_training import train_and_save
     from attune.paths import JUDGE_DIR, REWARD_DIR
 
     metrics = train_and_save(Path(out) if out else REWARD_DIR, Path(judge_out) if judge_out else JUDGE_DIR,
-                             encoder=encoder, counsel_chat=_cc(counsel_chat), max_steps=max_steps)
+                             encoder=encoder, judge_encoder=judge_encoder, counsel_chat=_cc(counsel_chat),
+                             max_steps=max_steps)
     print(json.dumps(metrics, indent=2))
     return 0
 
