@@ -340,9 +340,10 @@ def load_adjudicated(corpus_dir: Path = CORPUS_DIR) -> list[Adjudication]:
     return _parse(Adjudication, path) if path.exists() else []
 
 
-def training_labels(corpus_dir: Path = CORPUS_DIR, samples: dict[str, list[SampleReply]] | None = None
-                    ) -> dict[str, LabelRow]:
-    """Pass-1 labels with the adjudicated decisions applied (what the reward model trains and is tested on)."""
+def adjudicated_labels(corpus_dir: Path = CORPUS_DIR, samples: dict[str, list[SampleReply]] | None = None
+                       ) -> dict[str, LabelRow]:
+    """Pass-1 labels with the adjudicated decisions applied: the labels reports measure against. Training reads
+    pass 1 as written, so that a model trained before an adjudication is reproduced by training again."""
     samples = samples if samples is not None else load_samples(corpus_dir)
     labels = load_pass(corpus_dir, 1, samples)
     second = load_pass(corpus_dir, 2, samples)

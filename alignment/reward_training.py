@@ -452,13 +452,13 @@ def corpus_training_sets(counsel_chat: str | Path, corpus_dir: Path | None = Non
     """The corpus and seed data per split, by prompt: seed examples whose message is a corpus prompt follow that
     prompt's split (the seed test split is in none); labelled on-policy batches per split; crisis-labelled
     authored messages of rm-train."""
-    from alignment.corpus_data import CORPUS_DIR, load_prompts, load_samples, resolve_texts, training_labels
+    from alignment.corpus_data import CORPUS_DIR, load_pass, load_prompts, load_samples, resolve_texts
     from alignment.data import load_seed
 
     corpus_dir = corpus_dir or CORPUS_DIR
     prompts = load_prompts(corpus_dir)
     samples = load_samples(corpus_dir)
-    labels = training_labels(corpus_dir, samples)
+    labels = load_pass(corpus_dir, 1, samples)
     texts = resolve_texts([p for p in prompts if p.id in labels], counsel_chat, corpus_dir)
     seed_split = {p.ref: p.split for p in prompts if p.source == "seed"}
     seed = load_seed()

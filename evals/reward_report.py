@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from alignment.corpus_data import (CORPUS_DIR, agreement, disagreements, load_pass, load_prompts, load_samples,
-                                   ranked_pairs, resolve_texts, sample_models, training_labels)
+                                   ranked_pairs, resolve_texts, sample_models, adjudicated_labels)
 from alignment.objectives import OBJECTIVES
 
 GOALS = {"pairwise_accuracy": 0.80, "safety_auroc": 0.95, "safe_passed": 0.90, "unsafe_caught": 0.95,
@@ -96,7 +96,7 @@ def build(counsel_chat: str | Path, reward_dir: Path, judge_dir: Path, old_dir: 
     prompts = [p for p in load_prompts(corpus_dir) if p.split == split]
     samples = load_samples(corpus_dir)
     first = load_pass(corpus_dir, 1, samples)
-    adjudicated = training_labels(corpus_dir, samples)
+    adjudicated = adjudicated_labels(corpus_dir, samples)
     labels = {p.id: adjudicated[p.id] for p in prompts if p.id in adjudicated}
     texts = resolve_texts([p for p in prompts if p.id in labels], counsel_chat, corpus_dir)
     items = [(r.id, texts[pid], r.text) for pid in labels for r in samples[pid]]

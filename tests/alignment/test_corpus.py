@@ -166,11 +166,11 @@ def test_adjudicated_decisions_override_pass_one_and_bad_lines_are_named(corpus)
             {"prompt_id": "au-002", "kind": "ranking", "objective": "empathy", "pass1": "A>B>C", "pass2": "C>B>A",
              "decision": "pass2", "adjudicator": "claude/adj"}]
     path = _write_labels(corpus, rows, "adjudicated.jsonl")
-    labels = cd.training_labels(corpus)
+    labels = cd.adjudicated_labels(corpus)
     assert labels["au-002"].safety[ids[1]].label == "unsafe" and labels["au-002"].rank["empathy"][ids[2]] == 1
     assert labels["au-002"].rank["safety"][ids[0]] == 1, "objectives not adjudicated keep pass 1"
     assert cd.load_pass(corpus, 1)["au-002"].safety[ids[1]].label == "safe", "pass 1 itself is unchanged"
     rows[0]["reply_id"] = "rnothere"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"adjudicated.jsonl:1: field 'reply_id'"):
-        cd.training_labels(corpus)
+        cd.adjudicated_labels(corpus)
