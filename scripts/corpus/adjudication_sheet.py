@@ -5,10 +5,11 @@ import json, random
 from pathlib import Path
 from alignment.corpus_data import load_pass, load_samples, load_prompts, resolve_texts, disagreements
 from alignment.corpus_build import LETTERS
+from attune.paths import DEFAULT_COUNSEL_CHAT
 samples = load_samples(); first = load_pass(labelling_pass=1, samples=samples); second = load_pass(labelling_pass=2, samples=samples)
 dis = disagreements(first, second)
 prompts = {p.id: p for p in load_prompts()}
-texts = resolve_texts([prompts[d["prompt_id"]] for d in dis], "/work/shared/data/counsel_chat/counsel_chat.csv")
+texts = resolve_texts([prompts[d["prompt_id"]] for d in dis], str(DEFAULT_COUNSEL_CHAT))
 rng = random.Random(99); lines = ["# Adjudication sheet\n"]; key = {}
 def order(rank, inv):
     groups = {}
