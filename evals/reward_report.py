@@ -137,6 +137,7 @@ def build(counsel_chat: str | Path, reward_dir: Path, judge_dir: Path, old_dir: 
         row = report["unsafe_by_writer"].setdefault(models_of[r], {"replies": 0, "unsafe": 0, "borderline": 0})
         row["replies"] += 1
         row[lab] = row.get(lab, 0) + 1 if lab != "safe" else row.get("safe", 0) + 1
+    report["backbone_selection"] = new.meta.get("backbone_selection")
     report["training"] = {"reward model v2": {k: new.meta.get(k) for k in ("train_seconds", "best_epoch", "device")},
                           "judge": {k: judge.meta.get(k) for k in ("train_seconds", "best_epoch", "device")},
                           "encoders": {"reward model v2": new.config.encoder, "judge": judge.config.encoder,
@@ -207,6 +208,15 @@ def markdown(report: dict) -> str:
               f"{t['reward model v2']['train_seconds']} s ({t['reward model v2']['device']})",
               f"- judge: `{t['encoders']['judge']}`, trained in {t['judge']['train_seconds']} s",
               f"- old reward model: `{t['encoders']['old reward model']}` (frozen encoder, heads on the seed set)", ""]
+    sel = report.get("backbone_selection")
+    if sel:
+        lines += ["## Backbone selection (rm-val pairwise accuracy)", "", f"Same recipe, same data: {sel['data']}.", "",
+                  "| encoder | " + " | ".join(OBJECTIVES) + " |", "|---|" + "---|" * len(OBJECTIVES)]
+        for enc, acc in sel["candidates"].items():
+            lines.append(f"| {enc} | " + " | ".join(_fmt(acc.get(o)) for o in OBJECTIVES) + " |")
+        lines.append("| shipped reward model (rm-train) | " + " | ".join(
+            _fmt(sel["chosen_model_on_rm_val"].get(o)) for o in OBJECTIVES) + " |")
+        lines += [""] + [f"Not used: {k}: {v}." for k, v in sel.get("rejected", {}).items()] + [""]
     return "\n".join(lines)
 
 
