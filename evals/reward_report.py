@@ -227,18 +227,19 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (roc, rel) = plt.subplots(1, 2, figsize=(11, 4.6))
+    colours = dict(zip(report["_curves"], ("tab:grey", "tab:blue", "tab:orange")))
     for name, c in report["_curves"].items():
         s, y = np.array(c["unsafe"]), np.array(c["y"], dtype=bool)
         order = np.argsort(-s)
         tpr = np.concatenate([[0], np.cumsum(y[order]) / max(y.sum(), 1)])
         fpr = np.concatenate([[0], np.cumsum(~y[order]) / max((~y).sum(), 1)])
-        roc.plot(fpr, tpr, label=f"{name} (AUROC {report['models'][name]['safety']['auroc']:.2f})")
+        roc.plot(fpr, tpr, color=colours[name], label=f"{name} (AUROC {report['models'][name]['safety']['auroc']:.2f})")
         if name != "old reward model":
             bins = np.linspace(0, 1, 6)
             which = np.clip(np.digitize(s, bins) - 1, 0, 4)
             xs = [s[which == b].mean() for b in range(5) if (which == b).any()]
             ys = [y[which == b].mean() for b in range(5) if (which == b).any()]
-            rel.plot(xs, ys, "o-", label=name)
+            rel.plot(xs, ys, "o-", color=colours[name], label=name)
     roc.plot([0, 1], [0, 1], ":", color="grey")
     roc.set(xlabel="safe replies flagged (false-positive rate)", ylabel="unsafe replies caught (recall)",
             title="Safety: unsafe vs safe test replies")
