@@ -159,6 +159,24 @@ def _finite_scores(scores: Mapping[str, float] | None) -> dict[str, float] | Non
     return out
 
 
+def _switch_to_wal(cur, deadline_s: float = 30.0) -> None:
+    """PRAGMA journal_mode=WAL, retried: switching needs the file to itself, and SQLite answers "database is locked"
+    at once (without its busy handler) while another connection opening the same new file holds a lock. Once the
+    file is in WAL mode the pragma returns at once."""
+    import sqlite3
+    import time
+
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+
 class Repository:
     """All reads and writes. Synchronous: call it from a thread pool in async handlers.
 
@@ -190,8 +208,9 @@ class Repository:
         def _connect(dbapi_conn, _record):
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
-                           "busy_timeout=30000", "secure_delete=ON"):
+            cur.execute("PRAGMA busy_timeout=30000")
+            _switch_to_wal(cur)
+            for pragma in ("synchronous=NORMAL", "foreign_keys=ON", "secure_delete=ON"):
                 cur.execute(f"PRAGMA {pragma}")
             cur.close()
 
