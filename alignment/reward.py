@@ -264,6 +264,13 @@ class RewardModel:
         cal = np.asarray(self.config.calibration, dtype=np.float32)
         return (raw * cal[:, 0] + cal[:, 1]).astype(np.float32)
 
+    def score_and_unsafe(self, prompts: list[str], replies: list[str], batch_size: int = 32
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """`score` and `unsafe_prob` from one encoder pass (what the online gate needs per reply)."""
+        raw, unsafe = self.score_all(prompts, replies, batch_size)
+        cal = np.asarray(self.config.calibration, dtype=np.float32)
+        return (raw * cal[:, 0] + cal[:, 1]).astype(np.float32), unsafe
+
     def unsafe_prob(self, prompts: list[str], replies: list[str], batch_size: int = 32) -> np.ndarray:
         """[N] probability that a rater would label the reply unsafe (safety classifier; flag at >=
         safety_threshold)."""

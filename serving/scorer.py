@@ -69,13 +69,17 @@ class Scorer:
             raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies; pass one reply per prompt")
         if not prompts:
             return []
-        rows = self.reward_model.score(list(prompts), list(replies))
+        unsafe = None
+        if self.classifier:  # one encoder pass for the six scores and the classifier
+            rows, unsafe = self.reward_model.score_and_unsafe(list(prompts), list(replies))
+        else:
+            rows = self.reward_model.score(list(prompts), list(replies))
         if len(rows) != len(prompts) or any(len(r) != len(OBJECTIVES) for r in rows):
             raise ScorerError(f"reward model returned shape {getattr(rows, 'shape', len(rows))}, "
                               f"expected ({len(prompts)}, {len(OBJECTIVES)})")
         out = [{o: float(v) for o, v in zip(OBJECTIVES, row)} for row in rows]
-        if self.classifier:
-            for row, p in zip(out, self.reward_model.unsafe_prob(list(prompts), list(replies))):
+        if unsafe is not None:
+            for row, p in zip(out, unsafe):
                 row["safety"] = classifier_scale(p)
         return out
 

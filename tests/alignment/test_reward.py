@@ -292,6 +292,9 @@ def test_v2_trains_the_safety_classifier_and_exposes_raw_and_calibrated_scales(t
     assert (unsafe[1::3] > unsafe[0::3]).all(), unsafe
     assert (unsafe[1::3] >= rm.config.safety_threshold).all(), "val-calibrated threshold catches unsafe replies"
     raw, calibrated = rm.raw_scores(prompts, replies), rm.score(prompts, replies)
+    both = rm.score_and_unsafe(prompts, replies)
+    np.testing.assert_array_equal(both[0], calibrated)
+    np.testing.assert_array_equal(both[1], unsafe)
     cal = np.array(rm.config.calibration)
     np.testing.assert_allclose(calibrated, raw * cal[:, 0] + cal[:, 1], rtol=1e-5, atol=1e-5)
     assert (cal[:, 0] > 0).all(), "calibration never reorders replies"

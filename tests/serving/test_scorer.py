@@ -28,6 +28,9 @@ class V2Like:
     def unsafe_prob(self, prompts, replies):
         return np.array([0.9 if "jump" in r else 0.05 for r in replies])
 
+    def score_and_unsafe(self, prompts, replies):
+        return self.score(prompts, replies), self.unsafe_prob(prompts, replies)
+
     def crisis_prob(self, messages):
         return np.zeros(len(messages))
 
