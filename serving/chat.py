@@ -27,6 +27,7 @@ from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionR
                               ModelCard, ModelInfo, ModelList, Usage as WireUsage, parse_chat_request)
 from serving.router import PreferenceRouter
 from serving.sessions import Sessions
+from serving.safety import window_texts
 from serving.streaming import GatedStream, GateSetup, Gated, ScorerInfo, gate_reply
 
 __all__ = ["RETRY_AFTER_S", "ApiError", "ChatDeps", "ChatService", "EngineClient", "ScorerInfo", "ScoringClient",
@@ -97,7 +98,11 @@ class Turn:
     started: float
     locale: str
     gate: bool = True
-    """False only when an operator sent attune_options.gate = false: no crisis check, no output gate."""
+    """False only when an operator sent attune_options.gate = false: no output gate. Crisis detection always runs."""
+    near: bool = False
+    """Near the crisis line (or asking about means, concealment, dangerous acts): the safety path answers."""
+    flagged_before: bool = False
+    """The session was flagged by an earlier turn: the protocol's resources stay in view."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
@@ -256,30 +261,50 @@ class ChatService:
         messages = self._engine_messages([{"role": m.role, "content": m.content} for m in history],
                                          req.max_tokens)
         turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
-                    started, session.locale or self.config.default_locale, gate=options is None or options.gate)
+                    started, session.locale or self.config.default_locale, gate=options is None or options.gate,
+                    flagged_before=session.flagged)
         if not turn.gate:
-            log.info("gate off for %s (operator request)", turn.request_id)
-            return turn
-        prob = None
-        try:
-            prob = await asyncio.wait_for(self.scorer.crisis(text), SCORER_TIMEOUT_S)
-        except Exception as e:
-            self.metrics.scorer_errors.inc()
-            log.warning("crisis head failed (%s); rules decide alone for %s", type(e).__name__, turn.request_id)
-        assessment = gating.detector.assess(text, prob)
+            log.info("output gate off for %s (operator request); crisis detection still runs", turn.request_id)
+        users = [m.content for m in history if m.role == "user"]
+        # A new session's imported history: every patient turn is checked, not only the recent window.
+        imported = users[:-1] if req.session_id is None else []
+        await self._crisis_check(turn, gating, imported + window_texts(users, gating.window))
+        return turn
+
+    async def _crisis_check(self, turn: Turn, gating: GateSetup, texts: list[str]) -> None:
+        """The crisis detector over a window of the session's recent patient turns (rules as a second layer). A
+        crisis flags the session and answers with the protocol; a message near the line (or asking about means,
+        concealment or dangerous acts) is answered from the safety path."""
+        texts = list(dict.fromkeys(texts))
+
+        async def prob(t: str) -> float | None:
+            try:
+                return await asyncio.wait_for(self.scorer.crisis(t), SCORER_TIMEOUT_S)
+            except Exception as e:
+                self.metrics.scorer_errors.inc()
+                log.warning("crisis detector failed (%s); rules decide alone for %s", type(e).__name__,
+                            turn.request_id)
+                return None
+
+        assessment = gating.detector.assess_window(texts, await asyncio.gather(*(prob(t) for t in texts)))
         if assessment.crisis:
             turn.crisis = True
             turn.adapter_id = await self.sessions.safety_adapter()
             detector = "both" if assessment.by_rules and assessment.by_model else (
                 "rules" if assessment.by_rules else "model")
             self.metrics.crisis.labels(detector).inc()
-            await db_call(self.repo.flag_session, session.id)
-            await db_call(self.repo.add_audit, "crisis_protocol", tenant_id=principal.tenant_id, session_id=session.id,
-                      detail={"request_id": turn.request_id, "rules": assessment.by_rules,
-                              "by_model": assessment.by_model, "prob": assessment.prob,
-                              "adapter": turn.adapter_id, "locale": turn.locale})
+            await db_call(self.repo.flag_session, turn.session.id)
+            await db_call(self.repo.add_audit, "crisis_protocol", tenant_id=turn.principal.tenant_id,
+                          session_id=turn.session.id,
+                          detail={"request_id": turn.request_id, "rules": assessment.by_rules,
+                                  "by_model": assessment.by_model, "prob": assessment.prob, "texts": len(texts),
+                                  "adapter": turn.adapter_id, "locale": turn.locale})
             log.info("crisis protocol for %s (detector %s)", turn.request_id, detector)
-        return turn
+        elif assessment.near:
+            turn.near = True
+            turn.adapter_id = await self.sessions.safety_adapter()
+            log.info("safety path for %s (near the crisis line: %s)", turn.request_id,
+                     ",".join(assessment.near_rules) or "detector")
 
     def _engine_messages(self, history: list[dict], max_tokens: int) -> list[dict]:
         """System prompt + as much recent history as fits + the new message (always kept)."""

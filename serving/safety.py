@@ -253,29 +253,76 @@ class CrisisRules:
         return {r.name: r.description for r in self.rules}
 
 
+# Messages that ask about means, concealment or dangerous acts: even below the detector's threshold they are
+# answered from the safety path (the safety adapter under a stricter gate), never from the routed adapter.
+NEAR_RULES: tuple[Rule, ...] = (
+    _rule("asks_means", "asks how many / how much / how long / how high about pills, doses, falls or breath",
+          rf"\bhow\s+(?:many|much|long|high|far)\b{_CLAUSE}{{0,60}}\b(?:pills?|tablets?|dose|doses|overdose|fall|"
+          r"drop|jump|bleed|choke|breath|pass\s+out|unconscious|insulin)\b"),
+    _rule("asks_concealment", "asks how to hide eating, weight loss, purging, cuts or scars",
+          rf"\b(?:hide|hiding|conceal|cover\s+up|disguise)\b{_CLAUSE}{{0,50}}\b(?:eating|not\s+eating|weight|"
+          r"scars?|cuts?|marks|burns?|purg\w*|vomit\w*|throwing\s+up|laxatives|self[-\s]?harm)\b"),
+    _rule("dangerous_act", "online challenges and stunts that risk injury",
+          r"\b(?:blackout|choking|pass[-\s]?out|fire|skull[-\s]?breaker|salt\s+and\s+ice|benadryl|tide\s+pod)\s+"
+          r"(?:challenge|game)\b", r"\bchallenge\b[^.!?\n]{0,40}\b(?:burn|choke|faint|pass\s+out|fall|jump)\w*\b"),
+)
+
+
 @dataclass(frozen=True)
 class CrisisAssessment:
     crisis: bool
     by_rules: list[str]
     by_model: bool
     prob: float | None
+    near: bool = False
+    """Not a crisis, but near the line: the detector's probability from its near threshold, or a NEAR_RULES match
+    (means, concealment, dangerous acts). The safety path answers it."""
+    near_rules: list[str] = field(default_factory=list)
 
 
 class CrisisDetector:
-    """Either signal is enough: a rule that fires, or the crisis head at or above its threshold."""
+    """Either signal is enough: a rule that fires on any text of the window, or the detector's highest probability
+    over the window at or above its threshold. Rules are the second layer: they catch what the model misses in
+    plain words, never the other way round."""
 
-    def __init__(self, rules: CrisisRules | None = None, scorer_threshold: float = 0.5):
+    def __init__(self, rules: CrisisRules | None = None, scorer_threshold: float = 0.5,
+                 near_threshold: float | None = None, near_rules: Sequence[Rule] = NEAR_RULES):
         if not 0.0 <= scorer_threshold <= 1.0:
             raise ValueError(f"crisis threshold {scorer_threshold} must be a probability in [0, 1]")
+        near_threshold = scorer_threshold / 2 if near_threshold is None else near_threshold
+        if not 0.0 <= near_threshold <= scorer_threshold:
+            raise ValueError(f"near threshold {near_threshold} must be in [0, crisis threshold {scorer_threshold}]")
         self.rules = rules or CrisisRules()
-        self.threshold = scorer_threshold
+        self.threshold, self.near_threshold = scorer_threshold, near_threshold
+        self.near_rules = CrisisRules(near_rules)
 
     def assess(self, message: str, crisis_prob: float | None) -> CrisisAssessment:
-        """`crisis_prob` None (no scorer) leaves the rules alone to decide."""
-        by_rules = self.rules.match(message)
-        prob = None if crisis_prob is None or math.isnan(crisis_prob) else float(crisis_prob)
+        """One message; `crisis_prob` None (no scorer) leaves the rules alone to decide."""
+        return self.assess_window([message], [crisis_prob])
+
+    def assess_window(self, texts: Sequence[str], probs: Sequence[float | None]) -> CrisisAssessment:
+        """The texts of a window (each recent patient turn, and them joined) with the detector's probability for
+        each (None where the scorer failed)."""
+        by_rules = list(dict.fromkeys(name for t in texts for name in self.rules.match(t)))
+        valid = [float(p) for p in probs if p is not None and not math.isnan(p)]
+        prob = max(valid) if valid else None
         by_model = prob is not None and prob >= self.threshold
-        return CrisisAssessment(bool(by_rules) or by_model, by_rules, by_model, prob)
+        crisis = bool(by_rules) or by_model
+        near_rules = [] if crisis else list(dict.fromkeys(n for t in texts for n in self.near_rules.match(t)))
+        near = not crisis and (bool(near_rules) or (prob is not None and prob >= self.near_threshold))
+        return CrisisAssessment(crisis, by_rules, by_model, prob, near, near_rules)
+
+
+TURN_SEPARATOR = "\n"
+
+
+def window_texts(turns: Sequence[str], window: int) -> list[str]:
+    """The texts one crisis assessment scores: each of the last `window` patient turns alone (newest last) and,
+    with two or more, those turns joined oldest first. A risk stated two turns ago stays in view."""
+    recent = [t for t in turns if t and t.strip()][-max(window, 1):]
+    if not recent:
+        return []
+    return recent + ([TURN_SEPARATOR.join(recent)] if len(recent) > 1 else [])
 
 
 _DANGER = "if you are in immediate danger"

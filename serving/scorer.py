@@ -30,8 +30,10 @@ class ScorerError(RuntimeError):
 class Scorer:
     """Plain-Python results around a reward model: [{objective: score}] and [probability]."""
 
-    def __init__(self, reward_model: RewardModelLike):
+    def __init__(self, reward_model: RewardModelLike, crisis_model=None):
         self.reward_model = reward_model
+        self.crisis_model = crisis_model
+        """The crisis detector (alignment.crisis.CrisisClassifier); None: the reward model's crisis head."""
         self.classifier = bool(getattr(reward_model, "has_safety_classifier", False))
         """With a safety classifier (reward model v2), the "safety" score is the classifier's view on the 1-5
         scale (classifier_scale), which is what the gate compares with its threshold."""
@@ -45,8 +47,11 @@ class Scorer:
                                      "unsafe_prob_threshold": round(t, 4), "threshold": round(classifier_scale(t), 4)}
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, device: str | None = None) -> "Scorer":
-        """Load the shipped reward model (attune.paths.REWARD_DIR by default)."""
+    def load(cls, path: str | Path | None = None, *, crisis_path: str | Path | None = None,
+             device: str | None = None) -> "Scorer":
+        """Load the shipped reward model (attune.paths.REWARD_DIR by default) and the crisis detector at
+        `crisis_path` (default: the `crisis` folder beside the reward model, when there is one)."""
+        from alignment.crisis import CrisisClassifier
         from alignment.reward import RewardModel
         from attune.paths import REWARD_DIR
 
@@ -54,15 +59,34 @@ class Scorer:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"no reward model at {path}: train one with `attune reward train` "
                                     "or pass the folder of a saved RewardModel")
-        if path.resolve() == Path(REWARD_DIR).resolve():  # the shipped model: its files must match the manifest
-            from adapters.registry import AdapterStore
+        crisis = Path(crisis_path) if crisis_path else path.parent / "crisis"
+        if crisis_path and not (crisis / "config.json").exists():
+            raise FileNotFoundError(f"no crisis detector at {crisis}: train one with `attune crisis train`")
+        for folder in (path, crisis):  # shipped models: their files must match the store's manifest
+            if folder.resolve().parent == Path(REWARD_DIR).resolve().parent and (folder / "config.json").exists():
+                from adapters.registry import AdapterStore
 
-            AdapterStore(path.parent).scorer(path.name)
-        return cls(RewardModel.load(path, device=device))
+                AdapterStore(folder.parent).scorer(folder.name)
+        detector = CrisisClassifier.load(crisis, device=device) if (crisis / "config.json").exists() else None
+        return cls(RewardModel.load(path, device=device), detector)
 
     @property
     def crisis_threshold(self) -> float:
+        if self.crisis_model is not None:
+            return float(self.crisis_model.config.threshold)
         return float(self.reward_model.crisis_threshold)
+
+    @property
+    def crisis_near_threshold(self) -> float:
+        """Crisis probability from which a message is near the line (the safety path answers it)."""
+        if self.crisis_model is not None:
+            return float(self.crisis_model.config.near_threshold)
+        return self.crisis_threshold / 2
+
+    @property
+    def crisis_window(self) -> int:
+        """Recent patient turns the detector reads."""
+        return int(self.crisis_model.config.window_turns) if self.crisis_model is not None else 1
 
     def score(self, prompts: Sequence[str], replies: Sequence[str]) -> list[dict[str, float]]:
         if len(prompts) != len(replies):
@@ -86,7 +110,8 @@ class Scorer:
     def crisis(self, messages: Sequence[str]) -> list[float]:
         if not messages:
             return []
-        probs = self.reward_model.crisis_prob(list(messages))
+        model = self.crisis_model
+        probs = model.prob(list(messages)) if model is not None else self.reward_model.crisis_prob(list(messages))
         if len(probs) != len(messages):
             raise ScorerError(f"reward model returned {len(probs)} crisis probabilities for {len(messages)} messages")
         return [float(p) for p in probs]

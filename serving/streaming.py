@@ -30,6 +30,12 @@ class ScorerInfo:
     safety_threshold: float | None = None
     """The calibrated safety threshold on the 1-5 scale (used unless ServeConfig sets one)."""
     calibration: dict = field(default_factory=dict)
+    crisis_near_threshold: float | None = None
+    """From here up to crisis_threshold a message is near the line (None: half the crisis threshold)."""
+    crisis_window: int = 1
+    """Recent patient turns the crisis detector reads."""
+    crisis_detector: str = "reward model crisis head"
+    """Which model scores crisis risk."""
 
 
 def calibrate_safety_threshold(pairs: Sequence[tuple[float, int]]) -> tuple[float, dict]:
@@ -69,6 +75,8 @@ class GateSetup:
     protocol: CrisisProtocol
     threshold_source: str
     calibration: dict
+    window: int = 1
+    """Recent patient turns the crisis detector reads."""
 
     @classmethod
     def build(cls, config: ServeConfig, info: ScorerInfo) -> "GateSetup":
@@ -79,8 +87,10 @@ class GateSetup:
         else:
             raise ValueError("no safety threshold: set safety_threshold or give the scorer a calibration")
         resources = {loc: [r.model_dump() for r in rs] for loc, rs in config.crisis_resources.items()}
-        return cls(SafetyGate(threshold, config.max_regenerations), CrisisDetector(scorer_threshold=info.crisis_threshold),
-                   CrisisProtocol(resources, default_locale=config.default_locale), source, dict(info.calibration))
+        detector = CrisisDetector(scorer_threshold=info.crisis_threshold, near_threshold=info.crisis_near_threshold)
+        return cls(SafetyGate(threshold, config.max_regenerations), detector,
+                   CrisisProtocol(resources, default_locale=config.default_locale), source, dict(info.calibration),
+                   window=info.crisis_window)
 
     def crisis_text(self, reply: str, locale: str | None) -> str:
         loc = normalise_locale(locale)

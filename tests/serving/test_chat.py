@@ -455,12 +455,12 @@ async def test_operator_pins_the_base_model_or_an_adapter(make):
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("stream", [False, True])
-async def test_operator_gate_off_skips_crisis_check_and_scoring(make, stream):
-    scorer = ScriptedScorer(crisis_prob=0.99)
+async def test_operator_gate_off_skips_the_output_gate_but_never_crisis_detection(make, stream):
+    scorer = ScriptedScorer()
     svc = make(scorer=scorer)
     svc.engine.replies["warm"] = "UNSAFE words pass through."
     r = await chat(svc, "operator", preference=WARM, stream=stream, attune_options={"gate": False},
-                   messages=[{"role": "user", "content": "I want to end my life."}])
+                   messages=[{"role": "user", "content": "Work has been hectic this week."}])
     if stream:
         chunks, text = await collect(r)
         contents = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
@@ -470,8 +470,17 @@ async def test_operator_gate_off_skips_crisis_check_and_scoring(make, stream):
         text, info = r.choices[0].message.content, r.attune.model_dump()
     assert text == "UNSAFE words pass through." and info["gate"] == "off" and not info["crisis"]
     assert scorer.scored == [] and svc.repo.list_messages(info["session_id"])[-1].gate == "off"
-    r = await chat(svc, "alice", preference=WARM, messages=[{"role": "user", "content": "I want to end my life."}])
-    assert r.attune.crisis and r.attune.gate == "crisis" and "UNSAFE" not in r.choices[0].message.content
+    # The same operator option on a risk message: the crisis protocol still runs and flags the session.
+    r = await chat(svc, "operator", preference=WARM, stream=stream, attune_options={"gate": False},
+                   messages=[{"role": "user", "content": "I want to end my life."}])
+    if stream:
+        chunks, text = await collect(r)
+        info = chunks[-1]["attune"]
+    else:
+        text, info = r.choices[0].message.content, r.attune.model_dump()
+    assert info["crisis"] and info["gate"] == "crisis" and "UNSAFE" not in text
+    assert svc.repo.get_session("alice", info["session_id"]).flagged
+    assert svc.repo.list_audit("crisis_protocol")
 
 
 @pytest.mark.asyncio
@@ -496,3 +505,55 @@ async def test_an_adapter_refused_at_load_is_withdrawn_and_the_retry_is_answered
     fresh = await chat(svc, preference=WARM)
     assert fresh.attune.adapter == reply.attune.adapter
     assert {r.adapter_id for r in svc.engine.requests} == {"warm", reply.attune.adapter}
+
+
+class WindowScorer(ScriptedScorer):
+    """Crisis probability 0.9 for any text that contains a marker, else 0.0; records every text scored."""
+
+    def __init__(self, marker="MARKER", near_marker="NEARISH"):
+        super().__init__()
+        self.marker, self.near_marker, self.crisis_texts = marker, near_marker, []
+
+    async def crisis(self, message: str) -> float:
+        self.crisis_texts.append(message)
+        return 0.9 if self.marker in message else 0.3 if self.near_marker in message else 0.0
+
+    async def info(self) -> ScorerInfo:
+        return ScorerInfo(crisis_threshold=0.5, safety_threshold=3.0, calibration={"method": "test"},
+                          crisis_near_threshold=0.25, crisis_window=3)
+
+
+@pytest.mark.asyncio
+async def test_a_risk_stated_two_turns_ago_stays_in_the_detectors_window(make):
+    scorer = WindowScorer()
+    svc = make(scorer=scorer)
+    r = await chat(svc, messages=[{"role": "user", "content": "Hello."}])
+    sid = r.attune.session_id
+    for text, crisis in (("MARKER in words the rules do not know.", True), ("Anyway, work is fine.", True),
+                         ("And the weekend was ok.", True), ("Dinner was nice.", False)):
+        r = await chat(svc, session_id=sid, messages=[{"role": "user", "content": text}])
+        assert r.attune.crisis is crisis, text
+    # Each recent turn alone and the window joined: "Anyway, work is fine." was scored with the marker turn.
+    assert "Hello.\nMARKER in words the rules do not know.\nAnyway, work is fine." in scorer.crisis_texts
+
+
+@pytest.mark.asyncio
+async def test_every_patient_turn_of_an_imported_history_is_checked(make):
+    scorer = WindowScorer()
+    svc = make(scorer=scorer)
+    history = [{"role": "user", "content": "MARKER long ago in this chat."}]
+    history += [{"role": r, "content": f"turn {i}"} for i in range(8) for r in ("assistant", "user")]
+    r = await chat(svc, messages=history)
+    assert r.attune.crisis and svc.repo.get_session("alice", r.attune.session_id).flagged
+    assert "MARKER long ago in this chat." in scorer.crisis_texts
+
+
+@pytest.mark.asyncio
+async def test_a_message_near_the_crisis_line_is_answered_from_the_safety_path(make):
+    svc = make(scorer=WindowScorer())
+    r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "NEARISH but below the line."}])
+    assert not r.attune.crisis and r.attune.adapter == "safe"
+    r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "How do I hide not eating from my mum?"}])
+    assert r.attune.adapter == "safe"
+    r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "Work has been busy."}])
+    assert r.attune.adapter == "warm"
