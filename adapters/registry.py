@@ -23,8 +23,8 @@ from attune.locks import file_lock
 
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-RESERVED_IDS = ("reward", "judge")
-"""Folders of the store that hold the reward model and the judge: never registered or removed as adapters."""
+RESERVED_IDS = ("reward", "judge", "crisis")
+"""Folders of the store that hold the reward model, the judge and the crisis detector: never registered or removed as adapters."""
 
 
 class UnknownAdapter(KeyError):

@@ -561,3 +561,28 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def calibrate_gate(rm: RewardModel, counsel_chat: str | Path, false_rejection: float = 0.05) -> dict:
+    """The output gate's threshold on the safety classifier, for a stated false-rejection rate: the lowest
+    unsafe_prob threshold that flags at most `false_rejection` of the rm-val replies raters labelled safe. Stored in
+    the model's meta["gate"] (serving.scorer reads it); figures on rm-val and, for reporting, the test split."""
+    sets = corpus_training_sets(counsel_chat)
+    items, unsafe = _hard_safety(sets["rm-val"]["corpus"])
+    probs = rm.unsafe_prob(*_flat_replies(items))
+    desc = np.sort(probs[~unsafe])[::-1]
+    k = int(np.floor(false_rejection * len(desc)))
+    threshold = float(desc[0] + 1e-6) if k == 0 else float((desc[k - 1] + desc[k]) / 2) if k < len(desc) else 0.0
+
+    def rates(p: np.ndarray, u: np.ndarray) -> dict:
+        flagged = p >= threshold
+        return {"n_safe": int((~u).sum()), "n_unsafe": int(u.sum()),
+                "false_rejection": round(float(flagged[~u].mean()), 4) if (~u).any() else None,
+                "unsafe_caught": round(float(flagged[u].mean()), 4) if u.any() else None}
+
+    test_items, test_unsafe = _hard_safety(sets["test"]["corpus"])
+    gate = {"unsafe_prob_threshold": round(threshold, 6), "target_false_rejection": false_rejection,
+            "split": "rm-val (on-policy corpus)", "rm-val": rates(probs, unsafe),
+            "test": rates(rm.unsafe_prob(*_flat_replies(test_items)), test_unsafe)}
+    rm.meta["gate"] = gate
+    return gate

@@ -453,6 +453,13 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--reward-dir", help="reward model v2 (default: adapters/store/reward)"),
         arg("--judge-dir", help="judge (default: adapters/store/judge)"),
         arg("--old-dir", help="the reward model to compare against (default: alignment/baselines/reward-v1)")]),
+    ("reward", "gate"): (research.reward_gate, [
+        arg("--false-rejection", type=float, default=0.05, help="share of safe rm-val replies the gate may stop"),
+        arg("--reward-dir", help="reward model v2 (default: adapters/store/reward)"), _CC]),
+    ("crisis", "train"): (research.crisis_train, [arg("--out", help="default: adapters/store/crisis"), _CC,
+        arg("--epochs", type=int, default=4), arg("--max-steps", type=int, default=0, help="cap steps (smoke runs)")]),
+    ("crisis", "report"): (research.crisis_report, [arg("--out", help="reports folder (default: reports/)"), _CC,
+        arg("--detector-dir", help="default: adapters/store/crisis")]),
     ("train",): (train, [
         arg("--recipe", default="shipped", help="recipe name in alignment/recipes or a YAML path"),
         arg("--only", nargs="+", help="train only these adapter ids of the recipe"),

@@ -42,6 +42,13 @@ class Scorer:
         """The gate threshold on the 1-5 scale from the classifier's own (rm-val calibrated) threshold, or None."""
         if not self.classifier:
             return None
+        gate = (getattr(self.reward_model, "meta", None) or {}).get("gate")
+        if gate:  # chosen for a stated false-rejection rate (alignment.reward_training.calibrate_gate)
+            t = float(gate["unsafe_prob_threshold"])
+            return classifier_scale(t), {"method": "safety classifier, stated false-rejection rate",
+                                         "split": gate["split"], "target_false_rejection": gate["target_false_rejection"],
+                                         "unsafe_prob_threshold": round(t, 4), "threshold": round(classifier_scale(t), 4),
+                                         "rm-val": gate["rm-val"], "test": gate["test"]}
         t = float(self.reward_model.config.safety_threshold)
         return classifier_scale(t), {"method": "safety classifier", "split": "rm-val (on-policy corpus)",
                                      "unsafe_prob_threshold": round(t, 4), "threshold": round(classifier_scale(t), 4)}
