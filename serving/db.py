@@ -7,6 +7,7 @@ transaction, so it is safe from concurrent handlers; no message text is ever log
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -16,13 +17,17 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from serving.migrations import upgrade as migrate
-from serving.records import (ApiKey, AuditEvent, Base, ChatSession, Feedback, Message, Tenant,  # noqa: F401
-                             UTCDateTime)
+from serving.records import (ApiKey, AuditEvent, Base, ChatSession, Feedback, Message, SessionFlag,  # noqa: F401
+                             Tenant, UTCDateTime, _now)
 
 Role = Literal["patient-app", "operator"]
 ROLES: tuple[str, ...] = ("patient-app", "operator")
 TEXT_KEYS = frozenset({"content", "text", "message", "prompt", "reply", "chosen", "rejected"})
 MAX_AUDIT_STRING = 200
+FLAG_STATUSES: tuple[str, ...] = ("open", "acknowledged", "all")
+CATEGORY_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+CLIENT_GATE = "client"
+"""Message.gate of an assistant turn the client wrote in a new session's request history (never generated here)."""
 
 
 class RecordNotFound(LookupError):
@@ -31,6 +36,23 @@ class RecordNotFound(LookupError):
 
 class RecordError(ValueError):
     """A write the store refuses; the message says what to change."""
+
+
+def _merge_detector(old: str, new: str | None) -> str:
+    """The detectors that fired over all of a session's flagged turns: "rules" and "model" together are "both"."""
+    parts = {p for d in (old, new) if d and d != "unknown" for p in (("rules", "model") if d == "both" else (d,))}
+    return "both" if parts == {"rules", "model"} else "+".join(sorted(parts))[:64] or "unknown"
+
+
+def _check_names(detector: str | None, categories) -> list[str]:
+    """The categories as a list, after checking that they and the detector are names, not text."""
+    names = [categories] if isinstance(categories, str) else list(categories or ())
+    bad = [str(c)[:40] for c in [*names, *([detector] if detector is not None else [])]
+           if not isinstance(c, str) or not CATEGORY_NAME.match(c)]
+    if bad:
+        raise RecordError(f"{bad} are not detector, rule or category names (1-64 letters, digits or '_.:-'); a "
+                          "flag record never holds message text")
+    return names
 
 
 def _check_audit_detail(value: Any, path: str = "detail") -> None:
@@ -197,12 +219,66 @@ class Repository:
             s.flush()
             return row
 
-    def flag_session(self, session_id: str) -> None:
+    def flag_session(self, session_id: str, *, detector: str | None = None,
+                     categories: list[str] | tuple[str, ...] | None = None) -> SessionFlag | None:
+        """Mark the session flagged and count one more flagged turn in its SessionFlag (created on the first; a new
+        turn reopens an acknowledged flag). `categories` are rule or category names, never text. None: no session."""
+        names, now = _check_names(detector, categories), _now()
         with self._tx.begin() as s:
-            s.execute(update(ChatSession).where(ChatSession.id == session_id).values(flagged=True))
+            sess = s.get(ChatSession, session_id, with_for_update=True)  # one flagger per session at a time
+            if sess is None:
+                return None
+            sess.flagged = True
+            flag = s.scalar(select(SessionFlag).where(SessionFlag.session_id == session_id))
+            if flag is None:
+                flag = SessionFlag(session_id=session_id, tenant_id=sess.tenant_id, flagged_turns=0, categories=[],
+                                   detector="unknown", first_flagged_at=now)
+                s.add(flag)
+            flag.flagged_turns += 1
+            flag.last_flagged_at = now
+            flag.detector = _merge_detector(flag.detector, detector)
+            flag.categories = sorted(set(flag.categories) | set(names))
+            flag.acknowledged_at = flag.acknowledged_by = None
+            s.flush()
+            return flag
+
+    def get_flag(self, session_id: str) -> SessionFlag | None:
+        with self._tx.begin() as s:
+            return s.scalar(select(SessionFlag).where(SessionFlag.session_id == session_id))
+
+    def list_flags(self, status: str = "open", tenant_id: str | None = None) -> list[SessionFlag]:
+        """Flags by status ("open": not acknowledged, erased or not), most recently flagged first."""
+        if status not in FLAG_STATUSES:
+            raise RecordError(f"status {status!r} is unknown; use one of {list(FLAG_STATUSES)}")
+        q = select(SessionFlag).order_by(SessionFlag.last_flagged_at.desc(), SessionFlag.id.desc())
+        if status != "all":
+            q = q.where(getattr(SessionFlag.acknowledged_at, "is_" if status == "open" else "is_not")(None))
+        if tenant_id is not None:
+            q = q.where(SessionFlag.tenant_id == tenant_id)
+        with self._tx.begin() as s:
+            return list(s.scalars(q).all())
+
+    def acknowledge_flag(self, session_id: str, by: int) -> SessionFlag:
+        """A human has seen the flag (`by`: the operator's key id); acknowledging twice keeps the first."""
+        with self._tx.begin() as s:
+            flag = s.scalar(select(SessionFlag).where(SessionFlag.session_id == session_id).with_for_update())
+            if flag is None:
+                raise RecordNotFound(f"session {session_id!r} has no flag")
+            if flag.acknowledged_at is None:
+                flag.acknowledged_at, flag.acknowledged_by = _now(), by
+                s.add(AuditEvent(tenant_id=flag.tenant_id, session_id=session_id, kind="flag_acknowledged",
+                                 detail={"key_id": by, "flagged_turns": flag.flagged_turns}))
+            s.flush()
+            return flag
+
+    def find_session(self, session_id: str) -> ChatSession | None:
+        """Any tenant's session, erased ones included: for operators, who check `deleted` themselves."""
+        with self._tx.begin() as s:
+            return s.get(ChatSession, session_id)
 
     def delete_session(self, tenant_id: str, session_id: str) -> bool:
-        """Erase the session's messages and feedback; keep a tombstone and an audit event without content."""
+        """Erase the session's messages and feedback; keep a tombstone, its flag (marked erased) and an audit event
+        without content."""
         with self._tx.begin() as s:
             row = self._owned(s, tenant_id, session_id)
             if row is None:
@@ -210,6 +286,7 @@ class Repository:
             n_feedback = s.execute(delete(Feedback).where(Feedback.session_id == session_id)).rowcount
             n_messages = s.execute(delete(Message).where(Message.session_id == session_id)).rowcount
             row.deleted = True
+            s.execute(update(SessionFlag).where(SessionFlag.session_id == session_id).values(erased_at=_now()))
             s.add(AuditEvent(tenant_id=tenant_id, session_id=session_id, kind="session_deleted",
                              detail={"messages_erased": n_messages, "feedback_erased": n_feedback}))
         if self.engine.dialect.name == "sqlite":
@@ -327,6 +404,16 @@ class Repository:
 
     def count_messages(self, session_id: str | None = None) -> int:
         return self._count(Message, *([Message.session_id == session_id] if session_id else []))
+
+    def message_counts(self, session_ids: list[str]) -> dict[str, int]:
+        """{session id: messages stored} for each of `session_ids` (0 when erased or empty)."""
+        counts = dict.fromkeys(session_ids, 0)
+        with self._tx.begin() as s:
+            for i in range(0, len(session_ids), 500):  # SQLite caps the bound parameters of one statement
+                chunk = session_ids[i:i + 500]
+                counts.update(s.execute(select(Message.session_id, func.count()).where(
+                    Message.session_id.in_(chunk)).group_by(Message.session_id)).tuples().all())
+        return counts
 
     def count_feedback(self, session_id: str | None = None) -> int:
         return self._count(Feedback, *([Feedback.session_id == session_id] if session_id else []))

@@ -111,3 +111,24 @@ class AuditEvent(Base):
     kind: Mapped[str] = mapped_column(String(64), index=True)
     detail: Mapped[dict] = mapped_column(JSON)
     created: Mapped[datetime] = mapped_column(default=_now)
+
+
+class SessionFlag(Base):
+    """A session the crisis protocol fired in, waiting for a human. No message text and no foreign key: it outlives
+    the session's erasure, which only sets `erased_at`."""
+
+    __tablename__ = "session_flags"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(String(36), unique=True, index=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    first_flagged_at: Mapped[datetime] = mapped_column(default=_now)
+    last_flagged_at: Mapped[datetime] = mapped_column(default=_now)
+    flagged_turns: Mapped[int] = mapped_column(Integer, default=1)
+    detector: Mapped[str] = mapped_column(String(64), default="unknown")
+    """Which detectors fired over the flagged turns: "rules", "model", "both", another name, or "unknown"."""
+    categories: Mapped[list] = mapped_column(JSON, default=list)
+    """Names of the crisis rules or categories that fired (never text)."""
+    acknowledged_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    acknowledged_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The id of the operator key that acknowledged it."""
+    erased_at: Mapped[datetime | None] = mapped_column(nullable=True)
