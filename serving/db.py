@@ -333,6 +333,9 @@ class Repository:
                     raise RecordNotFound(f"message {mid!r} is not in session {session_id!r}")
                 if msg.role != "assistant":
                     raise RecordError(f"message {mid!r} is a {msg.role} message; feedback rates assistant replies")
+                if msg.gate == CLIENT_GATE:
+                    raise RecordError(f"message {mid!r} was written by the client, not generated here; feedback "
+                                      "rates this service's replies")
                 prompt = s.scalar(select(Message.content).where(
                     Message.session_id == session_id, Message.role == "user", Message.seq < msg.seq,
                 ).order_by(Message.seq.desc()).limit(1))

@@ -74,7 +74,10 @@ class MessageOut(Wire):
     created: int
     adapter: str | None = None
     scores: dict[str, float] | None = None
-    gate: str | None = None
+    gate: str | None = Field(default=None, description="How an assistant turn was released: pass, regenerated, "
+                             "fallback, crisis, off (operator), interrupted (a stream that did not finish), or "
+                             "client: written by the client in the request that created the session, not generated "
+                             "or checked here. Absent on user messages.")
 
     @classmethod
     def from_row(cls, row: Any) -> "MessageOut":
