@@ -1,7 +1,7 @@
 """The chat logic behind the API (vLLM's `serving.py` role): keys and limits, the crisis protocol and the output
 gate around generation, with sessions and their routing in serving.sessions and the flagged sessions operators
-review in serving.flagged. Knows nothing about HTTP frameworks or
-Ray: the engine and the scorer are clients behind small protocols, and every rejection is an OpenAI-shaped `ApiError`.
+review in serving.flagged. Knows nothing about HTTP frameworks or Ray: the engine and the scorer are clients behind
+small protocols, and every rejection is an OpenAI-shaped `ApiError`.
 """
 from __future__ import annotations
 

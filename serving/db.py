@@ -251,8 +251,10 @@ class Repository:
         if status not in FLAG_STATUSES:
             raise RecordError(f"status {status!r} is unknown; use one of {list(FLAG_STATUSES)}")
         q = select(SessionFlag).order_by(SessionFlag.last_flagged_at.desc(), SessionFlag.id.desc())
-        if status != "all":
-            q = q.where(getattr(SessionFlag.acknowledged_at, "is_" if status == "open" else "is_not")(None))
+        if status == "open":
+            q = q.where(SessionFlag.acknowledged_at.is_(None))
+        elif status == "acknowledged":
+            q = q.where(SessionFlag.acknowledged_at.is_not(None))
         if tenant_id is not None:
             q = q.where(SessionFlag.tenant_id == tenant_id)
         with self._tx.begin() as s:
