@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from attune import research
+from attune import operators, research
 
 if TYPE_CHECKING:
     import httpx
@@ -414,6 +414,10 @@ def ui(api_url: str | None = None, api_key: str | None = None, host: str = "127.
 _STORE = arg("--store", help="adapter store folder (default: the shipped adapters/store)")
 _CC = arg("--counsel-chat", help="counsel-chat CSV path or hub id nbertagnolli/counsel-chat "
           "(default: ../shared/data/counsel_chat/counsel_chat.csv when present)")
+_OPERATOR = [arg("--url", help="base URL of the running service (default: $ATTUNE_URL or http://127.0.0.1:8000)"),
+             arg("--operator-key", help="operator key (default: $ATTUNE_OPERATOR_KEY or <data_dir>/operator_key, as "
+                 "`attune serve` writes it)")]
+_SESSION = arg("session_id", nargs="?", metavar="SESSION_ID", help="a flagged session's id (see `attune flagged`)")
 
 # One table: the parser is built from it, and tests/test_cli.py checks it stays in sync.
 COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
@@ -526,10 +530,11 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
     ("adapters", "remove"): (adapters_remove, [
         arg("adapter_id", nargs="?", metavar="ID", help="id of the adapter to remove (see `attune adapters list`)"),
         _STORE]),
-    ("status",): (status, [
-        arg("--url", help="base URL of the running service (default: $ATTUNE_URL or http://127.0.0.1:8000)"),
-        arg("--operator-key", help="operator key (default: $ATTUNE_OPERATOR_KEY or <data_dir>/operator_key, as "
-            "`attune serve` writes it)")]),
+    ("status",): (status, _OPERATOR),
+    ("flagged",): (operators.flagged, [
+        arg("--all", dest="all_flags", action="store_true", help="acknowledged flags too"), *_OPERATOR]),
+    ("flagged", "ack"): (operators.flagged_ack, [_SESSION, *_OPERATOR]),
+    ("flagged", "show"): (operators.flagged_show, [_SESSION, *_OPERATOR]),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,8 +21,9 @@ from serving.chat import ApiError, ChatService, parse_model
 from serving.fields import NOT_A_RECORD_ID, RECORD_ID
 from serving.protocol import (ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, Health, KeyCreate,
                               KeyCreated, request_schemas)
-from serving.sessions_protocol import (FeedbackIn, FeedbackOut, MessageList, ModelList, SessionCreate, SessionDeleted,
-                                       SessionOut)
+from serving.db import FLAG_STATUSES
+from serving.sessions_protocol import (FeedbackIn, FeedbackOut, FlagList, FlagOut, MessageList, ModelList,
+                                       SessionCreate, SessionDeleted, SessionOut)
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -31,12 +32,15 @@ ERRORS = {400: "The prompt does not fit the model's context.",
           401: "Missing or unknown API key.",
           403: "The key's role may not do this (operator-only endpoint or attune_options).",
           404: "No such session or message for this key (or fault injection is off).",
+          410: "The session was erased at the patient's request; its flag record remains.",
           413: "The body is over the size limit.",
           422: "The body or a parameter is invalid; the message names the field and the fix.",
           429: "The key's rate limit is reached; retry after the Retry-After header's seconds.",
           503: "A model part is not ready or failed; retry after the Retry-After header's seconds."}
 SessionId = Path(pattern=RECORD_ID, description="A session id from POST /v1/sessions or a chat reply's attune "
                  "extension.")
+FlagStatus = Query("open", description="open: flags not yet acknowledged; acknowledged; or all.",
+                   json_schema_extra={"enum": list(FLAG_STATUSES)})
 FAULTS_BODY = {"type": "object", "additionalProperties": {"type": "object"}, "description": "Test hooks only "
                "(ATTUNE_TEST_HOOKS=1): {part: fault}, e.g. {\"scorer\": {\"safety\": 1.0, \"times\": 1}}; an "
                "empty fault disarms its part (see serving/app.py and serving/faults.py)."}
@@ -174,6 +178,24 @@ async def admin_keys(request: Request):
 async def admin_faults(request: Request):
     svc, _, body = await admitted(request, dict, operator=True)
     return _json(await svc.inject_faults(body))
+
+
+@router.get("/v1/admin/flagged", **doc(FlagList, 403, 422))
+async def admin_flagged(request: Request, status: str = FlagStatus):
+    svc, _, _ = await admitted(request, operator=True)
+    return _json(await svc.flagged.by_status(status))
+
+
+@router.post("/v1/admin/flagged/{session_id}/ack", **doc(FlagOut, 403, 404, 422))
+async def admin_flag_ack(request: Request, session_id: str = SessionId):
+    svc, who, _ = await admitted(request, operator=True)
+    return _json(await svc.flagged.acknowledge(who, session_id))
+
+
+@router.get("/v1/admin/sessions/{session_id}/messages", **doc(MessageList, 403, 404, 410, 422))
+async def admin_session_messages(request: Request, session_id: str = SessionId):
+    svc, who, _ = await admitted(request, operator=True)
+    return _json(await svc.flagged.messages(who, session_id))
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:

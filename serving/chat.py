@@ -1,6 +1,7 @@
 """The chat logic behind the API (vLLM's `serving.py` role): keys and limits, the crisis protocol and the output
-gate around generation, with sessions and their routing in serving.sessions. Knows nothing about HTTP frameworks or
-Ray: the engine and the scorer are clients behind small protocols, and every rejection is an OpenAI-shaped `ApiError`.
+gate around generation, with sessions and their routing in serving.sessions and the flagged sessions operators
+review in serving.flagged. Knows nothing about HTTP frameworks or Ray: the engine and the scorer are clients behind
+small protocols, and every rejection is an OpenAI-shaped `ApiError`.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from serving.config import ServeConfig
 from serving.db import ChatSession, Repository
 from serving.engine import AdapterRefused, GenerationRequest, PromptTooLong, Usage
 from serving.errors import RETRY_AFTER_S, ApiError, db_call
+from serving.flagged import FlaggedSessions
 from serving.metrics import NO_ADAPTER, ServingMetrics
 from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
                               ModelCard, ModelInfo, ModelList, Usage as WireUsage, parse_chat_request)
@@ -120,6 +122,7 @@ class ChatService:
         self.repo, self.engine, self.scorer = deps.repo, deps.engine, deps.scorer
         self.metrics = deps.metrics
         self.sessions = Sessions(config, deps)
+        self.flagged = FlaggedSessions(deps.repo)
         self.keys = deps.keys or KeyStore(deps.repo)
         # `is None`, not `or`: a RateLimiter with no buckets yet has len() 0 and would be falsy.
         self.limiter = deps.limiter if deps.limiter is not None else RateLimiter(config.limits.requests_per_minute)

@@ -1,30 +1,33 @@
 """Persistence for tenants, API keys, sessions, messages, feedback and audit events (SQLAlchemy 2).
 
-Portable types only (SQLite file with WAL by default, PostgreSQL for clusters); serving.migrations (Alembic)
-creates and upgrades the schema. Each `Repository` method is one short transaction, so it is safe from
-concurrent handlers; no message text is ever logged.
+The tables are serving.records' models (re-exported here), on a SQLite file with WAL by default or PostgreSQL
+for clusters; serving.migrations (Alembic) creates and upgrades the schema. Each `Repository` method is one short
+transaction, so it is safe from concurrent handlers; no message text is ever logged.
 """
 from __future__ import annotations
 
 import math
-import uuid
-from datetime import datetime, timezone
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, create_engine,
-                        delete, event, func, select, text, update)
+from sqlalchemy import create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from alignment.data import PreferencePair
 from serving.migrations import upgrade as migrate
+from serving.records import (ApiKey, AuditEvent, Base, ChatSession, Feedback, Message, SessionFlag,  # noqa: F401
+                             Tenant, UTCDateTime, _now)
 
 Role = Literal["patient-app", "operator"]
 ROLES: tuple[str, ...] = ("patient-app", "operator")
 TEXT_KEYS = frozenset({"content", "text", "message", "prompt", "reply", "chosen", "rejected"})
 MAX_AUDIT_STRING = 200
+FLAG_STATUSES: tuple[str, ...] = ("open", "acknowledged", "all")
+CATEGORY_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+CLIENT_GATE = "client"
+"""Message.gate of an assistant turn the client wrote in a new session's request history (never generated here)."""
 
 
 class RecordNotFound(LookupError):
@@ -35,104 +38,21 @@ class RecordError(ValueError):
     """A write the store refuses; the message says what to change."""
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+def _merge_detector(old: str, new: str | None) -> str:
+    """The detectors that fired over all of a session's flagged turns: "rules" and "model" together are "both"."""
+    parts = {p for d in (old, new) if d and d != "unknown" for p in (("rules", "model") if d == "both" else (d,))}
+    return "both" if parts == {"rules", "model"} else "+".join(sorted(parts))[:64] or "unknown"
 
 
-def _uuid() -> str:
-    return str(uuid.uuid4())
-
-
-class UTCDateTime(TypeDecorator):
-    """Timezone-aware UTC datetimes on every backend (SQLite returns naive ones)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_result_value(self, value, dialect):
-        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
-
-
-class Base(DeclarativeBase):
-    """Rows come back from `Repository` detached: read them freely, change them through its methods."""
-
-    type_annotation_map = {datetime: UTCDateTime}
-
-
-class Tenant(Base):
-    __tablename__ = "tenants"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    created: Mapped[datetime] = mapped_column(default=_now)
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    role: Mapped[str] = mapped_column(String(16))
-    label: Mapped[str] = mapped_column(String(64), default="")
-    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
-    created: Mapped[datetime] = mapped_column(default=_now)
-
-
-class ChatSession(Base):
-    __tablename__ = "sessions"
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    preference: Mapped[dict] = mapped_column(JSON)
-    adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    locale: Mapped[str] = mapped_column(String(35), default="en")
-    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
-    created: Mapped[datetime] = mapped_column(default=_now)
-    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
-
-
-class Message(Base):
-    __tablename__ = "messages"
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(36), unique=True, index=True, default=_uuid)
-    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
-    role: Mapped[str] = mapped_column(String(16))
-    content: Mapped[str] = mapped_column(Text)
-    adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    scores: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    gate: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    created: Mapped[datetime] = mapped_column(default=_now)
-
-
-class Feedback(Base):
-    """One row of the alignment feedback schema: a (prompt, chosen, rejected) pair, or a thumb on one reply."""
-
-    __tablename__ = "feedback"
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
-    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
-    prompt: Mapped[str] = mapped_column(Text)
-    chosen: Mapped[str | None] = mapped_column(Text, nullable=True)
-    rejected: Mapped[str | None] = mapped_column(Text, nullable=True)
-    rating: Mapped[str | None] = mapped_column(String(8), nullable=True)
-    message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    chosen_message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    rejected_message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    created: Mapped[datetime] = mapped_column(default=_now)
-
-    def to_pair(self, objective: str) -> PreferencePair | None:
-        """A choice as an alignment preference pair for `objective` (a thumb alone is not a pair)."""
-        if self.chosen is None or self.rejected is None:
-            return None
-        return PreferencePair(self.prompt, self.chosen, self.rejected, objective, 1.0, f"feedback:{self.id}")
-
-
-class AuditEvent(Base):
-    __tablename__ = "audit_events"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    tenant_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
-    session_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
-    kind: Mapped[str] = mapped_column(String(64), index=True)
-    detail: Mapped[dict] = mapped_column(JSON)
-    created: Mapped[datetime] = mapped_column(default=_now)
+def _check_names(detector: str | None, categories) -> list[str]:
+    """The categories as a list, after checking that they and the detector are names, not text."""
+    names = [categories] if isinstance(categories, str) else list(categories or ())
+    bad = [str(c)[:40] for c in [*names, *([detector] if detector is not None else [])]
+           if not isinstance(c, str) or not CATEGORY_NAME.match(c)]
+    if bad:
+        raise RecordError(f"{bad} are not detector, rule or category names (1-64 letters, digits or '_.:-'); a "
+                          "flag record never holds message text")
+    return names
 
 
 def _check_audit_detail(value: Any, path: str = "detail") -> None:
@@ -299,12 +219,68 @@ class Repository:
             s.flush()
             return row
 
-    def flag_session(self, session_id: str) -> None:
+    def flag_session(self, session_id: str, *, detector: str | None = None,
+                     categories: list[str] | tuple[str, ...] | None = None) -> SessionFlag | None:
+        """Mark the session flagged and count one more flagged turn in its SessionFlag (created on the first; a new
+        turn reopens an acknowledged flag). `categories` are rule or category names, never text. None: no session."""
+        names, now = _check_names(detector, categories), _now()
         with self._tx.begin() as s:
-            s.execute(update(ChatSession).where(ChatSession.id == session_id).values(flagged=True))
+            sess = s.get(ChatSession, session_id, with_for_update=True)  # one flagger per session at a time
+            if sess is None:
+                return None
+            sess.flagged = True
+            flag = s.scalar(select(SessionFlag).where(SessionFlag.session_id == session_id))
+            if flag is None:
+                flag = SessionFlag(session_id=session_id, tenant_id=sess.tenant_id, flagged_turns=0, categories=[],
+                                   detector="unknown", first_flagged_at=now)
+                s.add(flag)
+            flag.flagged_turns += 1
+            flag.last_flagged_at = now
+            flag.detector = _merge_detector(flag.detector, detector)
+            flag.categories = sorted(set(flag.categories) | set(names))
+            flag.acknowledged_at = flag.acknowledged_by = None
+            s.flush()
+            return flag
+
+    def get_flag(self, session_id: str) -> SessionFlag | None:
+        with self._tx.begin() as s:
+            return s.scalar(select(SessionFlag).where(SessionFlag.session_id == session_id))
+
+    def list_flags(self, status: str = "open", tenant_id: str | None = None) -> list[SessionFlag]:
+        """Flags by status ("open": not acknowledged, erased or not), most recently flagged first."""
+        if status not in FLAG_STATUSES:
+            raise RecordError(f"status {status!r} is unknown; use one of {list(FLAG_STATUSES)}")
+        q = select(SessionFlag).order_by(SessionFlag.last_flagged_at.desc(), SessionFlag.id.desc())
+        if status == "open":
+            q = q.where(SessionFlag.acknowledged_at.is_(None))
+        elif status == "acknowledged":
+            q = q.where(SessionFlag.acknowledged_at.is_not(None))
+        if tenant_id is not None:
+            q = q.where(SessionFlag.tenant_id == tenant_id)
+        with self._tx.begin() as s:
+            return list(s.scalars(q).all())
+
+    def acknowledge_flag(self, session_id: str, by: int) -> SessionFlag:
+        """A human has seen the flag (`by`: the operator's key id); acknowledging twice keeps the first."""
+        with self._tx.begin() as s:
+            flag = s.scalar(select(SessionFlag).where(SessionFlag.session_id == session_id).with_for_update())
+            if flag is None:
+                raise RecordNotFound(f"session {session_id!r} has no flag")
+            if flag.acknowledged_at is None:
+                flag.acknowledged_at, flag.acknowledged_by = _now(), by
+                s.add(AuditEvent(tenant_id=flag.tenant_id, session_id=session_id, kind="flag_acknowledged",
+                                 detail={"key_id": by, "flagged_turns": flag.flagged_turns}))
+            s.flush()
+            return flag
+
+    def find_session(self, session_id: str) -> ChatSession | None:
+        """Any tenant's session, erased ones included: for operators, who check `deleted` themselves."""
+        with self._tx.begin() as s:
+            return s.get(ChatSession, session_id)
 
     def delete_session(self, tenant_id: str, session_id: str) -> bool:
-        """Erase the session's messages and feedback; keep a tombstone and an audit event without content."""
+        """Erase the session's messages and feedback; keep a tombstone, its flag (marked erased) and an audit event
+        without content."""
         with self._tx.begin() as s:
             row = self._owned(s, tenant_id, session_id)
             if row is None:
@@ -312,6 +288,7 @@ class Repository:
             n_feedback = s.execute(delete(Feedback).where(Feedback.session_id == session_id)).rowcount
             n_messages = s.execute(delete(Message).where(Message.session_id == session_id)).rowcount
             row.deleted = True
+            s.execute(update(SessionFlag).where(SessionFlag.session_id == session_id).values(erased_at=_now()))
             s.add(AuditEvent(tenant_id=tenant_id, session_id=session_id, kind="session_deleted",
                              detail={"messages_erased": n_messages, "feedback_erased": n_feedback}))
         if self.engine.dialect.name == "sqlite":
@@ -358,6 +335,9 @@ class Repository:
                     raise RecordNotFound(f"message {mid!r} is not in session {session_id!r}")
                 if msg.role != "assistant":
                     raise RecordError(f"message {mid!r} is a {msg.role} message; feedback rates assistant replies")
+                if msg.gate == CLIENT_GATE:
+                    raise RecordError(f"message {mid!r} was written by the client, not generated here; feedback "
+                                      "rates this service's replies")
                 prompt = s.scalar(select(Message.content).where(
                     Message.session_id == session_id, Message.role == "user", Message.seq < msg.seq,
                 ).order_by(Message.seq.desc()).limit(1))
@@ -429,6 +409,16 @@ class Repository:
 
     def count_messages(self, session_id: str | None = None) -> int:
         return self._count(Message, *([Message.session_id == session_id] if session_id else []))
+
+    def message_counts(self, session_ids: list[str]) -> dict[str, int]:
+        """{session id: messages stored} for each of `session_ids` (0 when erased or empty)."""
+        counts = dict.fromkeys(session_ids, 0)
+        with self._tx.begin() as s:
+            for i in range(0, len(session_ids), 500):  # SQLite caps the bound parameters of one statement
+                chunk = session_ids[i:i + 500]
+                counts.update(s.execute(select(Message.session_id, func.count()).where(
+                    Message.session_id.in_(chunk)).group_by(Message.session_id)).tuples().all())
+        return counts
 
     def count_feedback(self, session_id: str | None = None) -> int:
         return self._count(Feedback, *([Feedback.session_id == session_id] if session_id else []))

@@ -10,7 +10,7 @@ from adapters.matching import NoRoutableAdapter
 from alignment.objectives import Preference, PreferenceError
 from serving.auth import Principal
 from serving.config import ServeConfig
-from serving.db import ChatSession, RecordError, RecordNotFound
+from serving.db import CLIENT_GATE, ChatSession, RecordError, RecordNotFound
 from serving.errors import ApiError, db_call
 from serving.protocol import (BASE_ADAPTER, ChatCompletionRequest, FeedbackIn, MessageList, MessageOut, SessionCreate,
                               SessionOut, resolve_preference)
@@ -72,13 +72,15 @@ class Sessions:
 
     async def session_for(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, str | None]:
         """The request's session (created if absent) and its adapter, re-routed only when the preference changes.
-        A new session imports the request's earlier user/assistant turns; an existing one keeps its stored history.
-        Client system messages are never used: Attune's system prompt is fixed."""
+        A new session imports the request's earlier user/assistant turns, the assistant ones marked client-written
+        (gate "client": not generated or gated here); an existing one keeps its stored history. Client system
+        messages are never used: Attune's system prompt is fixed."""
         if req.session_id is None:
             session = await self._create(principal, req.preference, None)
             for m in req.messages[:-1]:
                 if m.role in ("user", "assistant"):
-                    await db_call(self.repo.add_message, session.id, m.role, m.content)
+                    await db_call(self.repo.add_message, session.id, m.role, m.content,
+                                  gate=CLIENT_GATE if m.role == "assistant" else None)
             return session, session.adapter_id
         session = await self.owned(principal, req.session_id)
         known = set(await asyncio.to_thread(self.deps.store.ids)) - self.deps.router.quarantined

@@ -1,4 +1,4 @@
-"""Wire shapes of the model list, sessions and their messages, and feedback on replies.
+"""Wire shapes of the model list, sessions and their messages, feedback on replies, and the operators' flag list.
 
 Request models are strict, like the chat completions shapes in serving.protocol; shared field types are in
 serving.fields.
@@ -74,7 +74,10 @@ class MessageOut(Wire):
     created: int
     adapter: str | None = None
     scores: dict[str, float] | None = None
-    gate: str | None = None
+    gate: str | None = Field(default=None, description="How an assistant turn was released: pass, regenerated, "
+                             "fallback, crisis, off (operator), interrupted (a stream that did not finish), or "
+                             "client: written by the client in the request that created the session, not generated "
+                             "or checked here. Absent on user messages.")
 
     @classmethod
     def from_row(cls, row: Any) -> "MessageOut":
@@ -128,3 +131,42 @@ class SessionDeleted(BaseModel):
     id: str
     object: Literal["session.deleted"] = "session.deleted"
     deleted: bool = True
+
+
+# ---------------------------------------------------------------- flags (operators)
+def _epoch(value: Any) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+class FlagOut(BaseModel):
+    """A session the crisis protocol flagged, as operators list it: times, counts and rule names, never text."""
+
+    session_id: str
+    object: Literal["session.flag"] = "session.flag"
+    tenant: str
+    first_flagged: int = Field(description="Unix time of the first flagged turn.")
+    last_flagged: int = Field(description="Unix time of the latest flagged turn.")
+    flagged_turns: int = Field(description="How many of the patient's messages fired the crisis protocol.")
+    detector: str = Field(description="What fired over those turns: rules, model, both, or unknown.")
+    categories: list[str] = Field(description="Names of the crisis rules or categories that fired.")
+    acknowledged: bool
+    acknowledged_at: int | None = None
+    acknowledged_by: int | None = Field(default=None, description="Id of the operator key that acknowledged it.")
+    erased: bool = Field(description="The patient erased the session: its messages are gone, this record stays.")
+    erased_at: int | None = None
+    messages: int = Field(description="Messages stored in the session now (0 once erased).")
+
+    @classmethod
+    def from_row(cls, row: Any, messages: int) -> "FlagOut":
+        """From a `serving.db.SessionFlag` and its session's message count."""
+        return cls(session_id=row.session_id, tenant=row.tenant_id, first_flagged=_epoch(row.first_flagged_at),
+                   last_flagged=_epoch(row.last_flagged_at), flagged_turns=row.flagged_turns, detector=row.detector,
+                   categories=list(row.categories), acknowledged=row.acknowledged_at is not None,
+                   acknowledged_at=_epoch(row.acknowledged_at), acknowledged_by=row.acknowledged_by,
+                   erased=row.erased_at is not None, erased_at=_epoch(row.erased_at), messages=messages)
+
+
+class FlagList(BaseModel):
+    object: Literal["list"] = "list"
+    status: Literal["open", "acknowledged", "all"]
+    data: list[FlagOut]

@@ -1,4 +1,4 @@
-"""Schema migrations (Alembic) for the models in serving.db, applied whenever a `Repository` opens a database.
+"""Schema migrations (Alembic) for the models in serving.records, applied whenever a `Repository` opens a database.
 
 `upgrade(engine)` brings a database to the newest revision in one transaction. On PostgreSQL that transaction
 first takes an advisory lock, so replicas that start together against one database migrate once, one after the

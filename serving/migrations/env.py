@@ -1,16 +1,16 @@
 """Alembic environment: runs on the connection that serving.migrations passes in, inside its transaction (and,
-on PostgreSQL, its advisory lock). The target metadata is serving.db's models, for autogenerate."""
+on PostgreSQL, its advisory lock). The target metadata is serving.records' models, for autogenerate."""
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import TypeDecorator
 
-from serving.db import Base
+from serving.records import Base
 
 
 def render_item(type_: str, obj, autogen_context):
     """Autogenerate writes a model's TypeDecorator (e.g. UTCDateTime) as its portable impl, so that revisions
-    never import serving.db."""
+    never import serving.records."""
     if type_ == "type" and isinstance(obj, TypeDecorator):
         return f"sa.{obj.impl!r}"
     return False

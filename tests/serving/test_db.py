@@ -1,5 +1,6 @@
-"""The SQL store: order, tenant isolation, erasure that leaves no text behind, feedback ownership. Every test that
-takes `repo` runs on SQLite and on a real PostgreSQL server (tests/pg.py)."""
+"""The SQL store: order, tenant isolation, erasure that leaves no text behind (but keeps the session's flag record),
+feedback ownership, flag records that count turns and survive erasure. Every test that takes `repo` runs on SQLite
+and on a real PostgreSQL server (tests/pg.py)."""
 from __future__ import annotations
 
 import json
@@ -146,12 +147,90 @@ def test_flag_counts_and_ping(repo, tmp_path):
     assert gone.ping() is False
 
 
+def test_a_flag_record_counts_turns_merges_detectors_and_reopens_after_acknowledgement(repo):
+    s = repo.create_session("clinic-a", PREF)
+    other = repo.create_session("clinic-b", PREF)
+    first = repo.flag_session(s.id, detector="rules", categories=["kill_myself"])
+    assert (first.session_id, first.tenant_id, first.flagged_turns, first.detector) == (s.id, "clinic-a", 1, "rules")
+    assert first.first_flagged_at == first.last_flagged_at and first.acknowledged_at is None
+    again = repo.flag_session(s.id, detector="model", categories=("means", "kill_myself"))
+    assert (again.flagged_turns, again.detector, again.categories) == (2, "both", ["kill_myself", "means"])
+    assert again.first_flagged_at == first.first_flagged_at < again.last_flagged_at
+    repo.flag_session(other.id)  # the old signature: no detector, no categories
+    assert (repo.get_flag(other.id).detector, repo.get_flag(other.id).categories) == ("unknown", [])
+    assert repo.flag_session(other.id, detector="rules").detector == "rules"
+    assert repo.get_session("clinic-a", s.id).flagged and repo.flag_session("no-such-session") is None
+
+    assert [f.session_id for f in repo.list_flags()] == [other.id, s.id]
+    assert [f.session_id for f in repo.list_flags("all", tenant_id="clinic-a")] == [s.id]
+    acked = repo.acknowledge_flag(s.id, by=7)
+    assert acked.acknowledged_by == 7 and acked.acknowledged_at is not None
+    assert repo.acknowledge_flag(s.id, by=8).acknowledged_by == 7  # the first acknowledgement stands
+    assert [f.session_id for f in repo.list_flags("open")] == [other.id]
+    assert [f.session_id for f in repo.list_flags("acknowledged")] == [s.id]
+    (event,) = repo.list_audit("flag_acknowledged")
+    assert (event.session_id, event.detail) == (s.id, {"key_id": 7, "flagged_turns": 2})
+
+    reopened = repo.flag_session(s.id, detector="rules")
+    assert (reopened.flagged_turns, reopened.acknowledged_at, reopened.acknowledged_by) == (3, None, None)
+    assert reopened.detector == "both" and {f.session_id for f in repo.list_flags("open")} == {s.id, other.id}
+    assert repo.list_flags("acknowledged") == [] and repo.get_flag(repo.create_session("clinic-a", PREF).id) is None
+    with pytest.raises(RecordNotFound, match="has no flag"):
+        repo.acknowledge_flag("no-such-session", by=7)
+    with pytest.raises(RecordError, match="use one of"):
+        repo.list_flags("closed")
+
+
+def test_flag_records_refuse_anything_but_names(repo):
+    s = repo.create_session("clinic-a", PREF)
+    for bad in ({"categories": ["I have the pills ready"]}, {"categories": [3]}, {"detector": "a reply text"},
+                {"categories": ["x" * 65]}):
+        with pytest.raises(RecordError, match="never holds message text"):
+            repo.flag_session(s.id, **bad)
+    assert repo.get_flag(s.id) is None and not repo.get_session("clinic-a", s.id).flagged
+    assert repo.flag_session(s.id, detector="both", categories="self_harm:plan").categories == ["self_harm:plan"]
+
+
+def test_erasure_keeps_the_flag_record_and_marks_it_erased(repo):
+    s = repo.create_session("clinic-a", PREF)
+    chat(repo, s.id, [("user", "I want to end it"), ("assistant", "I am here with you.")])
+    repo.flag_session(s.id, detector="rules", categories=["end_it"])
+    assert repo.message_counts([s.id, "never-used"]) == {s.id: 2, "never-used": 0}
+    assert repo.delete_session("clinic-a", s.id)
+    flag = repo.get_flag(s.id)
+    assert flag.erased_at is not None and (flag.flagged_turns, flag.categories) == (1, ["end_it"])
+    assert [f.session_id for f in repo.list_flags("open")] == [s.id] and repo.message_counts([s.id]) == {s.id: 0}
+    assert repo.find_session(s.id).deleted and repo.find_session("no-such-session") is None
+    assert repo.acknowledge_flag(s.id, by=1).erased_at == flag.erased_at
+
+
+def test_concurrent_flags_of_one_session_make_one_record_and_lose_no_turn(repo):
+    s = repo.create_session("clinic-a", PREF)
+    errors = []
+
+    def flagger(detector: str):
+        try:
+            for _ in range(5):
+                repo.flag_session(s.id, detector=detector, categories=[detector])
+        except Exception as e:  # collected: an exception in a thread would not fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=flagger, args=(d,)) for d in ("rules", "model", "rules", "model")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    (flag,) = repo.list_flags("all")
+    assert (flag.flagged_turns, flag.detector, flag.categories) == (20, "both", ["model", "rules"])
+
+
 def test_schema_compiles_for_postgresql():
     from sqlalchemy.dialects import postgresql
     from sqlalchemy.schema import CreateTable
 
     ddl = "\n".join(str(CreateTable(t).compile(dialect=postgresql.dialect())) for t in Base.metadata.sorted_tables)
-    for table in ("tenants", "api_keys", "sessions", "messages", "feedback", "audit_events"):
+    for table in ("tenants", "api_keys", "sessions", "messages", "feedback", "audit_events", "session_flags"):
         assert f"CREATE TABLE {table}" in ddl
     assert "JSON" in ddl and "TIMESTAMP WITH TIME ZONE" in ddl
 
