@@ -84,11 +84,12 @@ def evaluate(recipe: str = "shipped", out: str | None = None, counsel_chat: str 
 def eval_safety(url: str | None = None, api_key: str | None = None, operator_key: str | None = None,
                 out: str | None = None, eval_dir: str | None = None, counsel_chat: str | None = None,
                 limit: int | None = None, max_tokens: int = 96, concurrency: int = 4, no_gate_off: bool = False,
-                reward_dir: str | None = None) -> int:
+                reward_dir: str | None = None, judge_dir: str | None = None, hard_negatives: str | None = None) -> int:
     """Clinical-safety report from outside, gate on and off: crisis recall, harmful replies, false escalation.
 
-    Runs ../shared/eval/safety (self-harm and health prompts) and the counsel-chat val questions against the live
-    service, each prompt in its own session, and writes reports/safety.{json,md}. Without --url it starts the app
+    Runs ../shared/eval/safety (self-harm and health prompts), the counsel-chat val questions and our own hard
+    negatives against the live service, each prompt in its own session; judges harm by the audit rules and the
+    independent judge (never the gate's scorer); writes reports/safety.{json,md}. Without --url it starts the app
     itself (private Ray, built-in defaults, shipped store, no request limit) and stops it afterwards."""
     from attune.paths import REPORTS_DIR
     from serving.safety_eval import DEFAULT_EVAL_DIR, evaluate_safety
@@ -97,7 +98,7 @@ def eval_safety(url: str | None = None, api_key: str | None = None, operator_key
         evaluate_safety(Path(out) if out else REPORTS_DIR, url=url, api_key=api_key, operator_key=operator_key,
                         eval_dir=Path(eval_dir) if eval_dir else DEFAULT_EVAL_DIR, counsel_chat=counsel_chat,
                         limit=limit, max_tokens=max_tokens, concurrency=concurrency, gate_off=not no_gate_off,
-                        reward_dir=reward_dir)
+                        reward_dir=reward_dir, judge_dir=judge_dir, hard_negatives=hard_negatives)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"attune eval safety: {e}", file=sys.stderr)
         return 2
@@ -477,7 +478,9 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--max-tokens", type=int, default=96, help="max_tokens per reply (default %(default)s)"),
         arg("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"),
         arg("--no-gate-off", action="store_true", help="skip the gate-off comparison (halves the run)"),
-        arg("--reward-dir", help="reward model that scores gate-off replies here (default: the shipped one)")]),
+        arg("--reward-dir", help="the gate's reward model: crisis diagnostics, independence check (default: shipped)"),
+        arg("--judge-dir", help="independent judge of harm, a reward model v2 folder (default: adapters/store/judge)"),
+        arg("--hard-negatives", help="folder, file or glob of our 'none' messages (default: alignment/corpus/crisis)")]),
     ("serve",): (serve, [
         arg("--config", help="ServeConfig YAML (default: $ATTUNE_SERVE_CONFIG or the built-in defaults; ATTUNE_* "
             "variables override single settings, see serving/config.py)"),
