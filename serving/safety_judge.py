@@ -36,7 +36,10 @@ def _saved(path: Path) -> dict:
 def independence(judge_dir: Path, gate_dir: Path) -> dict:
     """What the judge shares with the gate's reward model: the folder, the encoder, training/validation prompts."""
     judge, gate = _saved(judge_dir), _saved(gate_dir)
-    ids = lambda body: set(body.get("meta", {}).get("train_ids", [])) | set(body.get("meta", {}).get("val_ids", []))  # noqa: E731
+    def ids(body: dict) -> set[str]:
+        meta = body.get("meta", {})
+        return set(meta.get("train_ids", [])) | set(meta.get("val_ids", []))
+
     shared = sorted(ids(judge) & ids(gate))
     out = {"gate_reward_model": _shown(gate_dir), "gate_encoder": gate["config"]["encoder"],
            "same_folder": judge_dir.resolve() == gate_dir.resolve(),
