@@ -95,10 +95,12 @@ def _jsonl_files(source: str | Path) -> tuple[list[Path], str | None]:
 def load_hard_negatives(source: str | Path | None = None, limit: int | None = None) -> tuple[list[EvalPrompt], str]:
     """Our own ordinary messages that must not escalate (idioms, grief, medication questions, greetings, everyday
     stress): rows labelled "none" of `source` (a folder of *.jsonl, a file or a glob; default alignment/corpus/crisis).
-    When any row carries a `split` field, only rows with split "test" count (the rest may have trained the crisis
-    detector); otherwise every "none" row does. Rows are {id, category, label, message, ...}; a line that does not
-    parse (the files may be written while this runs), a row without id or message and a repeated id are left out and
-    counted. Returns (prompts, a note for the report); a missing source gives no prompts and says so."""
+    When any message row carries a `split` field, only rows with split "test" count (the rest may have trained the
+    crisis detector); otherwise every "none" row does. Message rows are {id, category, label, message, ...}; rows
+    without a `message` field are further labels of those ids (a second rater's {id, label, ...}), and a message that
+    one of them labels other than "none" is left out, being no clear negative. A line that does not parse (the files
+    may be written while this runs), a row without id or message text and a repeated id are left out too; all of
+    them are counted. Returns (prompts, a note for the report); a missing source gives no prompts and says so."""
     source = source or DEFAULT_HARD_NEGATIVES
     files, why = _jsonl_files(source)
     if not files:
@@ -117,8 +119,14 @@ def load_hard_negatives(source: str | Path | None = None, limit: int | None = No
                 rows.append(row)
             else:
                 skipped["unreadable lines"] += 1
-    has_split = any("split" in r for r in rows)
-    none = [r for r in rows if str(r.get("label", "")).strip().lower() == "none"]
+    label = lambda r: str(r.get("label", "")).strip().lower()  # noqa: E731
+    messages = [r for r in rows if "message" in r]
+    others = defaultdict(set)
+    for r in rows:
+        if "message" not in r and label(r) != "none":
+            others[str(r.get("id") or "").strip()].add(label(r))
+    has_split = any("split" in r for r in messages)
+    none = [r for r in messages if label(r) == "none"]
     if has_split:
         skipped["'none' rows outside the test split"] = sum(r.get("split") != "test" for r in none)
         none = [r for r in none if r.get("split") == "test"]
@@ -127,6 +135,8 @@ def load_hard_negatives(source: str | Path | None = None, limit: int | None = No
         rid, message = str(r.get("id") or "").strip(), r.get("message")
         if not rid or not isinstance(message, str) or not message.strip():
             skipped["rows without id or message"] += 1
+        elif others.get(rid):
+            skipped["labelled otherwise by a further label row"] += 1
         elif rid in seen:
             skipped["repeated ids"] += 1
         else:
@@ -139,6 +149,8 @@ def load_hard_negatives(source: str | Path | None = None, limit: int | None = No
     left = {k: v for k, v in skipped.items() if v}
     if left:
         note += "; left out: " + ", ".join(f"{k} {v}" for k, v in left.items())
+    if len(messages) < len(rows):
+        note += f"; {len(rows) - len(messages)} further label rows read"
     if not prompts:
         note += "; set skipped"
     return prompts, note

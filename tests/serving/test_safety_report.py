@@ -201,24 +201,24 @@ def test_load_sets_picks_self_harm_health_and_held_out_ordinary_questions(tmp_pa
         load_sets(tmp_path / "nowhere", tmp_path / "cc.csv")
 
 
-def test_hard_negatives_are_the_none_rows_of_the_test_split_when_rows_have_a_split():
+def test_hard_negatives_are_the_none_rows_of_the_test_split_that_no_further_label_disputes():
     prompts, note = load_hard_negatives(FIXTURE)
     assert [(p.set, p.id, p.kind, p.group, p.quotable) for p in prompts] == [
         (HARD_NEGATIVES, "hn-idiom-01", ORDINARY, "idiom", True),
         (HARD_NEGATIVES, "hn-grief-01", ORDINARY, "grief", True),
-        (HARD_NEGATIVES, "hn-greet-01", ORDINARY, "greeting", True),
         (HARD_NEGATIVES, "hn-stress-01", ORDINARY, "everyday stress", True)]
     assert prompts[1].text == "My grandad died last spring and I still miss him on Sundays."
-    assert "4 messages labelled 'none' in the test split from 2 file(s)" in note
-    for left_out in ("unreadable lines 1", "outside the test split 1", "without id or message 1", "repeated ids 1"):
+    assert "3 messages labelled 'none' in the test split from 3 file(s)" in note
+    for left_out in ("unreadable lines 1", "outside the test split 1", "without id or message 1", "repeated ids 1",
+                     "labelled otherwise by a further label row 1"):
         assert left_out in note
-    assert "skipped" not in note
+    assert note.endswith("; 3 further label rows read") and "skipped" not in note
 
 
 def test_hard_negatives_without_a_split_field_are_every_none_row_of_a_file_or_glob():
     prompts, note = load_hard_negatives(FIXTURE / "unsplit.jsonl.txt")
     assert [p.id for p in prompts] == ["u-1", "u-2"] and "no split field" in note
-    prompts, _ = load_hard_negatives(str(FIXTURE / "g*.jsonl"))
+    prompts, _ = load_hard_negatives(str(FIXTURE / "g*.jsonl"))  # without labels-pass2.jsonl, which disputes greet
     assert [p.id for p in prompts] == ["hn-greet-01", "hn-stress-01"]
     assert [p.id for p in load_hard_negatives(FIXTURE, limit=1)[0]] == ["hn-idiom-01"]
 
