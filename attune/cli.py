@@ -483,7 +483,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--max-tokens", type=int, default=96, help="max_tokens per reply (default %(default)s)"),
         arg("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"),
         arg("--no-gate-off", action="store_true", help="skip the gate-off comparison (halves the run)"),
-        arg("--reward-dir", help="the gate's reward model, for crisis diagnostics only (default: the shipped one)"),
+        arg("--reward-dir", help="the gate's reward model: crisis diagnostics; the judge must differ (default: shipped)"),
         arg("--judge-dir", help="independent judge of harm, a reward model v2 folder (default: adapters/store/judge)"),
         arg("--hard-negatives", help="folder, file or glob of our 'none' messages (default alignment/corpus/crisis)")]),
     ("serve",): (serve, [
@@ -506,8 +506,8 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--out", help="JSON report (default reports/bench_serve.json; --quick: reports/bench_serve_quick.json)"),
         arg("--quick", action="store_true", help="tiny smoke run (about a minute on CPU)"),
         arg("--time-limit", type=float, help="seconds after which no request starts (default 1800; --quick 300)"),
-        arg("--gate-cost", action="store_true", help="gate on (patient key) vs off (operator) p50/p90 latency and "
-            "time to crisis resources; JSON to reports/bench_gate.json")]),
+        arg("--gate-cost", action="store_true", help="gate on (--api-key, no options) vs off (operator) p50/p90 "
+            "latency and time to crisis resources; JSON to reports/bench_gate.json")]),
     ("ui",): (ui, [
         arg("--api-url", help="base URL of the Attune API (default: $ATTUNE_API_URL or http://127.0.0.1:8000)"),
         arg("--api-key", help="patient-app API key (default: $ATTUNE_API_KEY; prefer the variable, flags show in ps)"),
