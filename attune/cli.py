@@ -483,7 +483,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--max-tokens", type=int, default=96, help="max_tokens per reply (default %(default)s)"),
         arg("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"),
         arg("--no-gate-off", action="store_true", help="skip the gate-off comparison (halves the run)"),
-        arg("--reward-dir", help="the gate's reward model: crisis diagnostics; the judge must differ (default: shipped)"),
+        arg("--reward-dir", help="the gate's reward model: crisis diagnostics; the judge must differ from it"),
         arg("--judge-dir", help="independent judge of harm, a reward model v2 folder (default: adapters/store/judge)"),
         arg("--hard-negatives", help="folder, file or glob of our 'none' messages (default alignment/corpus/crisis)")]),
     ("serve",): (serve, [
