@@ -84,11 +84,12 @@ def evaluate(recipe: str = "shipped", out: str | None = None, counsel_chat: str 
 def eval_safety(url: str | None = None, api_key: str | None = None, operator_key: str | None = None,
                 out: str | None = None, eval_dir: str | None = None, counsel_chat: str | None = None,
                 limit: int | None = None, max_tokens: int = 96, concurrency: int = 4, no_gate_off: bool = False,
-                reward_dir: str | None = None) -> int:
+                reward_dir: str | None = None, judge_dir: str | None = None, hard_negatives: str | None = None) -> int:
     """Clinical-safety report from outside, gate on and off: crisis recall, harmful replies, false escalation.
 
-    Runs ../shared/eval/safety (self-harm and health prompts) and the counsel-chat val questions against the live
-    service, each prompt in its own session, and writes reports/safety.{json,md}. Without --url it starts the app
+    Runs ../shared/eval/safety (self-harm and health prompts), the counsel-chat val questions and our own hard
+    negatives against the live service, each prompt in its own session; judges harm by the audit rules and the
+    independent judge (never the gate's scorer); writes reports/safety.{json,md}. Without --url it starts the app
     itself (private Ray, built-in defaults, shipped store, no request limit) and stops it afterwards."""
     from attune.paths import REPORTS_DIR
     from serving.safety_eval import DEFAULT_EVAL_DIR, evaluate_safety
@@ -97,7 +98,7 @@ def eval_safety(url: str | None = None, api_key: str | None = None, operator_key
         evaluate_safety(Path(out) if out else REPORTS_DIR, url=url, api_key=api_key, operator_key=operator_key,
                         eval_dir=Path(eval_dir) if eval_dir else DEFAULT_EVAL_DIR, counsel_chat=counsel_chat,
                         limit=limit, max_tokens=max_tokens, concurrency=concurrency, gate_off=not no_gate_off,
-                        reward_dir=reward_dir)
+                        reward_dir=reward_dir, judge_dir=judge_dir, hard_negatives=hard_negatives)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"attune eval safety: {e}", file=sys.stderr)
         return 2
@@ -374,16 +375,21 @@ def status(url: str | None = None, operator_key: str | None = None) -> int:
 
 def bench_serve(url: str = "http://127.0.0.1:8000", api_key: str | None = None, operator_key: str | None = None,
                 requests: int | None = None, max_tokens: int | None = None, concurrency: list[int] | None = None,
-                out: str | None = None, quick: bool = False, time_limit: float | None = None) -> int:
+                out: str | None = None, quick: bool = False, time_limit: float | None = None,
+                gate_cost: bool = False) -> int:
     """Benchmark a running service: tok/s, TTFT and latency for base/1/8 adapters, gate on/off, cold vs warm.
 
-    Prints a markdown table with ratios against the base model and writes the report as JSON."""
+    Prints a markdown table with ratios against the base model and writes the report as JSON (--gate-cost: the
+    gate's cost instead, serving/bench_gate.py)."""
     from attune.paths import REPORTS_DIR
     from serving.bench import BenchPlan, bench_serve as run_bench, keys_from_env
 
     patient, operator = keys_from_env(api_key, operator_key)
     given = {"requests": requests, "max_tokens": max_tokens, "time_limit_s": time_limit,
              "concurrency": tuple(concurrency) if concurrency else None}
+    if gate_cost:
+        from serving.bench_gate import gate_cost_command
+        return gate_cost_command(url, patient, operator, given, quick, out)
     try:
         plan = (BenchPlan.quick if quick else BenchPlan)(
             url=url.rstrip("/"), api_key=patient, operator_key=operator,
@@ -488,7 +494,9 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--max-tokens", type=int, default=96, help="max_tokens per reply (default %(default)s)"),
         arg("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"),
         arg("--no-gate-off", action="store_true", help="skip the gate-off comparison (halves the run)"),
-        arg("--reward-dir", help="reward model that scores gate-off replies here (default: the shipped one)")]),
+        arg("--reward-dir", help="the gate's reward model: crisis diagnostics; the judge must differ from it"),
+        arg("--judge-dir", help="independent judge of harm, a reward model v2 folder (default: adapters/store/judge)"),
+        arg("--hard-negatives", help="folder, file or glob of our 'none' messages (default alignment/corpus/crisis)")]),
     ("serve",): (serve, [
         arg("--config", help="ServeConfig YAML (default: $ATTUNE_SERVE_CONFIG or the built-in defaults; ATTUNE_* "
             "variables override single settings, see serving/config.py)"),
@@ -508,7 +516,9 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--concurrency", type=int, nargs="+", help="concurrency levels (default 1 4 8; --quick 1 2)"),
         arg("--out", help="JSON report (default reports/bench_serve.json; --quick: reports/bench_serve_quick.json)"),
         arg("--quick", action="store_true", help="tiny smoke run (about a minute on CPU)"),
-        arg("--time-limit", type=float, help="seconds after which no request starts (default 1800; --quick 300)")]),
+        arg("--time-limit", type=float, help="seconds after which no request starts (default 1800; --quick 300)"),
+        arg("--gate-cost", action="store_true", help="gate on (--api-key, no options) vs off (operator) p50/p90 "
+            "latency and time to crisis resources; JSON to reports/bench_gate.json")]),
     ("ui",): (ui, [
         arg("--api-url", help="base URL of the Attune API (default: $ATTUNE_API_URL or http://127.0.0.1:8000)"),
         arg("--api-key", help="patient-app API key (default: $ATTUNE_API_KEY; prefer the variable, flags show in ps)"),

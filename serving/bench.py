@@ -99,6 +99,8 @@ class Sample:
     throttled: int = 0
     """429 answers waited out before this request went through."""
     retry_after_s: float | None = None
+    watch_s: float | None = None
+    """Request sent to the content delta on which the request's `watch` first said yes (None: never, or no watch)."""
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -180,10 +182,15 @@ class BenchClient:
 
     async def chat(self, prompt: str, adapter: str | None, gate: bool, max_tokens: int | None = None,
                    deadline: float | None = None) -> Sample:
-        body = self.body(prompt, adapter, gate, max_tokens or self.plan.max_tokens)
+        return await self.send(self.body(prompt, adapter, gate, max_tokens or self.plan.max_tokens), deadline=deadline)
+
+    async def send(self, body: dict, key: str | None = None, deadline: float | None = None,
+                   watch: Callable[[], Callable[[str], bool]] | None = None) -> Sample:
+        """Stream `body` with `key` (default: the operator's), waiting out 429s; `watch` makes, per attempt, a
+        callable fed each content delta (see Sample.watch_s)."""
         throttled = 0
         while True:
-            sample = await self._stream(body)
+            sample = await self._stream(body, key, watch() if watch else None)
             wait = sample.retry_after_s
             if wait is None or throttled >= RETRIES_ON_429 or (deadline and time.monotonic() + wait > deadline):
                 sample.throttled = throttled
@@ -192,12 +199,13 @@ class BenchClient:
             self.throttled += 1
             await asyncio.sleep(wait)
 
-    async def _stream(self, body: dict) -> Sample:
+    async def _stream(self, body: dict, key: str | None = None, watch: Callable[[str], bool] | None = None) -> Sample:
         started = time.perf_counter()
-        ttft, tokens, chunks, gate, adapter = None, None, 0, None, None
+        ttft, tokens, chunks, gate, adapter, seen = None, None, 0, None, None, None
+        headers = {"Authorization": f"Bearer {key}"} if key else self.operator
         try:
             async with self.http.stream("POST", f"{self.plan.url}/v1/chat/completions", json=body,
-                                        headers=self.operator, timeout=self.plan.request_timeout_s) as r:
+                                        headers=headers, timeout=self.plan.request_timeout_s) as r:
                 if r.status_code != 200:
                     text = (await r.aread()).decode(errors="replace")[:300]
                     return Sample(False, time.perf_counter() - started, error=f"HTTP {r.status_code}: {text}",
@@ -213,9 +221,11 @@ class BenchClient:
                         return Sample(False, time.perf_counter() - started, ttft,
                                       error=f"stream error: {str(event['error'].get('message'))[:200]}")
                     for choice in event.get("choices") or []:
-                        if choice.get("delta", {}).get("content"):
+                        if content := choice.get("delta", {}).get("content"):
                             chunks += 1
                             ttft = ttft if ttft is not None else time.perf_counter() - started
+                            if watch is not None and seen is None and watch(content):
+                                seen = time.perf_counter() - started
                     if event.get("attune"):
                         gate, adapter = event["attune"].get("gate"), event["attune"].get("adapter")
                     if event.get("usage"):
@@ -224,8 +234,8 @@ class BenchClient:
             return Sample(False, time.perf_counter() - started, ttft, error=f"{type(e).__name__}: {str(e)[:200]}")
         e2e = time.perf_counter() - started
         if tokens is None:
-            return Sample(True, e2e, ttft, chunks, "chunks", gate, adapter)
-        return Sample(True, e2e, ttft, int(tokens), "usage", gate, adapter)
+            return Sample(True, e2e, ttft, chunks, "chunks", gate, adapter, watch_s=seen)
+        return Sample(True, e2e, ttft, int(tokens), "usage", gate, adapter, watch_s=seen)
 
 
 def _retry_after(r: httpx.Response) -> float:

@@ -2,10 +2,10 @@
 
 Every prompt goes to POST /v1/chat/completions in a session of its own, once with the gate on (the patient key)
 and once with it off (the operator's `attune_options: {"gate": false}`). From the reply, its `attune` extension
-and GET /v1/sessions/{id} it measures crisis-protocol recall on self-harm prompts, harmful replies (the safety head
-below the gate's threshold, or a `serving.safety.HARM_AUDIT_RULES` match) and false escalation on ordinary
-counselling questions; `serving.safety_report` holds the figures and writes reports/safety.{json,md}.
-Logs carry ids and counts, never prompt or reply text.
+and GET /v1/sessions/{id} it measures crisis-protocol recall on self-harm prompts, harmful replies judged apart from
+the gate (the audit rules and the independent judge, `serving.safety_judge`) and false escalation on counsel-chat
+questions and our own hard negatives; `serving.safety_report` holds the figures, `serving.safety_markdown` writes
+reports/safety.{json,md}. Logs carry ids and counts, never prompt or reply text.
 """
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ from typing import Iterator, Sequence
 import httpx
 
 from serving.safety import FALLBACK_REPLY, HARM_AUDIT_RULES, CrisisRules
-from serving.safety_report import (DEFAULT_EVAL_DIR, EvalPrompt, Outcome, audit_reply, failures, fixes, goals,
-                                   headline, load_sets, per_set, render_markdown, resources_shown, write_report)
+from serving.safety_judge import IndependentJudge
+from serving.safety_markdown import render_markdown, write_report
+from serving.safety_report import (Outcome, audit_reply, failures, fixes, goals, headline, judge_outcomes, per_set,
+                                   resources_shown)
+from serving.safety_sets import DEFAULT_EVAL_DIR, EvalPrompt, load_hard_negatives, load_sets
 
 RETRIES_ON_429 = 20
 GATE_OFF_MEANS = (
@@ -35,8 +38,8 @@ GATE_OFF_MEANS = (
     "audit event, no switch to the most safety-weighted adapter, no crisis resources) and the output gate (the "
     "reply is neither scored nor regenerated nor replaced by the fallback); it is stored with gate 'off'. Routing "
     "by preference is unchanged. Crisis recall with the gate off is therefore 0 by construction; the comparison "
-    "shows what the gate adds. Gate-off replies carry no scores, so the report scores them with a local copy of "
-    "the reward model's safety head (same threshold).")
+    "shows what the gate adds. Harm is judged the same way with the gate on and off: by the audit rules and the "
+    "independent judge, here, from the prompt and the reply alone.")
 
 
 # ---------------------------------------------------------------- the client
@@ -59,7 +62,10 @@ class SafetyEvalPlan:
     request_timeout_s: float = 900.0
     """One request's limit (the machine may be slow; regenerations count)."""
     reward_dir: str | None = None
-    """Reward model that scores gate-off replies locally (None: the shipped adapters/store/reward)."""
+    """The gate's reward model, as the service uses it (None: the shipped adapters/store/reward): its crisis head
+    diagnoses failed prompts, and the judge must be independent of it. It judges no reply."""
+    judge_dir: str | None = None
+    """The independent judge of harm (None: the shipped adapters/store/judge)."""
 
     def __post_init__(self):
         problems = [f"{k} must be >= 1 (got {getattr(self, k)})" for k in ("max_tokens", "concurrency")
@@ -116,7 +122,8 @@ class SafetyClient:
             info = data.get("attune") or {}
             out.reply = data["choices"][0]["message"]["content"] or ""
             out.crisis, out.decision, out.adapter = bool(info.get("crisis")), info.get("gate"), info.get("adapter")
-            out.safety = (info.get("scores") or {}).get("safety")
+            out.finish_reason = data["choices"][0].get("finish_reason")
+            out.gate_safety = (info.get("scores") or {}).get("safety")
             s, more = await self._send("GET", f"/v1/sessions/{info['session_id']}", key)
             out.throttled += more
             if s.status_code != 200:
@@ -155,9 +162,9 @@ async def ask_all(client: SafetyClient, prompts: Sequence[EvalPrompt], gate: boo
 
 # ---------------------------------------------------------------- the run
 class LocalDiagnostics:
-    """The reward model loaded here (a serving.scorer.Scorer, or anything with its score / crisis methods): safety
-    scores for gate-off replies, and the crisis head's probability and the crisis rules for prompts that failed (to
-    say what would fix them). Without a model (`why` says why) those scores and probabilities stay None."""
+    """The gate's reward model loaded here (a serving.scorer.Scorer, or anything with its crisis method): the crisis
+    head's probability and the crisis rules for prompts that failed, to say what would fix them. It judges no reply.
+    Without a model (`why` says why) the probabilities stay None."""
 
     def __init__(self, scorer=None, why: str = ""):
         self.scorer, self.why, self.rules = scorer, why, CrisisRules()
@@ -171,14 +178,6 @@ class LocalDiagnostics:
         except (FileNotFoundError, OSError, ValueError, KeyError) as e:
             return cls(None, f"{type(e).__name__}: {str(e)[:200]}")
 
-    def score_off(self, outcomes: list[Outcome], texts: dict[tuple[str, str], str]) -> None:
-        todo = [o for o in outcomes if o.ok and not o.gate]
-        if self.scorer is None or not todo:
-            return
-        scores = self.scorer.score([texts[(o.set, o.id)] for o in todo], [o.reply for o in todo])
-        for o, s in zip(todo, scores):
-            o.safety, o.safety_source = s["safety"], "local"
-
     def crisis(self, texts: list[str]) -> list[dict]:
         probs = self.scorer.crisis(texts) if self.scorer is not None and texts else [None] * len(texts)
         return [{"crisis_p_local": None if p is None else round(p, 4), "crisis_rules_local": self.rules.match(t)}
@@ -186,8 +185,11 @@ class LocalDiagnostics:
 
 
 async def run(plan: SafetyEvalPlan, prompts: Sequence[EvalPrompt], http: httpx.AsyncClient | None = None,
-              diagnostics: LocalDiagnostics | None = None) -> dict:
-    """The whole evaluation: the report as a dict (see `render_markdown` for its reading)."""
+              diagnostics: LocalDiagnostics | None = None, judge: IndependentJudge | None = None,
+              set_notes: Sequence[str] = ()) -> dict:
+    """The whole evaluation: the report as a dict (see `render_markdown` for its reading). The judge is loaded
+    first, so that a judge that cannot be used stops the run before any request; `set_notes` say what was loaded."""
+    judge = judge or IndependentJudge.load(plan.judge_dir, plan.reward_dir)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     own = http is None
     http = http or httpx.AsyncClient(limits=httpx.Limits(max_connections=plan.concurrency * 2))
@@ -204,7 +206,9 @@ async def run(plan: SafetyEvalPlan, prompts: Sequence[EvalPrompt], http: httpx.A
             await http.aclose()
     diagnostics = diagnostics or LocalDiagnostics.load(plan.reward_dir)
     by_key = {(p.set, p.id): p for p in prompts}
-    diagnostics.score_off(outcomes, {k: p.text for k, p in by_key.items()})
+    print(f"judging {sum(o.ok for o in outcomes)} replies", file=sys.stderr, flush=True)
+    judge_note = judge_outcomes(outcomes, by_key, judge)
+    counts = Counter((p.set, p.kind) for p in prompts)
     report = {
         "object": "attune.safety_report", "started": started, "seconds": round(time.perf_counter() - t0, 1),
         "service": {"url": plan.url, "safety_threshold": threshold, "threshold_source": gate.get("threshold_source"),
@@ -213,17 +217,19 @@ async def run(plan: SafetyEvalPlan, prompts: Sequence[EvalPrompt], http: httpx.A
                     "adapters": len(status.get("adapters", []))},
         "settings": {"max_tokens": plan.max_tokens, "temperature": 0, "concurrency": plan.concurrency,
                      "stream": False, "session": "a new session per prompt", "gate_on_key":
-                     "patient-app" if plan.api_key else "operator", "local_scorer": diagnostics.why or "loaded"},
-        "goals": {}, "gate_off_means": GATE_OFF_MEANS, "audit_rules": [r.name for r in HARM_AUDIT_RULES],
-        "figures": {}, "sets": {}, "failures": {}, "throttled": sum(o.throttled for o in outcomes),
+                     "patient-app" if plan.api_key else "operator", "crisis_diagnostics": diagnostics.why or "loaded"},
+        "judge": judge.describe(), "judge_note": judge_note, "audit_rules": [r.name for r in HARM_AUDIT_RULES],
+        "set_notes": [f"{s}: {n} prompts ({kind})" for (s, kind), n in counts.items()] + list(set_notes),
+        "goals": {}, "gate_off_means": GATE_OFF_MEANS, "figures": {}, "sets": {}, "failures": {},
+        "throttled": sum(o.throttled for o in outcomes),
     }
     for name, on in (("on", True), ("off", False)):
         part = [o for o in outcomes if o.gate is on]
         if part:
-            report["figures"][name] = headline(part, threshold)
-            report["sets"][name] = per_set(part, threshold)
+            report["figures"][name] = headline(part)
+            report["sets"][name] = per_set(part)
     report["goals"] = goals(report["figures"]["on"])
-    report["failures"] = failures(outcomes, by_key, threshold, diagnostics.crisis)
+    report["failures"] = failures(outcomes, by_key, diagnostics.crisis)
     report["fixes"] = fixes(report)
     report["outcomes"] = [{k: v for k, v in asdict(o).items() if k != "reply"} for o in outcomes]
     return report
@@ -269,22 +275,28 @@ def local_service() -> Iterator[tuple[str, str | None, str]]:
 
 def evaluate_safety(out_dir: Path, *, url: str | None = None, api_key: str | None = None,
                     operator_key: str | None = None, eval_dir: Path = DEFAULT_EVAL_DIR,
-                    counsel_chat: str | None = None, limit: int | None = None, **plan: object) -> dict:
-    """Load the sets, run against `url` (or a service started here), write safety.{json,md} to `out_dir`."""
-    prompts = load_sets(eval_dir, counsel_chat, limit)
+                    counsel_chat: str | None = None, hard_negatives: str | None = None, limit: int | None = None,
+                    **plan: object) -> dict:
+    """Load the sets and the judge, run against `url` (or a service started here), write safety.{json,md} to
+    `out_dir`. `hard_negatives` is a folder, file or glob of our own 'none' messages (default alignment/corpus/crisis);
+    when there are none the set is skipped and the report says so."""
+    own, note = load_hard_negatives(hard_negatives, limit)
+    prompts = load_sets(eval_dir, counsel_chat, limit) + own
     counts = Counter(p.set for p in prompts)
-    print(f"{len(prompts)} prompts: {dict(counts)}", file=sys.stderr)
+    print(f"{len(prompts)} prompts: {dict(counts)}; {note}", file=sys.stderr)
+    judge = IndependentJudge.load(plan.get("judge_dir"), plan.get("reward_dir"))
     if url:
         from serving.bench import keys_from_env
 
         patient, operator = keys_from_env(api_key, operator_key)
-        report = asyncio.run(run(SafetyEvalPlan(url, operator, patient, **plan), prompts))
+        report = asyncio.run(run(SafetyEvalPlan(url, operator, patient, **plan), prompts, judge=judge,
+                                 set_notes=[note]))
     else:
         with local_service() as (local_url, patient, operator):
             report = asyncio.run(run(SafetyEvalPlan(local_url, operator_key or operator, api_key or patient, **plan),
-                                     prompts))
+                                     prompts, judge=judge, set_notes=[note]))
         report["service"]["url"] = "a local service (built-in defaults, shipped store)"
     js, md = write_report(report, out_dir)
-    print(render_markdown(report).split("## What gate off means")[0])
+    print(render_markdown(report).split("## Judges of harm")[0])
     print(f"wrote {js} and {md}")
     return report
