@@ -296,7 +296,7 @@ class ChatService:
             detector = "both" if assessment.by_rules and assessment.by_model else (
                 "rules" if assessment.by_rules else "model")
             self.metrics.crisis.labels(detector).inc()
-            await db_call(self.repo.flag_session, turn.session.id)
+            await db_call(self.repo.flag_session, turn.session.id, detector=detector, categories=assessment.by_rules)
             await db_call(self.repo.add_audit, "crisis_protocol", tenant_id=turn.principal.tenant_id,
                           session_id=turn.session.id,
                           detail={"request_id": turn.request_id, "rules": assessment.by_rules,

@@ -198,6 +198,8 @@ async def test_crisis_message_runs_the_protocol(make, stream):
     assert text.startswith(REPLIES["safe"]) and "988" in text and "Samaritans" in text
     session = svc.repo.get_session("alice", info["session_id"])
     assert session.flagged
+    flag = svc.repo.get_flag(session.id)
+    assert flag.detector == "rules" and flag.categories == ["kill_myself"] and flag.flagged_turns == 1
     (event,) = svc.repo.list_audit("crisis_protocol")
     assert event.detail["rules"] == ["kill_myself"] and "tonight" not in json.dumps(event.detail)
     assert svc.repo.list_messages(session.id)[-1].content == text
