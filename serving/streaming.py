@@ -116,10 +116,12 @@ def generation_request(svc: "ChatService", turn: "Turn", adapter_id: str | None,
 
 async def deltas(svc: "ChatService", turn: "Turn", adapter_id: str | None, attempt: int) -> AsyncIterator[str]:
     """The engine's text deltas, cut before the first stop string (text that could begin one is held back until
-    it is known not to); engine failures become ApiError (503). Closing this early aborts the engine request."""
+    it is known not to); engine failures become ApiError (503). Closing this early aborts the engine request.
+    Sets turn.finish_reason ("stop" or "length") and adds the attempt's tokens to the turn's usage."""
     greq = generation_request(svc, turn, adapter_id, attempt)
     label, stops, text, sent, done = adapter_id or NO_ADAPTER, turn.request.stop or [], "", 0, False
     hold = max((len(s) for s in stops), default=1) - 1
+    turn.finish_reason = "stop"
     it = svc.engine.stream(greq)
     try:
         async for delta in it:
@@ -130,7 +132,6 @@ async def deltas(svc: "ChatService", turn: "Turn", adapter_id: str | None, attem
             if cut >= 0:
                 if cut > sent:
                     yield text[sent:cut]
-                turn.finish_reason = "stop"
                 return
             if len(text) - hold > sent:
                 yield text[sent:len(text) - hold]
@@ -141,7 +142,9 @@ async def deltas(svc: "ChatService", turn: "Turn", adapter_id: str | None, attem
         raise svc.engine_failed(turn, e) from None
     finally:
         if not done:
-            svc.spawn(it.aclose())
+            # The engine records a request's tokens when its stream closes: read them after that, not before (an
+            # early close, when the gate stopped a reply or a stop string cut it, used to count 0 tokens).
+            await asyncio.shield(svc.spawn(it.aclose()))
         usage = svc.engine.usage(greq.request_id)
         if usage is not None:
             turn.prompt_tokens += usage.prompt_tokens
