@@ -275,7 +275,7 @@ class ChunkChoice(BaseModel):
 class ChatCompletionChunk(Wire):
     """One SSE event; the last one with a choice carries finish_reason and `attune`."""
 
-    _omit_none = frozenset({"attune", "usage"})
+    _omit_none = frozenset({"attune", "usage", "crisis_resources"})
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
@@ -284,6 +284,9 @@ class ChatCompletionChunk(Wire):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     attune: AttuneInfo | None = None
+    crisis_resources: str | None = Field(default=None, description="On the first chunk of a crisis reply, which "
+                                         "opens with them: the crisis resources (a lead line, then one '- name: "
+                                         "contact' line each), so that a client can show them at once.")
 
 
 def sse(obj: BaseModel | Mapping[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """Generation under the safety gate: engine deltas (stop strings, token usage), whole replies gated with bounded
-regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release.
-Also the gate's setup: the safety threshold from config, or the calibrated one (reward model v2: its safety classifier's, on rm-val).
+regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release; a crisis
+turn gets the vetted crisis reply (serving.crisis_reply) and nothing generated. Also the gate's setup: the safety
+threshold from config, or the calibrated one (reward model v2: its safety classifier's, on rm-val).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from serving.config import SCORE_MAX, SCORE_MIN, ServeConfig
 from serving.engine import EngineError, GenerationRequest, PromptTooLong
 from serving.metrics import NO_ADAPTER
 from serving.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, SSE_DONE, Usage, sse
-from serving.safety import CrisisDetector, CrisisProtocol, GateDecision, SafetyGate, SentenceBuffer, normalise_locale
+from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply, CrisisText
+from serving.safety import CrisisDetector, GateDecision, SafetyGate, SentenceBuffer
 
 if TYPE_CHECKING:
     from serving.admission import Ticket
@@ -62,11 +64,11 @@ def calibrate_safety_threshold(pairs: Sequence[tuple[float, int]]) -> tuple[floa
 
 @dataclass
 class GateSetup:
-    """The gate, crisis detector and protocol, with thresholds resolved from config and scorer."""
+    """The gate, crisis detector and crisis reply, with thresholds resolved from config and scorer."""
 
     gate: SafetyGate
     detector: CrisisDetector
-    protocol: CrisisProtocol
+    crisis: CrisisReply
     threshold_source: str
     calibration: dict
 
@@ -80,14 +82,11 @@ class GateSetup:
             raise ValueError("no safety threshold: set safety_threshold or give the scorer a calibration")
         resources = {loc: [r.model_dump() for r in rs] for loc, rs in config.crisis_resources.items()}
         return cls(SafetyGate(threshold, config.max_regenerations), CrisisDetector(scorer_threshold=info.crisis_threshold),
-                   CrisisProtocol(resources, default_locale=config.default_locale), source, dict(info.calibration))
+                   CrisisReply(resources, default_locale=config.default_locale), source, dict(info.calibration))
 
-    def crisis_text(self, reply: str, locale: str | None) -> str:
-        loc = normalise_locale(locale)
-        for key in (loc, loc.split("-")[0]):
-            if key in self.protocol.resources:
-                return self.protocol.apply(reply, key)
-        return self.protocol.apply(reply, None)
+    def crisis_reply(self, turn: "Turn") -> CrisisText:
+        """The crisis reply for the turn's locale, worded unlike the session's latest crisis reply."""
+        return self.crisis.reply(turn.locale, [m["content"] for m in turn.messages if m["role"] == "assistant"])
 
 
 @dataclass
@@ -166,9 +165,12 @@ def decide(gate: SafetyGate, scores: dict[str, float], attempt: int, text: str) 
 
 
 async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
-    """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback."""
+    """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback; a crisis
+    turn gets the crisis reply."""
     gating = await svc.ensure_started()
     adapter, attempt, reasons = turn.adapter_id, 0, []
+    if turn.crisis:
+        return Gated(gating.crisis_reply(turn).text, CRISIS_REPLY_ID, {}, "crisis")
     if not turn.gate:
         text = "".join([d async for d in deltas(svc, turn, adapter, 0)])
         return Gated(text, adapter, {}, "off", finish_reason=turn.finish_reason)
@@ -188,8 +190,6 @@ async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
         text = gating.gate.fallback_reply
         gated = Gated(text, adapter, await svc.score(turn.prompt, text), "fallback", attempt, reasons, "content_filter")
         break
-    if turn.crisis:
-        gated.text = gating.crisis_text(gated.text, turn.locale)
     return gated
 
 
@@ -197,21 +197,26 @@ class GatedStream:
     """One streamed reply. `start` fetches the first delta (so an engine failure is still a 503); `events`
     then releases text sentence by sentence, each scored with everything released before it. A failing
     sentence is never sent: with nothing released yet the safety adapter regenerates (bounded), else the
-    fallback text follows what was sent. The last chunk carries `attune`, then [DONE]. If the client goes
-    away, the engine request is aborted and what the patient saw is stored (gate "interrupted"). Any failure
-    after the first event ends the stream with an error event, then (once what was seen is stored) [DONE]. The
-    admission ticket is released when the stream ends, however it ends."""
+    fallback text follows what was sent. A crisis turn's first content is the crisis reply, resources first, and
+    nothing is generated. The last chunk carries `attune`, then [DONE]. If the client goes away, the engine request
+    is aborted and what the patient saw is stored (gate "interrupted"). Any failure after the first event ends the
+    stream with an error event (carrying `crisis_resources` on a crisis turn), then (once what was seen is stored)
+    [DONE]. The admission ticket is released when the stream ends, however it ends."""
 
     def __init__(self, svc: "ChatService", turn: "Turn", ticket: "Ticket | None" = None):
         self.svc, self.turn, self.ticket = svc, turn, ticket
         self.adapter, self.attempt, self.kind = turn.adapter_id, 0, "pass"
         self.released, self.scores, self.reasons = "", {}, []
+        self.crisis: CrisisText | None = None
         self.created = int(time.time())
         self._source: AsyncIterator[str] | None = None
         self._pending: list[str] = []
 
     async def start(self) -> AsyncIterator[str]:
         self.gating = await self.svc.ensure_started()
+        if self.turn.crisis:
+            self.crisis = self.gating.crisis_reply(self.turn)
+            return self.events()
         self._source = deltas(self.svc, self.turn, self.adapter, 0)
         try:
             self._pending.append(await self._source.__anext__())
@@ -220,10 +225,10 @@ class GatedStream:
         return self.events()
 
     def _chunk(self, content: str | None = None, *, role: str | None = None, finish: str | None = None,
-               attune=None, usage: Usage | None = None) -> str:
+               attune=None, usage: Usage | None = None, crisis_resources: str | None = None) -> str:
         choices = [] if usage else [ChunkChoice(delta=DeltaMessage(role=role, content=content), finish_reason=finish)]
         return sse(ChatCompletionChunk(id=self.turn.request_id, created=self.created, model=self.turn.request.model,
-                                       choices=choices, attune=attune, usage=usage))
+                                       choices=choices, attune=attune, usage=usage, crisis_resources=crisis_resources))
 
     async def _next(self) -> str | None:
         if self._pending:
@@ -275,26 +280,32 @@ class GatedStream:
             yield (" " if self.released else "") + self.gating.gate.fallback_reply
             return
 
+    async def _crisis_events(self) -> AsyncIterator[str]:
+        """The crisis reply as the first content, in one chunk with the role and `crisis_resources`."""
+        self.released, self.adapter, self.kind = self.crisis.text, CRISIS_REPLY_ID, "crisis"
+        self.svc.metrics.first_release.labels(self.turn.label).observe(time.perf_counter() - self.turn.started)
+        yield self._chunk(self.crisis.text, role="assistant", crisis_resources=self.crisis.resources)
+
+    async def _generated_events(self) -> AsyncIterator[str]:
+        svc, turn = self.svc, self.turn
+        yield self._chunk("", role="assistant")
+        async for piece in self._pieces():
+            if not self.released:
+                svc.metrics.first_release.labels(turn.label).observe(time.perf_counter() - turn.started)
+            self.released += piece
+            yield self._chunk(piece)
+        if self.kind == "pass" and self.attempt:
+            self.kind = "regenerated"
+        if self.kind == "fallback":
+            self.scores = await svc.score(turn.prompt, self.released)
+
     async def events(self) -> AsyncIterator[str]:
         from serving.chat import ApiError
 
         svc, turn, status = self.svc, self.turn, "499"
         try:
-            yield self._chunk("", role="assistant")
-            async for piece in self._pieces():
-                if not self.released:
-                    svc.metrics.first_release.labels(turn.label).observe(time.perf_counter() - turn.started)
-                self.released += piece
-                yield self._chunk(piece)
-            if self.kind == "pass" and self.attempt:
-                self.kind = "regenerated"
-            if self.kind == "fallback":
-                self.scores = await svc.score(turn.prompt, self.released)
-            if turn.crisis:
-                full = self.gating.crisis_text(self.released, turn.locale)
-                tail = full[len(self.released.rstrip()):]
-                self.released += tail
-                yield self._chunk(tail)
+            async for event in (self._crisis_events() if self.crisis else self._generated_events()):
+                yield event
             finish = "content_filter" if self.kind == "fallback" else turn.finish_reason
             info = await svc.finish(turn, Gated(self.released, self.adapter, self.scores, self.kind, self.attempt,
                                                 self.reasons, finish), stream=True)
@@ -310,7 +321,10 @@ class GatedStream:
                 e = ApiError(500, "internal error; retry, and tell the operator if it persists", type="server_error",
                              code="internal_error")
             status = str(e.status)
-            yield sse(e.body())
+            body = e.body()
+            if self.crisis is not None:  # whatever the client kept of the stream, the resources come with the error
+                body["error"]["crisis_resources"] = self.crisis.resources
+            yield sse(body)
             if self.released:  # stored before [DONE], so a client that then reads the session finds it
                 kept, self.released = svc.spawn(svc.store_partial(turn, self.released, self.adapter)), ""
                 await asyncio.wait([kept])

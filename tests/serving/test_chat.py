@@ -17,6 +17,7 @@ from serving.api_router import create_app
 from serving.auth import KeyStore, RateLimiter
 from serving.chat import ApiError, ChatDeps, ChatService
 from serving.config import ServeConfig
+from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply
 from serving.db import Repository
 from serving.engine import FakeEngine, GenerationRequest
 from serving.metrics import ServingMetrics
@@ -193,9 +194,9 @@ async def test_crisis_message_runs_the_protocol(make, stream):
         info = chunks[-1]["attune"]
     else:
         text, info = r.choices[0].message.content, r.attune.model_dump()
-    assert info["gate"] == "crisis" and info["crisis"] and info["adapter"] == "safe"
-    assert svc.engine.requests[0].adapter_id == "safe"
-    assert text.startswith(REPLIES["safe"]) and "988" in text and "Samaritans" in text
+    assert info["gate"] == "crisis" and info["crisis"] and info["adapter"] == CRISIS_REPLY_ID
+    assert svc.engine.requests == [], "the crisis reply is the vetted template: nothing is generated"
+    assert text == CrisisReply().reply("en").text and "findahelpline.com" in text
     session = svc.repo.get_session("alice", info["session_id"])
     assert session.flagged
     (event,) = svc.repo.list_audit("crisis_protocol")

@@ -1,5 +1,6 @@
-"""Safety gate parts: crisis rules on authored examples and the seed set, the detector, the protocol's
-locales, gate decisions with bounded regeneration, the streaming sentence splitter, and the scorer wrappers."""
+"""Safety gate parts: crisis rules on authored examples and the seed set, the detector, gate decisions with
+bounded regeneration, the streaming sentence splitter, and the scorer wrappers. The crisis reply and its resources
+are tested in test_crisis_reply.py."""
 from __future__ import annotations
 
 import time
@@ -9,8 +10,7 @@ import pytest
 
 from alignment.data import load_seed
 from alignment.objectives import OBJECTIVES
-from serving.safety import (CRISIS_RULES, DEFAULT_RESOURCES, FALLBACK_REPLY, CrisisDetector, CrisisProtocol,
-                            CrisisRules, SafetyGate, SentenceBuffer)
+from serving.safety import CRISIS_RULES, FALLBACK_REPLY, CrisisDetector, CrisisRules, SafetyGate, SentenceBuffer
 from serving.scorer import BatchingScorer, FaultyScorer, Scorer, ScorerError
 
 SHOULD_FIRE = [
@@ -113,25 +113,6 @@ def test_detector_fires_on_either_signal():
     assert not no_model.crisis and no_model.prob is None
     with pytest.raises(ValueError, match="probability"):
         CrisisDetector(scorer_threshold=1.5)
-
-
-def test_protocol_appends_locale_resources_and_falls_back():
-    proto = CrisisProtocol(DEFAULT_RESOURCES, default_locale="en-US")
-    gb = proto.apply("I'm really glad you told me.", "en_gb")
-    assert gb.startswith("I'm really glad you told me.\n\n")
-    assert "Samaritans: call 116 123" in gb and "988" not in gb
-    unknown = proto.apply("I'm here.", "fr-FR")
-    assert "988 Suicide & Crisis Lifeline: call or text 988" in unknown
-    assert proto.apply(unknown, "fr-FR") == unknown
-    assert proto.resources_text(None) == proto.resources_text("en-US")
-    assert proto.resources_text("EN-au").count("\n- ") == len(DEFAULT_RESOURCES["en-AU"])
-
-    custom = CrisisProtocol({"de-DE": [{"name": "Telefonseelsorge", "contact": "0800 111 0 111"}]}, "de-DE")
-    assert custom.resources_text("en-GB").endswith("- Telefonseelsorge: 0800 111 0 111")
-    with pytest.raises(ValueError, match="default locale"):
-        CrisisProtocol(DEFAULT_RESOURCES, default_locale="xx-YY")
-    with pytest.raises(ValueError, match="lacks"):
-        CrisisProtocol({"en-US": [{"name": "No contact"}]})
 
 
 def test_gate_bounded_regeneration_then_fallback():

@@ -1,9 +1,74 @@
-"""What a patient sees of a reply, with FakeEngine and a scripted scorer: streams count every attempt's tokens."""
+"""What a patient sees of a reply, with FakeEngine and a scripted scorer: a crisis turn's first content is the vetted
+crisis reply (nothing generated), and an error that ends it still carries the resources; streams count every
+attempt's tokens."""
 from __future__ import annotations
 
-import pytest
+import json
+import logging
 
+import pytest
+from sqlalchemy import exc as sa_exc
+
+from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply
 from tests.serving.test_chat import REPLIES, chat, collect, make, settle  # noqa: F401 (make: fixture)
+
+CRISIS = [{"role": "user", "content": "I want to kill myself tonight."}]
+
+
+def events_of(raw: list[str]) -> list[dict]:
+    return [json.loads(e.removeprefix("data: ")) for e in raw if e != "data: [DONE]\n\n"]
+
+
+# ---------------------------------------------------------------- the crisis reply
+@pytest.mark.asyncio
+async def test_a_crisis_streams_its_resources_first_and_generates_nothing(make, caplog):
+    caplog.set_level(logging.DEBUG)
+    svc = make()
+    chunks, text = await collect(await chat(svc, preference="warm", stream=True, messages=CRISIS,
+                                            stream_options={"include_usage": True}))
+    expected = CrisisReply().reply("en")
+    first = next(c for c in chunks if c.get("choices") and c["choices"][0]["delta"].get("content"))
+    assert first is chunks[0] and first["choices"][0]["delta"] == {"role": "assistant", "content": expected.text}
+    assert first["crisis_resources"] == expected.resources and expected.text.startswith(expected.resources)
+    assert text == expected.text and svc.engine.requests == []
+    assert chunks[-2]["attune"]["gate"] == "crisis" and chunks[-2]["attune"]["adapter"] == CRISIS_REPLY_ID
+    assert chunks[-1]["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    row = svc.repo.list_messages(chunks[-2]["attune"]["session_id"])[-1]
+    assert (row.content, row.gate, row.adapter_id) == (expected.text, "crisis", CRISIS_REPLY_ID)
+    assert "kill myself" not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_crisis_stream_that_fails_later_still_carries_the_resources(make):
+    svc = make()
+    add = svc.repo.add_message
+
+    def failing(session_id, role, content, **kw):
+        if role == "assistant":
+            raise sa_exc.OperationalError("INSERT", {}, Exception("disk I/O error"))
+        return add(session_id, role, content, **kw)
+
+    svc.repo.add_message = failing
+    events = events_of([e async for e in await chat(svc, preference="warm", stream=True, messages=CRISIS)])
+    expected = CrisisReply().reply("en")
+    assert events[0]["choices"][0]["delta"]["content"] == expected.text
+    assert events[-1]["error"]["code"] == "database_unavailable"
+    assert events[-1]["error"]["crisis_resources"] == expected.resources
+    await settle(svc)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_repeated_crisis_turn_is_not_answered_word_for_word(make, stream):
+    svc = make()
+    first = await chat(svc, preference="warm", messages=CRISIS)
+    session = first.attune.session_id
+    again = await chat(svc, session_id=session, stream=stream,
+                       messages=[{"role": "user", "content": "I still want to end my life."}])
+    text = (await collect(again))[1] if stream else again.choices[0].message.content
+    reply = first.choices[0].message.content
+    assert reply == CrisisReply().reply("en").text and text == CrisisReply().reply("en", [reply]).text
+    assert text.splitlines()[0] != reply.splitlines()[0] and text.splitlines()[1:3] == reply.splitlines()[1:3]
 
 
 # ---------------------------------------------------------------- true usage
