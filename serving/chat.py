@@ -322,7 +322,7 @@ class ChatService:
         kind = "crisis" if turn.crisis else gated.kind
         await db_call(self.repo.add_message, turn.session.id, "assistant", gated.text, adapter_id=gated.adapter_id,
                   scores=gated.scores or None, gate=kind)
-        if gated.kind in ("regenerated", "fallback"):
+        if gated.kind in ("regenerated", "fallback", "truncated"):
             await db_call(self.repo.add_audit, f"gate_{gated.kind}", tenant_id=turn.principal.tenant_id,
                       session_id=turn.session.id, detail={"request_id": turn.request_id, "attempts": gated.attempts,
                                                           "reasons": gated.reasons[:5], "crisis": turn.crisis})

@@ -227,8 +227,9 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], limits: Limits) ->
 class AttuneInfo(BaseModel):
     adapter: str = Field(description="Adapter id that produced the reply (or the base model's id).")
     scores: dict[str, float] = Field(default_factory=dict, description="The reply's six objective scores (1-5).")
-    gate: str = Field(description="The safety gate's decision: pass, regenerated, fallback or crisis (off: an "
-                      "operator turned the gate off for this request).")
+    gate: str = Field(description="The safety gate's decision: pass, regenerated, fallback, truncated (a stream "
+                      "ended at its last safe sentence) or crisis (off: an operator turned the gate off for this "
+                      "request).")
     crisis: bool = Field(default=False, description="True when the crisis protocol ran.")
     session_id: str = Field(description="Session the exchange was stored in; send it back to continue.")
 

@@ -405,3 +405,9 @@ class SentenceBuffer:
             return True
         line_start = buf.rfind("\n", 0, dot) + 1
         return bare.isdigit() and not buf[line_start:dot - len(token)].strip()
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to the end of its last full sentence as SentenceBuffer splits it ('' if it has none): what a
+    reply cut by the token limit may show, so that no reply ends mid-sentence."""
+    return "".join(SentenceBuffer().feed(text + " "))

@@ -1,7 +1,8 @@
 """Generation under the safety gate: engine deltas (stop strings, token usage), whole replies gated with bounded
 regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release; a crisis
-turn gets the vetted crisis reply (serving.crisis_reply) and nothing generated. Also the gate's setup: the safety
-threshold from config, or the calibrated one (reward model v2: its safety classifier's, on rm-val).
+turn gets the vetted crisis reply (serving.crisis_reply) and nothing generated. No reply mixes generated text with the
+fallback, and none cut by the token limit ends mid-sentence. Also the gate's setup: the safety threshold from config,
+or the calibrated one (reward model v2: its safety classifier's, on rm-val).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from serving.engine import EngineError, GenerationRequest, PromptTooLong
 from serving.metrics import NO_ADAPTER
 from serving.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, SSE_DONE, Usage, sse
 from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply, CrisisText
-from serving.safety import CrisisDetector, GateDecision, SafetyGate, SentenceBuffer
+from serving.safety import CrisisDetector, GateDecision, SafetyGate, SentenceBuffer, whole_sentences
 
 if TYPE_CHECKING:
     from serving.admission import Ticket
@@ -60,6 +61,9 @@ def calibrate_safety_threshold(pairs: Sequence[tuple[float, int]]) -> tuple[floa
               "unsafe_caught": round(sum(u < threshold for u in unsafe) / max(len(unsafe), 1), 4),
               "safe_passed": round(sum(s >= threshold for s in safe) / len(safe), 4)}
     return float(threshold), detail
+
+
+NO_FULL_SENTENCE = "no full sentence within max_tokens"
 
 
 @dataclass
@@ -165,8 +169,8 @@ def decide(gate: SafetyGate, scores: dict[str, float], attempt: int, text: str) 
 
 
 async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
-    """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback; a crisis
-    turn gets the crisis reply."""
+    """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback. A reply cut
+    by the token limit is gated as its full sentences (none: the fallback); a crisis turn gets the crisis reply."""
     gating = await svc.ensure_started()
     adapter, attempt, reasons = turn.adapter_id, 0, []
     if turn.crisis:
@@ -176,37 +180,42 @@ async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
         return Gated(text, adapter, {}, "off", finish_reason=turn.finish_reason)
     while True:
         text = "".join([d async for d in deltas(svc, turn, adapter, attempt)])
+        if turn.finish_reason == "length" and not (text := whole_sentences(text)).strip():
+            reasons.append(NO_FULL_SENTENCE)
+            finish = "length"
+            break
         scores = await svc.score(turn.prompt, text)
         decision = decide(gating.gate, scores, attempt, text)
         if decision.action == "pass":
-            gated = Gated(text, adapter, scores, "regenerated" if attempt else "pass", attempt, reasons,
-                          turn.finish_reason)
-            break
+            return Gated(text, adapter, scores, "regenerated" if attempt else "pass", attempt, reasons,
+                         turn.finish_reason)
         reasons += decision.reasons
-        if decision.action == "regenerate":
-            attempt += 1
-            adapter = await svc.sessions.safety_adapter()
-            continue
-        text = gating.gate.fallback_reply
-        gated = Gated(text, adapter, await svc.score(turn.prompt, text), "fallback", attempt, reasons, "content_filter")
-        break
-    return gated
+        if decision.action == "fallback":
+            finish = "content_filter"
+            break
+        attempt += 1
+        adapter = await svc.sessions.safety_adapter()
+    text = gating.gate.fallback_reply
+    return Gated(text, adapter, await svc.score(turn.prompt, text), "fallback", attempt, reasons, finish)
 
 
 class GatedStream:
     """One streamed reply. `start` fetches the first delta (so an engine failure is still a 503); `events`
     then releases text sentence by sentence, each scored with everything released before it. A failing
-    sentence is never sent: with nothing released yet the safety adapter regenerates (bounded), else the
-    fallback text follows what was sent. A crisis turn's first content is the crisis reply, resources first, and
-    nothing is generated. The last chunk carries `attune`, then [DONE]. If the client goes away, the engine request
-    is aborted and what the patient saw is stored (gate "interrupted"). Any failure after the first event ends the
-    stream with an error event (carrying `crisis_resources` on a crisis turn), then (once what was seen is stored)
-    [DONE]. The admission ticket is released when the stream ends, however it ends."""
+    sentence is never sent: with nothing released yet the safety adapter regenerates (bounded), else the fallback
+    is the whole reply; with sentences released the reply ends at the last of them (gate "truncated",
+    finish_reason content_filter), never stitched to the fallback. A reply cut by the token limit ends at its last
+    full sentence. A crisis turn's first content is the crisis reply, resources first, and nothing is generated.
+    The last chunk carries `attune`, then [DONE]. If the client goes away, the engine request is aborted and what
+    the patient saw is stored (gate "interrupted"). Any failure after the first event ends the stream with an error
+    event (carrying `crisis_resources` on a crisis turn), then (once what was seen is stored) [DONE]. The
+    admission ticket is released when the stream ends, however it ends."""
 
     def __init__(self, svc: "ChatService", turn: "Turn", ticket: "Ticket | None" = None):
         self.svc, self.turn, self.ticket = svc, turn, ticket
         self.adapter, self.attempt, self.kind = turn.adapter_id, 0, "pass"
         self.released, self.scores, self.reasons = "", {}, []
+        self.finish: str | None = None
         self.crisis: CrisisText | None = None
         self.created = int(time.time())
         self._source: AsyncIterator[str] | None = None
@@ -264,6 +273,13 @@ class GatedStream:
                     yield sentence
             if failed is None:
                 rest = buffer.flush()
+                if self.turn.finish_reason == "length":
+                    rest = whole_sentences(rest)
+                    if not rest.strip() and not self.released:
+                        self.reasons.append(NO_FULL_SENTENCE)
+                        self.kind, self.finish = "fallback", "length"
+                        yield self.gating.gate.fallback_reply
+                        return
                 if rest.strip() or not self.released:
                     failed = await self._check(rest)
                 if failed is None:
@@ -271,13 +287,16 @@ class GatedStream:
                         yield rest
                     return
             await self._source.aclose()
-            if failed.action == "regenerate" and not self.released:
+            if self.released:
+                self.kind, self.finish = "truncated", "content_filter"
+                return
+            if failed.action == "regenerate":
                 self.attempt += 1
                 self.adapter = await self.svc.sessions.safety_adapter()
                 self._source = deltas(self.svc, self.turn, self.adapter, self.attempt)
                 continue
-            self.kind = "fallback"
-            yield (" " if self.released else "") + self.gating.gate.fallback_reply
+            self.kind, self.finish = "fallback", "content_filter"
+            yield self.gating.gate.fallback_reply
             return
 
     async def _crisis_events(self) -> AsyncIterator[str]:
@@ -306,7 +325,7 @@ class GatedStream:
         try:
             async for event in (self._crisis_events() if self.crisis else self._generated_events()):
                 yield event
-            finish = "content_filter" if self.kind == "fallback" else turn.finish_reason
+            finish = self.finish or turn.finish_reason
             info = await svc.finish(turn, Gated(self.released, self.adapter, self.scores, self.kind, self.attempt,
                                                 self.reasons, finish), stream=True)
             status = "200"

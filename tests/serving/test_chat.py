@@ -257,15 +257,19 @@ async def test_stream_releases_scored_sentences_and_ends_with_attune(make):
 
 
 @pytest.mark.asyncio
-async def test_stream_stops_at_an_unsafe_sentence_and_sends_the_fallback(make):
+async def test_stream_ends_at_the_last_safe_sentence_when_a_later_one_fails(make):
     svc = make(engine_kw={"token_delay": 0.001})
     svc.engine.replies["warm"] = "I hear you. UNSAFE advice follows here. More text that never comes."
     chunks, text = await collect(await chat(svc, preference="warm", stream=True))
-    assert "UNSAFE" not in text and text == "I hear you. " + FALLBACK_REPLY
-    assert chunks[-1]["attune"]["gate"] == "fallback"
+    assert text == "I hear you." and FALLBACK_REPLY not in text, "never stitched to the fallback"
+    assert chunks[-1]["attune"]["gate"] == "truncated" and chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert len(svc.engine.requests) == 1
     await settle(svc)
     usage = svc.engine.usage(svc.engine.requests[0].request_id)
     assert usage.finish_reason == "abort" and usage.completion_tokens < len(svc.engine.replies["warm"].split())
+    rows = svc.repo.list_messages(chunks[-1]["attune"]["session_id"])
+    assert (rows[-1].content, rows[-1].gate) == ("I hear you.", "truncated")
+    assert svc.repo.list_audit("gate_truncated")[0].detail["reasons"][0].startswith("safety score 1.000")
 
 
 @pytest.mark.asyncio

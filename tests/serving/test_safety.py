@@ -1,5 +1,5 @@
 """Safety gate parts: crisis rules on authored examples and the seed set, the detector, gate decisions with
-bounded regeneration, the streaming sentence splitter, and the scorer wrappers. The crisis reply and its resources
+bounded regeneration, the streaming sentence splitter (and a cut reply's full sentences), and the scorer wrappers. The crisis reply and its resources
 are tested in test_crisis_reply.py."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from alignment.data import load_seed
 from alignment.objectives import OBJECTIVES
-from serving.safety import CRISIS_RULES, FALLBACK_REPLY, CrisisDetector, CrisisRules, SafetyGate, SentenceBuffer
+from serving.safety import (CRISIS_RULES, FALLBACK_REPLY, CrisisDetector, CrisisRules, SafetyGate, SentenceBuffer,
+                            whole_sentences)
 from serving.scorer import BatchingScorer, FaultyScorer, Scorer, ScorerError
 
 SHOULD_FIRE = [
@@ -189,6 +190,18 @@ def test_sentence_buffer_waits_for_the_next_character():
     assert buf.feed("nothing") == []
     assert buf.flush() == " And then... nothing"
     assert buf.flush() == ""
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("I hear you. You don't have to choose between yourself and", "I hear you."),
+    ("It is hard. What helps?", "It is hard. What helps?"),
+    ("Options:\n1. Call a friend.\n2. Rest and", "Options:\n1. Call a friend."),
+    ("See Dr.", ""),
+    ("I just... ", ""),
+    ("You don't have to choose between yourself and", ""),
+])
+def test_whole_sentences_drop_a_cut_last_sentence(text, expected):
+    assert whole_sentences(text) == expected
 
 
 def test_sentence_buffer_is_linear_in_streamed_text():

@@ -1,5 +1,6 @@
 """What a patient sees of a reply, with FakeEngine and a scripted scorer: a crisis turn's first content is the vetted
-crisis reply (nothing generated), and an error that ends it still carries the resources; streams count every
+crisis reply (nothing generated), and an error that ends it still carries the resources; released text is never
+stitched to the fallback; a reply cut by the token limit ends at its last full sentence; streams count every
 attempt's tokens."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply
+from serving.safety import FALLBACK_REPLY
 from tests.serving.test_chat import REPLIES, chat, collect, make, settle  # noqa: F401 (make: fixture)
 
 CRISIS = [{"role": "user", "content": "I want to kill myself tonight."}]
@@ -71,6 +73,57 @@ async def test_a_repeated_crisis_turn_is_not_answered_word_for_word(make, stream
     assert text.splitlines()[0] != reply.splitlines()[0] and text.splitlines()[1:3] == reply.splitlines()[1:3]
 
 
+# ---------------------------------------------------------------- never stitched, never mixed
+@pytest.mark.asyncio
+async def test_a_whole_reply_is_never_mixed_with_the_fallback(make):
+    svc = make(max_regenerations=1)
+    svc.engine.replies = {k: "I hear you. UNSAFE advice follows here." for k in REPLIES}
+    r = await chat(svc, preference="warm")
+    assert r.choices[0].message.content == FALLBACK_REPLY and r.attune.gate == "fallback"
+    chunks, text = await collect(await chat(svc, preference="warm", stream=True))
+    assert text == "I hear you." and chunks[-1]["attune"]["gate"] == "truncated"
+
+
+@pytest.mark.asyncio
+async def test_a_stream_that_fails_before_releasing_anything_is_the_fallback_alone(make):
+    svc = make(max_regenerations=1)
+    svc.engine.replies = {k: "UNSAFE from the first word. More." for k in REPLIES}
+    chunks, text = await collect(await chat(svc, preference="warm", stream=True))
+    assert text == FALLBACK_REPLY and chunks[-1]["attune"]["gate"] == "fallback"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter" and len(svc.engine.requests) == 2
+
+
+# ---------------------------------------------------------------- no reply ends mid-sentence
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_reply_cut_by_the_token_limit_ends_at_its_last_full_sentence(make, stream):
+    svc = make()
+    r = await chat(svc, preference="warm", max_tokens=7, stream=stream)  # "That sounds so heavy. I am here"
+    if stream:
+        chunks, text = await collect(r)
+        finish, info = chunks[-1]["choices"][0]["finish_reason"], chunks[-1]["attune"]
+    else:
+        text, finish, info = r.choices[0].message.content, r.choices[0].finish_reason, r.attune.model_dump()
+    assert text == "That sounds so heavy." and finish == "length" and info["gate"] == "pass"
+    assert svc.repo.list_messages(info["session_id"])[-1].content == "That sounds so heavy."
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cut_reply_without_a_full_sentence_is_the_fallback(make, stream):
+    svc = make()
+    r = await chat(svc, preference="warm", max_tokens=3, stream=stream)  # "That sounds so"
+    if stream:
+        chunks, text = await collect(r)
+        finish, info = chunks[-1]["choices"][0]["finish_reason"], chunks[-1]["attune"]
+    else:
+        text, finish, info = r.choices[0].message.content, r.choices[0].finish_reason, r.attune.model_dump()
+    assert text == FALLBACK_REPLY and info["gate"] == "fallback" and finish == "length"
+    assert len(svc.engine.requests) == 1, "a longer reply would be cut again: no regeneration"
+    audit = svc.repo.list_audit("gate_fallback")[0].detail
+    assert audit["reasons"] == ["no full sentence within max_tokens"]
+
+
 # ---------------------------------------------------------------- true usage
 @pytest.mark.asyncio
 async def test_streams_count_the_tokens_of_every_attempt(make):
@@ -84,3 +137,11 @@ async def test_streams_count_the_tokens_of_every_attempt(make):
     assert first.finish_reason == "abort" and first.completion_tokens > 0 and second.finish_reason == "stop"
     assert chunks[-1]["usage"]["completion_tokens"] == first.completion_tokens + second.completion_tokens
     assert chunks[-1]["usage"]["prompt_tokens"] == first.prompt_tokens + second.prompt_tokens > 0
+
+    svc.engine.replies["warm"] = "I hear you. UNSAFE advice follows here. " + " ".join(["more"] * 20) + "."
+    chunks, text = await collect(await chat(svc, preference="warm", stream=True,
+                                             stream_options={"include_usage": True}))
+    await settle(svc)
+    cut = svc.engine.usage(svc.engine.requests[-1].request_id)
+    assert text == "I hear you." and cut.finish_reason == "abort"
+    assert chunks[-1]["usage"]["completion_tokens"] == cut.completion_tokens > 0
