@@ -2,7 +2,7 @@
 regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release; a crisis
 turn gets the vetted crisis reply (serving.crisis_reply) and nothing generated. No reply mixes generated text with the
 fallback, and none cut by the token limit ends mid-sentence. Also the gate's setup: the safety threshold from config,
-or the calibrated one (reward model v2: its safety classifier's, on rm-val).
+or the calibrated one (reward model v2: its safety classifier's, on rm-val), and the fallback reply's check.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Sequence
 
 from serving.config import SCORE_MAX, SCORE_MIN, ServeConfig
 from serving.engine import EngineError, GenerationRequest, PromptTooLong
@@ -63,7 +63,15 @@ def calibrate_safety_threshold(pairs: Sequence[tuple[float, int]]) -> tuple[floa
     return float(threshold), detail
 
 
+FALLBACK_PROBES = ("I get nervous before presentations.", "Work has been overwhelming lately.",
+                   "My sister and I keep arguing about money.", "I haven't been sleeping well this week.")
+"""Ordinary opening messages after which the fallback reply must pass the gate before the service starts."""
 NO_FULL_SENTENCE = "no full sentence within max_tokens"
+
+
+class FallbackRejected(RuntimeError):
+    """The fallback reply would not pass the gate: a service that starts with it could answer with a reply that
+    its own gate refuses."""
 
 
 @dataclass
@@ -87,6 +95,17 @@ class GateSetup:
         resources = {loc: [r.model_dump() for r in rs] for loc, rs in config.crisis_resources.items()}
         return cls(SafetyGate(threshold, config.max_regenerations), CrisisDetector(scorer_threshold=info.crisis_threshold),
                    CrisisReply(resources, default_locale=config.default_locale), source, dict(info.calibration))
+
+    async def verify_fallback(self, score: Callable[[str, str], Awaitable[dict[str, float]]]) -> None:
+        """Raise FallbackRejected, naming the probe, the score and the threshold, unless the fallback reply passes
+        the gate after every message of FALLBACK_PROBES. A scorer that fails raises its own error."""
+        reply = self.gate.fallback_reply
+        results = await asyncio.gather(*(score(p, reply) for p in FALLBACK_PROBES))
+        for probe, scores in zip(FALLBACK_PROBES, results):
+            ok, reasons = self.gate.check_reply(reply, scores.get("safety"))
+            if not ok:
+                raise FallbackRejected(f"the fallback reply fails the safety gate ({'; '.join(reasons)}) after "
+                                       f"{probe!r}; rewrite FALLBACK_REPLY or check safety_threshold")
 
     def crisis_reply(self, turn: "Turn") -> CrisisText:
         """The crisis reply for the turn's locale, worded unlike the session's latest crisis reply."""

@@ -236,7 +236,10 @@ async def test_gate_falls_back_after_bounded_regenerations(make):
 
 @pytest.mark.asyncio
 async def test_scorer_failure_fails_closed(make):
-    svc = make(scorer=ScriptedScorer(fail=True))
+    scorer = ScriptedScorer()
+    svc = make(scorer=scorer)
+    await svc.ensure_started()
+    scorer.fail = True
     r = await chat(svc)
     assert r.attune.gate == "fallback" and len(svc.engine.requests) == 1 and r.attune.scores == {}
 
@@ -245,6 +248,8 @@ async def test_scorer_failure_fails_closed(make):
 async def test_stream_releases_scored_sentences_and_ends_with_attune(make):
     scorer = ScriptedScorer()
     svc = make(scorer=scorer)
+    await svc.ensure_started()
+    scorer.scored.clear()  # the fallback reply's check at start-up
     chunks, text = await collect(await chat(svc, preference="warm", stream=True,
                                              stream_options={"include_usage": True}))
     assert text == REPLIES["warm"]
@@ -463,6 +468,8 @@ async def test_operator_pins_the_base_model_or_an_adapter(make):
 async def test_operator_gate_off_skips_crisis_check_and_scoring(make, stream):
     scorer = ScriptedScorer(crisis_prob=0.99)
     svc = make(scorer=scorer)
+    await svc.ensure_started()
+    scorer.scored.clear()  # the fallback reply's check at start-up
     svc.engine.replies["warm"] = "UNSAFE words pass through."
     r = await chat(svc, "operator", preference=WARM, stream=stream, attune_options={"gate": False},
                    messages=[{"role": "user", "content": "I want to end my life."}])

@@ -1,6 +1,6 @@
 """Safety gate parts: crisis rules on authored examples and the seed set, the detector, gate decisions with
-bounded regeneration, the streaming sentence splitter (and a cut reply's full sentences), and the scorer wrappers. The crisis reply and its resources
-are tested in test_crisis_reply.py."""
+bounded regeneration, the streaming sentence splitter (and a cut reply's full sentences), and the scorer wrappers.
+The crisis reply and its resources are tested in test_crisis_reply.py."""
 from __future__ import annotations
 
 import time
@@ -153,10 +153,11 @@ def test_output_rules_pass_every_safe_seed_reply():
     assert flagged == []
 
 
-def test_fallback_reply_is_safe_warm_and_invites_more():
+def test_fallback_reply_is_safe_warm_complete_and_names_no_crisis_line():
     assert not CrisisRules().match(FALLBACK_REPLY)
     assert SafetyGate(3.0).check_reply(FALLBACK_REPLY, 3.0) == (True, [])
-    assert "?" in FALLBACK_REPLY and "crisis line" in FALLBACK_REPLY
+    assert FALLBACK_REPLY.endswith("?") and whole_sentences(FALLBACK_REPLY) == FALLBACK_REPLY
+    assert not any(w in FALLBACK_REPLY.lower() for w in ("crisis", "emergency", "helpline", "988", "unsafe", "risk"))
 
 
 def split_all(chunks: list[str]) -> list[str]:

@@ -1,7 +1,7 @@
 """What a patient sees of a reply, with FakeEngine and a scripted scorer: a crisis turn's first content is the vetted
 crisis reply (nothing generated), and an error that ends it still carries the resources; released text is never
 stitched to the fallback; a reply cut by the token limit ends at its last full sentence; streams count every
-attempt's tokens."""
+attempt's tokens; the service does not start with a fallback reply that fails its own gate."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,11 @@ import logging
 import pytest
 from sqlalchemy import exc as sa_exc
 
+from serving.chat import ApiError
 from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply
 from serving.safety import FALLBACK_REPLY
-from tests.serving.test_chat import REPLIES, chat, collect, make, settle  # noqa: F401 (make: fixture)
+from serving.streaming import FALLBACK_PROBES
+from tests.serving.test_chat import REPLIES, ScriptedScorer, chat, collect, make, settle  # noqa: F401 (make: fixture)
 
 CRISIS = [{"role": "user", "content": "I want to kill myself tonight."}]
 
@@ -145,3 +147,32 @@ async def test_streams_count_the_tokens_of_every_attempt(make):
     cut = svc.engine.usage(svc.engine.requests[-1].request_id)
     assert text == "I hear you." and cut.finish_reason == "abort"
     assert chunks[-1]["usage"]["completion_tokens"] == cut.completion_tokens > 0
+
+
+# ---------------------------------------------------------------- the fallback reply at start-up
+@pytest.mark.asyncio
+async def test_the_service_refuses_to_start_with_a_fallback_that_fails_its_gate(make):
+    scorer = ScriptedScorer(unsafe_words=("UNSAFE", FALLBACK_REPLY[:20]))
+    svc = make(scorer=scorer)
+    with pytest.raises(ApiError) as e:
+        await chat(svc)
+    message = e.value.error.error.message
+    assert e.value.status == 503 and e.value.error.error.code == "fallback_rejected"
+    assert "safety score 1.000 < threshold 3.000" in message and FALLBACK_PROBES[0] in message
+    assert svc.gating is None and svc.engine.requests == [] and svc.repo.count_messages() == 0
+    ready, parts = await svc.health()
+    assert not ready and "fallback reply fails the safety gate (safety score 1.000 < threshold 3.000)" in parts["scorer"]
+    scorer.unsafe_words = ("UNSAFE",)
+    assert (await chat(svc)).attune.gate == "pass" and (await svc.health())[0]
+
+
+@pytest.mark.asyncio
+async def test_a_scorer_that_cannot_score_at_start_up_is_not_ready_yet(make):
+    scorer = ScriptedScorer(fail=True)
+    svc = make(scorer=scorer)
+    with pytest.raises(ApiError) as e:
+        await chat(svc)
+    assert e.value.status == 503 and e.value.error.error.code == "not_ready" and svc.gating is None
+    scorer.fail = False
+    assert set(scorer.scored) == set() and (await chat(svc)).attune.gate == "pass"
+    assert scorer.scored[:len(FALLBACK_PROBES)] == [FALLBACK_REPLY] * len(FALLBACK_PROBES)
