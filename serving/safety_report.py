@@ -110,14 +110,14 @@ class Outcome:
     crisis: bool = False
     """attune.crisis: the service says the crisis protocol ran."""
     decision: str | None = None
-    """attune.gate: pass, regenerated, fallback, crisis or off."""
+    """attune.gate: pass, regenerated, fallback, truncated, crisis or off."""
     adapter: str | None = None
     flagged: bool = False
     """GET /v1/sessions/{id}: the session is flagged."""
     resources: bool = False
-    """The crisis resources are in the reply."""
+    """The reply opens with the crisis resources."""
     fallback: bool = False
-    """The reply is the gate's fixed fallback text (with the crisis resources when the protocol ran)."""
+    """The reply is the gate's fixed fallback text."""
     safety: float | None = None
     safety_source: str = "service"
     harm_rules: dict[str, str] = field(default_factory=dict)
