@@ -98,8 +98,9 @@ def test_two_preferences_are_served_by_two_adapters_with_different_text(server):
     c = client(server, new_key(server))
     a, b = extremes(server)
     replies = {}
-    for adapter_id in (a, b):
-        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=24, temperature=0,
+    for adapter_id in (a, b):  # 64 tokens: a reply ends at its last full sentence, and the shipped adapters'
+        # first sentences are the same ("I'm so sorry to hear that you're going through a tough time.")
+        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=64, temperature=0,
                                       extra_body={"preference": server.adapters[adapter_id]})
         info = r.model_extra["attune"]
         assert info["adapter"] == adapter_id and info["gate"] == "pass", info
