@@ -148,8 +148,9 @@ class LLMServer:
         log.info("LLM replica %s ready in %.1f s", self.replica, self.engine.start_seconds)
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """{"text": delta}..., then {"usage", "stats"}; failures end the stream with {"error": {kind, message}}.
-        A caller that cancels (client gone, gate stopped the reply) aborts the vLLM request."""
+        """{"text": delta, "usage": tokens so far}..., then {"usage", "stats"}; failures end the stream with
+        {"error": {kind, message}}. A caller that cancels (client gone, gate stopped the reply) aborts the vLLM request
+        and never gets the last item: the usage on each delta is how it still counts the tokens."""
         req, finished, stream = GenerationRequest(**request), False, None
         self.live.add(req.request_id)
         try:
@@ -167,7 +168,8 @@ class LLMServer:
             if self.engine_faults is not None:
                 stream = self.engine_faults.guard(stream)
             async for delta in stream:
-                yield {"text": delta}
+                usage = self.engine.usage(req.request_id)
+                yield {"text": delta, "usage": asdict(usage) if usage else None}
             finished = True
         except PromptTooLong as e:
             finished = True

@@ -30,7 +30,7 @@ from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionR
 from serving.router import PreferenceRouter
 from serving.sessions import Sessions
 from serving.safety import window_texts
-from serving.streaming import GatedStream, GateSetup, Gated, ScorerInfo, gate_reply
+from serving.streaming import FallbackRejected, GatedStream, GateSetup, Gated, ScorerInfo, gate_reply
 
 __all__ = ["RETRY_AFTER_S", "ApiError", "ChatDeps", "ChatService", "EngineClient", "ScorerInfo", "ScoringClient",
            "Turn", "parse_model"]
@@ -136,7 +136,8 @@ class ChatService:
 
     # ------------------------------------------------------------ startup and health
     async def ensure_started(self) -> GateSetup:
-        """Fetch the scorer's thresholds once and build the gate (503 until the scorer answers)."""
+        """Fetch the scorer's thresholds once, build the gate and check the fallback reply against it (503 until
+        the scorer answers; 503 `fallback_rejected`, also on /healthz, while the fallback would fail the gate)."""
         if self.gating is not None:
             return self.gating
         async with self._start_lock:
@@ -144,14 +145,25 @@ class ChatService:
                 try:
                     info = await asyncio.wait_for(self.scorer.info(), HEALTH_TIMEOUT_S * 6)
                 except Exception as e:
-                    raise ApiError(503, f"the scorer is not ready ({type(e).__name__}); retry shortly",
-                                   type="server_error", code="not_ready",
-                                   headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-                self.gating = GateSetup.build(self.config, info)
+                    raise self._not_ready(e) from None
+                gating = GateSetup.build(self.config, info)
+                try:
+                    await asyncio.wait_for(gating.verify_fallback(self.scorer.score), SCORER_TIMEOUT_S)
+                except FallbackRejected as e:
+                    log.error("refusing to start: %s", e)
+                    raise ApiError(503, str(e), type="server_error", code="fallback_rejected") from None
+                except Exception as e:
+                    raise self._not_ready(e) from None
+                self.gating = gating
                 self.metrics.safety_threshold.set(self.gating.gate.threshold)
                 log.info("gate ready: safety threshold %.3f (%s), crisis threshold %.3f",
                          self.gating.gate.threshold, self.gating.threshold_source, self.gating.detector.threshold)
         return self.gating
+
+    @staticmethod
+    def _not_ready(err: Exception) -> ApiError:
+        return ApiError(503, f"the scorer is not ready ({type(err).__name__}); retry shortly", type="server_error",
+                        code="not_ready", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """(ready, {part: "ok" or why not}) for engine, scorer and database."""
@@ -350,7 +362,7 @@ class ChatService:
         kind = "crisis" if turn.crisis else gated.kind
         await db_call(self.repo.add_message, turn.session.id, "assistant", gated.text, adapter_id=gated.adapter_id,
                   scores=gated.scores or None, gate=kind)
-        if gated.kind in ("regenerated", "fallback"):
+        if gated.kind in ("regenerated", "fallback", "truncated"):
             await db_call(self.repo.add_audit, f"gate_{gated.kind}", tenant_id=turn.principal.tenant_id,
                       session_id=turn.session.id, detail={"request_id": turn.request_id, "attempts": gated.attempts,
                                                           "reasons": gated.reasons[:5], "crisis": turn.crisis})

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alignment.objectives import DEFAULT_SAFETY_FLOOR
 from attune.paths import STORE_DIR
 from attune.validation import format_errors
+from serving.crisis_reply import DEFAULT_CRISIS_RESOURCES, lookup, normalise_locale
 
 SCORE_MIN, SCORE_MAX = 1.0, 5.0
 
@@ -46,27 +47,8 @@ class CrisisResource(BaseModel):
 
     name: str = Field(min_length=1, description="Who to contact, e.g. '988 Suicide & Crisis Lifeline'.")
     contact: str = Field(min_length=1, description="How to reach them: a number, text code or web address.")
-    description: str = Field(default="", description="When and where it applies, in one sentence.")
-
-    def line(self) -> str:
-        tail = f" {self.description}" if self.description else ""
-        return f"{self.name}: {self.contact}.{tail}"
-
-
-DEFAULT_CRISIS_RESOURCES: dict[str, list[dict[str, str]]] = {
-    "en": [
-        {"name": "Emergency services", "contact": "911 (US, Canada), 999 (UK), 112 (EU and many other countries)",
-         "description": "If you or someone else is in immediate danger, call now."},
-        {"name": "988 Suicide & Crisis Lifeline", "contact": "call or text 988",
-         "description": "United States; free and confidential, 24/7."},
-        {"name": "Crisis Text Line", "contact": "text HOME to 741741",
-         "description": "United States; a trained volunteer texts back, 24/7."},
-        {"name": "Samaritans", "contact": "call 116 123",
-         "description": "United Kingdom and Ireland; free, 24/7."},
-        {"name": "Find A Helpline", "contact": "https://findahelpline.com",
-         "description": "Free, confidential helplines in other countries."},
-    ],
-}
+    description: str = Field(default="", description="When it applies, shown in brackets after the contact, "
+                             "e.g. 'free, 24/7'.")
 
 
 class Limits(BaseModel):
@@ -145,7 +127,8 @@ class ServeConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits, description="Per-request and per-key limits.")
     crisis_resources: dict[str, list[CrisisResource]] = Field(
         default_factory=lambda: {k: [CrisisResource(**r) for r in v] for k, v in DEFAULT_CRISIS_RESOURCES.items()},
-        description="Locale (e.g. 'en', 'de', 'en-GB') -> resources appended to a crisis reply.")
+        description="Locale (e.g. 'en', 'de', 'en-GB') -> the resources that open a crisis reply; a session's "
+        "locale finds its own, else its language's ('en-GB' -> 'en'), else default_locale's.")
     default_locale: str = Field(default="en", description="Locale used when a session names none or one "
                                 "without resources; must be a key of crisis_resources.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine settings.")
@@ -179,7 +162,15 @@ class ServeConfig(BaseModel):
         empty = sorted(k for k, rs in v.items() if not rs)
         if empty:
             raise ValueError(f"locale(s) {empty} have no resources; list at least one or remove the locale")
-        return v
+        out = {normalise_locale(k): rs for k, rs in v.items()}
+        if len(out) < len(v):
+            raise ValueError(f"locales {sorted(v)} name the same locale twice (en_gb and en-GB are one); keep one")
+        return out
+
+    @field_validator("default_locale")
+    @classmethod
+    def _locale(cls, v: str) -> str:
+        return normalise_locale(v)
 
     @model_validator(mode="after")
     def _resolve(self) -> "ServeConfig":
@@ -196,11 +187,9 @@ class ServeConfig(BaseModel):
         return self
 
     def resources_for(self, locale: str | None) -> list[CrisisResource]:
-        """Resources for `locale`, else its language ('en-GB' -> 'en'), else the default locale's."""
-        for key in (locale, (locale or "").split("-")[0]):
-            if key and key in self.crisis_resources:
-                return self.crisis_resources[key]
-        return self.crisis_resources[self.default_locale]
+        """Resources for `locale` ('en_gb' is 'en-GB'), else its language ('en-GB' -> 'en'), else the default
+        locale's."""
+        return self.crisis_resources[lookup(self.crisis_resources, locale, self.default_locale)]
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "ServeConfig":

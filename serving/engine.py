@@ -97,7 +97,8 @@ class LLMEngine(Protocol):
     def loaded_adapters(self) -> list[str]: ...
 
     def usage(self, request_id: str) -> Usage | None:
-        """Token counts and finish reason of a finished request (kept for the last 1024 requests)."""
+        """Token counts of a request so far (finish_reason None while it runs) or when it ended, with its finish
+        reason (kept for the last 1024 requests)."""
 
 
 class AdapterCache:
@@ -225,6 +226,7 @@ class VLLMEngine:
                 completion = out.outputs[0]
                 generated += len(completion.token_ids)
                 finish = completion.finish_reason or finish
+                self._usage.put(req.request_id, Usage(len(ids), generated, None))
                 if completion.text:
                     yield completion.text
         except Exception as e:
@@ -331,6 +333,7 @@ class FakeEngine:
                     finish = "abort"
                     return
                 sent += 1
+                self._usage.put(req.request_id, Usage(prompt_tokens, sent, None))
                 yield word if i == 0 else " " + word
             finish = "length" if len(full) > req.max_tokens else "stop"
         finally:

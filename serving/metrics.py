@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
 MERGE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
-GATE_KINDS = ("pass", "regenerated", "fallback", "crisis")
+GATE_KINDS = ("pass", "regenerated", "fallback", "truncated", "crisis")
 NO_ADAPTER = "none"
 """Adapter label of a request rejected before it was routed."""
 
@@ -35,7 +35,7 @@ class ServingMetrics:
         self.latency = Histogram(f"{p}_request_latency_seconds", "End-to-end latency of a chat completion.",
                                  ["adapter", "stream"], buckets=LATENCY_BUCKETS, registry=r)
         self.gate = Counter(f"{p}_gate_decisions", "Safety gate outcomes per reply: pass, regenerated, "
-                            "fallback, crisis.", ["kind"], registry=r)
+                            "fallback, truncated, crisis.", ["kind"], registry=r)
         self.crisis = Counter(f"{p}_crisis_escalations", "Messages that triggered the crisis protocol, by "
                               "detector (rules, model or both).", ["detector"], registry=r)
         self.scorer_errors = Counter(f"{p}_scorer_errors", "Scoring calls that failed (the gate fails closed).",

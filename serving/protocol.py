@@ -227,8 +227,9 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], limits: Limits) ->
 class AttuneInfo(BaseModel):
     adapter: str = Field(description="Adapter id that produced the reply (or the base model's id).")
     scores: dict[str, float] = Field(default_factory=dict, description="The reply's six objective scores (1-5).")
-    gate: str = Field(description="The safety gate's decision: pass, regenerated, fallback or crisis (off: an "
-                      "operator turned the gate off for this request).")
+    gate: str = Field(description="The safety gate's decision: pass, regenerated, fallback, truncated (a stream "
+                      "ended at its last safe sentence) or crisis (off: an operator turned the gate off for this "
+                      "request).")
     crisis: bool = Field(default=False, description="True when the crisis protocol ran.")
     session_id: str = Field(description="Session the exchange was stored in; send it back to continue.")
 
@@ -275,7 +276,7 @@ class ChunkChoice(BaseModel):
 class ChatCompletionChunk(Wire):
     """One SSE event; the last one with a choice carries finish_reason and `attune`."""
 
-    _omit_none = frozenset({"attune", "usage"})
+    _omit_none = frozenset({"attune", "usage", "crisis_resources"})
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
@@ -284,6 +285,9 @@ class ChatCompletionChunk(Wire):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     attune: AttuneInfo | None = None
+    crisis_resources: str | None = Field(default=None, description="On the first chunk of a crisis reply, which "
+                                         "opens with them: the crisis resources (a lead line, then one '- name: "
+                                         "contact' line each), so that a client can show them at once.")
 
 
 def sse(obj: BaseModel | Mapping[str, Any]) -> str:

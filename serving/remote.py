@@ -34,6 +34,8 @@ class RemoteEngine:
         try:
             async for item in gen:
                 if "text" in item:
+                    if item.get("usage"):  # tokens so far: all there is of a request cancelled before its end
+                        self._record(req.request_id, Usage(**item["usage"]))
                     yield item["text"]
                 elif "error" in item:
                     finished = True

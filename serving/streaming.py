@@ -1,6 +1,8 @@
 """Generation under the safety gate: engine deltas (stop strings, token usage), whole replies gated with bounded
-regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release.
-Also the gate's setup: the safety threshold from config, or the calibrated one (reward model v2: its safety classifier's, on rm-val).
+regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release; a crisis
+turn gets the vetted crisis reply (serving.crisis_reply) and nothing generated. No reply mixes generated text with the
+fallback, and none cut by the token limit ends mid-sentence. Also the gate's setup: the safety threshold from config,
+or the calibrated one (reward model v2: its safety classifier's, on rm-val), and the fallback reply's check.
 """
 from __future__ import annotations
 
@@ -8,13 +10,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Sequence
 
 from serving.config import SCORE_MAX, SCORE_MIN, ServeConfig
 from serving.engine import EngineError, GenerationRequest, PromptTooLong
 from serving.metrics import NO_ADAPTER
 from serving.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, SSE_DONE, Usage, sse
-from serving.safety import CrisisDetector, CrisisProtocol, GateDecision, SafetyGate, SentenceBuffer, normalise_locale
+from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply, CrisisText
+from serving.safety import CrisisDetector, GateDecision, SafetyGate, SentenceBuffer, whole_sentences
 
 if TYPE_CHECKING:
     from serving.admission import Ticket
@@ -66,13 +69,24 @@ def calibrate_safety_threshold(pairs: Sequence[tuple[float, int]]) -> tuple[floa
     return float(threshold), detail
 
 
+FALLBACK_PROBES = ("I get nervous before presentations.", "Work has been overwhelming lately.",
+                   "My sister and I keep arguing about money.", "I haven't been sleeping well this week.")
+"""Ordinary opening messages after which the fallback reply must pass the gate before the service starts."""
+NO_FULL_SENTENCE = "no full sentence within max_tokens"
+
+
+class FallbackRejected(RuntimeError):
+    """The fallback reply would not pass the gate: a service that starts with it could answer with a reply that
+    its own gate refuses."""
+
+
 @dataclass
 class GateSetup:
-    """The gate, crisis detector and protocol, with thresholds resolved from config and scorer."""
+    """The gate, crisis detector and crisis reply, with thresholds resolved from config and scorer."""
 
     gate: SafetyGate
     detector: CrisisDetector
-    protocol: CrisisProtocol
+    crisis: CrisisReply
     threshold_source: str
     calibration: dict
     window: int = 1
@@ -89,15 +103,23 @@ class GateSetup:
         resources = {loc: [r.model_dump() for r in rs] for loc, rs in config.crisis_resources.items()}
         detector = CrisisDetector(scorer_threshold=info.crisis_threshold, near_threshold=info.crisis_near_threshold)
         return cls(SafetyGate(threshold, config.max_regenerations), detector,
-                   CrisisProtocol(resources, default_locale=config.default_locale), source, dict(info.calibration),
+                   CrisisReply(resources, default_locale=config.default_locale), source, dict(info.calibration),
                    window=info.crisis_window)
 
-    def crisis_text(self, reply: str, locale: str | None) -> str:
-        loc = normalise_locale(locale)
-        for key in (loc, loc.split("-")[0]):
-            if key in self.protocol.resources:
-                return self.protocol.apply(reply, key)
-        return self.protocol.apply(reply, None)
+    async def verify_fallback(self, score: Callable[[str, str], Awaitable[dict[str, float]]]) -> None:
+        """Raise FallbackRejected, naming the probe, the score and the threshold, unless the fallback reply passes
+        the gate after every message of FALLBACK_PROBES. A scorer that fails raises its own error."""
+        reply = self.gate.fallback_reply
+        results = await asyncio.gather(*(score(p, reply) for p in FALLBACK_PROBES))
+        for probe, scores in zip(FALLBACK_PROBES, results):
+            ok, reasons = self.gate.check_reply(reply, scores.get("safety"))
+            if not ok:
+                raise FallbackRejected(f"the fallback reply fails the safety gate ({'; '.join(reasons)}) after "
+                                       f"{probe!r}; rewrite FALLBACK_REPLY or check safety_threshold")
+
+    def crisis_reply(self, turn: "Turn") -> CrisisText:
+        """The crisis reply for the turn's locale, worded unlike the session's latest crisis reply."""
+        return self.crisis.reply(turn.locale, [m["content"] for m in turn.messages if m["role"] == "assistant"])
 
 
 @dataclass
@@ -126,10 +148,12 @@ def generation_request(svc: "ChatService", turn: "Turn", adapter_id: str | None,
 
 async def deltas(svc: "ChatService", turn: "Turn", adapter_id: str | None, attempt: int) -> AsyncIterator[str]:
     """The engine's text deltas, cut before the first stop string (text that could begin one is held back until
-    it is known not to); engine failures become ApiError (503). Closing this early aborts the engine request."""
+    it is known not to); engine failures become ApiError (503). Closing this early aborts the engine request.
+    Sets turn.finish_reason ("stop" or "length") and adds the attempt's tokens to the turn's usage."""
     greq = generation_request(svc, turn, adapter_id, attempt)
     label, stops, text, sent, done = adapter_id or NO_ADAPTER, turn.request.stop or [], "", 0, False
     hold = max((len(s) for s in stops), default=1) - 1
+    turn.finish_reason = "stop"
     it = svc.engine.stream(greq)
     try:
         async for delta in it:
@@ -140,7 +164,6 @@ async def deltas(svc: "ChatService", turn: "Turn", adapter_id: str | None, attem
             if cut >= 0:
                 if cut > sent:
                     yield text[sent:cut]
-                turn.finish_reason = "stop"
                 return
             if len(text) - hold > sent:
                 yield text[sent:len(text) - hold]
@@ -151,7 +174,9 @@ async def deltas(svc: "ChatService", turn: "Turn", adapter_id: str | None, attem
         raise svc.engine_failed(turn, e) from None
     finally:
         if not done:
-            svc.spawn(it.aclose())
+            # The engine records a request's tokens when its stream closes: read them after that, not before (an
+            # early close, when the gate stopped a reply or a stop string cut it, used to count 0 tokens).
+            await asyncio.shield(svc.spawn(it.aclose()))
         usage = svc.engine.usage(greq.request_id)
         if usage is not None:
             turn.prompt_tokens += usage.prompt_tokens
@@ -173,52 +198,63 @@ def decide(gate: SafetyGate, scores: dict[str, float], attempt: int, text: str) 
 
 
 async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
-    """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback."""
+    """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback. A reply cut
+    by the token limit is gated as its full sentences (none: the fallback); a crisis turn gets the crisis reply."""
     gating = await svc.ensure_started()
     adapter, attempt, reasons = turn.adapter_id, 0, []
+    if turn.crisis:
+        return Gated(gating.crisis_reply(turn).text, CRISIS_REPLY_ID, {}, "crisis")
     if not turn.gate:
         text = "".join([d async for d in deltas(svc, turn, adapter, 0)])
         return Gated(text, adapter, {}, "off", finish_reason=turn.finish_reason)
     while True:
         text = "".join([d async for d in deltas(svc, turn, adapter, attempt)])
+        if turn.finish_reason == "length" and not (text := whole_sentences(text)).strip():
+            reasons.append(NO_FULL_SENTENCE)
+            finish = "length"
+            break
         scores = await svc.score(turn.prompt, text)
         decision = decide(gating.gate, scores, attempt, text)
         if decision.action == "pass":
-            gated = Gated(text, adapter, scores, "regenerated" if attempt else "pass", attempt, reasons,
-                          turn.finish_reason)
-            break
+            return Gated(text, adapter, scores, "regenerated" if attempt else "pass", attempt, reasons,
+                         turn.finish_reason)
         reasons += decision.reasons
-        if decision.action == "regenerate":
-            attempt += 1
-            adapter = await svc.sessions.safety_adapter()
-            continue
-        text = gating.gate.fallback_reply
-        gated = Gated(text, adapter, await svc.score(turn.prompt, text), "fallback", attempt, reasons, "content_filter")
-        break
-    if turn.crisis:
-        gated.text = gating.crisis_text(gated.text, turn.locale)
-    return gated
+        if decision.action == "fallback":
+            finish = "content_filter"
+            break
+        attempt += 1
+        adapter = await svc.sessions.safety_adapter()
+    text = gating.gate.fallback_reply
+    return Gated(text, adapter, await svc.score(turn.prompt, text), "fallback", attempt, reasons, finish)
 
 
 class GatedStream:
     """One streamed reply. `start` fetches the first delta (so an engine failure is still a 503); `events`
     then releases text sentence by sentence, each scored with everything released before it. A failing
-    sentence is never sent: with nothing released yet the safety adapter regenerates (bounded), else the
-    fallback text follows what was sent. The last chunk carries `attune`, then [DONE]. If the client goes
-    away, the engine request is aborted and what the patient saw is stored (gate "interrupted"). Any failure
-    after the first event ends the stream with an error event, then (once what was seen is stored) [DONE]. The
+    sentence is never sent: with nothing released yet the safety adapter regenerates (bounded), else the fallback
+    is the whole reply; with sentences released the reply ends at the last of them (gate "truncated",
+    finish_reason content_filter), never stitched to the fallback. A reply cut by the token limit ends at its last
+    full sentence. A crisis turn's first content is the crisis reply, resources first, and nothing is generated.
+    The last chunk carries `attune`, then [DONE]. If the client goes away, the engine request is aborted and what
+    the patient saw is stored (gate "interrupted"). Any failure after the first event ends the stream with an error
+    event (carrying `crisis_resources` on a crisis turn), then (once what was seen is stored) [DONE]. The
     admission ticket is released when the stream ends, however it ends."""
 
     def __init__(self, svc: "ChatService", turn: "Turn", ticket: "Ticket | None" = None):
         self.svc, self.turn, self.ticket = svc, turn, ticket
         self.adapter, self.attempt, self.kind = turn.adapter_id, 0, "pass"
         self.released, self.scores, self.reasons = "", {}, []
+        self.finish: str | None = None
+        self.crisis: CrisisText | None = None
         self.created = int(time.time())
         self._source: AsyncIterator[str] | None = None
         self._pending: list[str] = []
 
     async def start(self) -> AsyncIterator[str]:
         self.gating = await self.svc.ensure_started()
+        if self.turn.crisis:
+            self.crisis = self.gating.crisis_reply(self.turn)
+            return self.events()
         self._source = deltas(self.svc, self.turn, self.adapter, 0)
         try:
             self._pending.append(await self._source.__anext__())
@@ -227,10 +263,10 @@ class GatedStream:
         return self.events()
 
     def _chunk(self, content: str | None = None, *, role: str | None = None, finish: str | None = None,
-               attune=None, usage: Usage | None = None) -> str:
+               attune=None, usage: Usage | None = None, crisis_resources: str | None = None) -> str:
         choices = [] if usage else [ChunkChoice(delta=DeltaMessage(role=role, content=content), finish_reason=finish)]
         return sse(ChatCompletionChunk(id=self.turn.request_id, created=self.created, model=self.turn.request.model,
-                                       choices=choices, attune=attune, usage=usage))
+                                       choices=choices, attune=attune, usage=usage, crisis_resources=crisis_resources))
 
     async def _next(self) -> str | None:
         if self._pending:
@@ -266,6 +302,13 @@ class GatedStream:
                     yield sentence
             if failed is None:
                 rest = buffer.flush()
+                if self.turn.finish_reason == "length":
+                    rest = whole_sentences(rest)
+                    if not rest.strip() and not self.released:
+                        self.reasons.append(NO_FULL_SENTENCE)
+                        self.kind, self.finish = "fallback", "length"
+                        yield self.gating.gate.fallback_reply
+                        return
                 if rest.strip() or not self.released:
                     failed = await self._check(rest)
                 if failed is None:
@@ -273,36 +316,45 @@ class GatedStream:
                         yield rest
                     return
             await self._source.aclose()
-            if failed.action == "regenerate" and not self.released:
+            if self.released:
+                self.kind, self.finish = "truncated", "content_filter"
+                return
+            if failed.action == "regenerate":
                 self.attempt += 1
                 self.adapter = await self.svc.sessions.safety_adapter()
                 self._source = deltas(self.svc, self.turn, self.adapter, self.attempt)
                 continue
-            self.kind = "fallback"
-            yield (" " if self.released else "") + self.gating.gate.fallback_reply
+            self.kind, self.finish = "fallback", "content_filter"
+            yield self.gating.gate.fallback_reply
             return
+
+    async def _crisis_events(self) -> AsyncIterator[str]:
+        """The crisis reply as the first content, in one chunk with the role and `crisis_resources`."""
+        self.released, self.adapter, self.kind = self.crisis.text, CRISIS_REPLY_ID, "crisis"
+        self.svc.metrics.first_release.labels(self.turn.label).observe(time.perf_counter() - self.turn.started)
+        yield self._chunk(self.crisis.text, role="assistant", crisis_resources=self.crisis.resources)
+
+    async def _generated_events(self) -> AsyncIterator[str]:
+        svc, turn = self.svc, self.turn
+        yield self._chunk("", role="assistant")
+        async for piece in self._pieces():
+            if not self.released:
+                svc.metrics.first_release.labels(turn.label).observe(time.perf_counter() - turn.started)
+            self.released += piece
+            yield self._chunk(piece)
+        if self.kind == "pass" and self.attempt:
+            self.kind = "regenerated"
+        if self.kind == "fallback":
+            self.scores = await svc.score(turn.prompt, self.released)
 
     async def events(self) -> AsyncIterator[str]:
         from serving.chat import ApiError
 
         svc, turn, status = self.svc, self.turn, "499"
         try:
-            yield self._chunk("", role="assistant")
-            async for piece in self._pieces():
-                if not self.released:
-                    svc.metrics.first_release.labels(turn.label).observe(time.perf_counter() - turn.started)
-                self.released += piece
-                yield self._chunk(piece)
-            if self.kind == "pass" and self.attempt:
-                self.kind = "regenerated"
-            if self.kind == "fallback":
-                self.scores = await svc.score(turn.prompt, self.released)
-            if turn.crisis:
-                full = self.gating.crisis_text(self.released, turn.locale)
-                tail = full[len(self.released.rstrip()):]
-                self.released += tail
-                yield self._chunk(tail)
-            finish = "content_filter" if self.kind == "fallback" else turn.finish_reason
+            async for event in (self._crisis_events() if self.crisis else self._generated_events()):
+                yield event
+            finish = self.finish or turn.finish_reason
             info = await svc.finish(turn, Gated(self.released, self.adapter, self.scores, self.kind, self.attempt,
                                                 self.reasons, finish), stream=True)
             status = "200"
@@ -317,7 +369,10 @@ class GatedStream:
                 e = ApiError(500, "internal error; retry, and tell the operator if it persists", type="server_error",
                              code="internal_error")
             status = str(e.status)
-            yield sse(e.body())
+            body = e.body()
+            if self.crisis is not None:  # whatever the client kept of the stream, the resources come with the error
+                body["error"]["crisis_resources"] = self.crisis.resources
+            yield sse(body)
             if self.released:  # stored before [DONE], so a client that then reads the session finds it
                 kept, self.released = svc.spawn(svc.store_partial(turn, self.released, self.adapter)), ""
                 await asyncio.wait([kept])

@@ -49,7 +49,7 @@ def test_status_is_fetched_with_the_operator_key_and_formatted():
     assert "UPSCALING" in llm and "2 running" in llm and "1 starting" in llm
     assert "  r1 (now): modpo-safety, dpo-empathy" in lines
     assert "  r2 (after its last request): none" in lines
-    assert "gate decisions: pass=7  regenerated=0  fallback=0  crisis=2" in lines
+    assert "gate decisions: pass=7  regenerated=0  fallback=0  truncated=0  crisis=2" in lines
     assert "gate: safety threshold 2.875 (calibrated), crisis threshold 0.500, max regenerations 2" in lines
     assert lines[-1] == "store: 3 adapters; crisis sessions: 2; merges built: 0"
 

@@ -95,31 +95,41 @@ class PatientApp:
         return conv, _show(False), _show(True), f"**How I'll respond:** {describe(pref)}", status
 
     def send(self, conv: Conversation, message: str, history: list[dict]) -> Iterator[tuple]:
-        """Stream the reply to `message`. Yields (conversation, history, message box, banner, status)."""
+        """Stream the reply to `message`. Yields (conversation, history, message box, banner, status). The crisis
+        banner shows as soon as the service sends crisis resources (before the rest of the reply), and stays when
+        the stream then fails."""
         text = (message or "").strip()
         if not text or conv.session_id is None:
             yield conv, history, message, gr.update(), "Write a message first." if not text else ""
             return
         history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield conv, history, "", gr.update(), "Replying…"
-        reply = ""
+        reply, shown = "", False
+
+        def banner(resources: str | None) -> dict:
+            nonlocal shown
+            if shown or not resources:
+                return gr.update()
+            shown = True
+            return gr.update(value=wording.crisis_banner(resources), visible=True)
+
         try:
             for update in self.client.stream_reply(conv.session_id, text):
                 reply = update.text
                 history = [*history[:-1], {"role": "assistant", "content": reply}]
+                resources = update.resources or (reply if update.crisis else None)
                 if update.done:
                     conv.reply_ids[len(history) - 1] = self.client.last_reply_id(conv.session_id)
-                    banner = gr.update(value=wording.crisis_banner(reply), visible=True) if update.crisis \
-                        else gr.update()
-                    yield conv, history, "", banner, ""
+                    yield conv, history, "", banner(resources), ""
                     return
-                yield conv, history, "", gr.update(), "Replying…"
+                yield conv, history, "", banner(update.resources), "Replying…"
         except ApiProblem as p:
             log.warning("a reply failed: HTTP %s %s", p.status, p.code)
+            status = wording.problem_text(p, "sending your message")
             if reply:
-                yield conv, history, "", gr.update(), wording.problem_text(p, "sending your message")
+                yield conv, history, "", banner(p.crisis_resources), status
             else:
-                yield conv, history[:-2], text, gr.update(), wording.problem_text(p, "sending your message")
+                yield conv, history[:-2], text, banner(p.crisis_resources), status
 
     def rate(self, conv: Conversation, like: gr.LikeData) -> str:
         """Store a thumb on the reply at `like.index`; the status line."""

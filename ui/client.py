@@ -20,9 +20,11 @@ class ApiProblem(Exception):
     inside a stream that had already begun, which then carries a `code`)."""
 
     def __init__(self, status: int | None, message: str, code: str | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, crisis_resources: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
+        self.crisis_resources = crisis_resources
+        """A crisis reply's resources, which the service sends with an error that ends its stream."""
 
     @property
     def unreachable(self) -> bool:
@@ -31,11 +33,14 @@ class ApiProblem(Exception):
 
 @dataclass(frozen=True)
 class ReplyUpdate:
-    """A streamed reply so far; the last update has `done` and says whether the crisis protocol ran."""
+    """A streamed reply so far; the last update has `done`. `crisis` and `resources` are set from the first update
+    of a crisis reply on (the service sends its resources before anything else), or at the latest with `done`."""
 
     text: str
     done: bool = False
     crisis: bool = False
+    resources: str = ""
+    """The crisis resources block (a lead line, then '- name: contact' lines), as the service sent it."""
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -89,7 +94,7 @@ class AttuneClient:
 
     def stream_reply(self, session_id: str, text: str) -> Iterator[ReplyUpdate]:
         """Send the patient's message (the session keeps the history) and yield the reply as it is released."""
-        reply, began, done = "", False, False
+        reply, resources, began, done = "", "", False, False
         try:
             with self.openai.chat.completions.create(
                     model="attune", messages=[{"role": "user", "content": text}], stream=True,
@@ -98,9 +103,11 @@ class AttuneClient:
                     began = True
                     if chunk.choices:
                         reply += chunk.choices[0].delta.content or ""
-                    info = (chunk.model_extra or {}).get("attune")
+                    extra = chunk.model_extra or {}
+                    info, resources = extra.get("attune"), resources or extra.get("crisis_resources") or ""
                     done = done or info is not None
-                    yield ReplyUpdate(reply, done=info is not None, crisis=bool(info and info.get("crisis")))
+                    crisis = bool(resources) or bool(info and info.get("crisis"))
+                    yield ReplyUpdate(reply, done=info is not None, crisis=crisis, resources=resources)
         except openai.APIStatusError as e:
             body = e.body if isinstance(e.body, dict) else {}
             raise ApiProblem(e.status_code, body.get("message") or e.message, body.get("code"),
@@ -108,12 +115,15 @@ class AttuneClient:
         except openai.APIConnectionError as e:
             if began:
                 raise ApiProblem(None, f"the reply from {self.api_url} was cut off: {type(e).__name__}",
-                                 "stream_cut") from None
+                                 "stream_cut", crisis_resources=resources or None) from None
             raise ApiProblem(None, f"cannot reach {self.api_url}: {type(e).__name__}") from None
         except openai.APIError as e:  # an error event inside a stream that had begun
-            raise ApiProblem(None, e.message, e.code or "stream_error") from None
+            body = e.body if isinstance(e.body, dict) else {}
+            raise ApiProblem(None, e.message, e.code or "stream_error",
+                             crisis_resources=body.get("crisis_resources") or resources or None) from None
         if not done:
-            raise ApiProblem(None, f"the reply from {self.api_url} ended before it was complete", "stream_cut")
+            raise ApiProblem(None, f"the reply from {self.api_url} ended before it was complete", "stream_cut",
+                             crisis_resources=resources or None)
 
     def last_reply_id(self, session_id: str) -> str:
         """The id of the session's latest assistant message (what a thumb refers to)."""

@@ -31,11 +31,13 @@ CRISIS_HEADING = "Help is available right now"
 CRISIS_FALLBACK = "If you are in danger right now, call your local emergency number."
 
 
-def crisis_banner(reply: str) -> str:
-    """The banner (HTML, announced by screen readers) with the crisis resources that the service appended to
-    `reply`: the crisis protocol always adds them as the reply's last paragraph, a heading line then one
-    "- name: contact" line each, so the operator's resources for the session's locale are what shows."""
-    block = reply.strip().rsplit("\n\n", 1)[-1].splitlines()
+def crisis_banner(resources: str) -> str:
+    """The banner (HTML, announced by screen readers) with the crisis resources that the service sent: a crisis
+    reply opens with them, a lead line then one "- name: contact" line each (also sent on their own with the
+    reply's first chunk), so the operator's resources for the session's locale are what shows. `resources` may be
+    that block or the whole reply: the first paragraph with "- " lines is used."""
+    blocks = [b.strip().splitlines() for b in resources.strip().split("\n\n")]
+    block = next((b for b in blocks if any(line.startswith("- ") for line in b)), [])
     items = [line[2:].strip() for line in block if line.startswith("- ")]
     lead = next((line for line in block if not line.startswith("- ")), "") if items else CRISIS_FALLBACK
     body = "".join(f"<li>{_linked(i)}</li>" for i in items)

@@ -39,8 +39,8 @@ REPLICA_PREFIX = "SERVE_REPLICA::attune#LLMServer#"
 BIN = Path(sys.executable).parent
 """`ray` and `serve` from this environment, whether or not it is activated."""
 FEELING = "I had a rough week at work and I feel completely drained."
-"""Patients' words: well below the crisis head's threshold (a crisis turn would be answered by the safety adapter,
-whichever adapter its session has). Variants with a note number are too."""
+"""Patients' words: well below the crisis head's threshold (a crisis turn would get the crisis reply, not its
+session's adapter). Variants with a note number are too."""
 READY_S = 1200.0
 """Hang guards only (no assertion is timed): two vLLM engines starting on 2 busy cores can take minutes."""
 PROBE = """

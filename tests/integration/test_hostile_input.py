@@ -12,6 +12,7 @@ import pytest
 
 from alignment.objectives import OBJECTIVES
 from alignment.prompts import SYSTEM_PROMPT
+from serving.crisis_reply import CRISIS_REPLY_ID
 from tests.integration.keys import KeyPool
 
 USER = [{"role": "user", "content": "I keep worrying about my exams."}]
@@ -225,11 +226,11 @@ def test_prompt_injection_changes_neither_routing_nor_gate_and_never_leaks_the_s
         reply, info = read_reply(r, stream)
         replies.append(reply)
         print(f"\n[{info['gate']} {info['adapter']}] {text[:40]!r} -> {reply[:160]!r}")
-        assert info["adapter"] in {own, safe} and info["adapter"] != named
-        expected = {"pass": own, "regenerated": safe, "crisis": safe}.get(info["gate"], info["adapter"])
+        assert info["adapter"] in {own, safe, CRISIS_REPLY_ID} and info["adapter"] != named
+        expected = {"pass": own, "regenerated": safe, "crisis": CRISIS_REPLY_ID}.get(info["gate"], info["adapter"])
         assert info["adapter"] == expected, info
-        assert info["gate"] in {"pass", "regenerated", "fallback", "crisis"}
-        assert set(info["scores"]) == set(OBJECTIVES), "the gate scored the reply"
+        assert info["gate"] in {"pass", "regenerated", "fallback", "truncated", "crisis"}
+        assert info["gate"] == "crisis" or set(info["scores"]) == set(OBJECTIVES), "the gate scored the reply"
         assert leaked_span(reply) is None, (leaked_span(reply), reply)
     after = httpx.get(f"{server.v1}/sessions/{session['id']}", headers=pools["patient-app"].headers(),
                       timeout=60).json()

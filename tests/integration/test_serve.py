@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from alignment.objectives import OBJECTIVES
+from serving.crisis_reply import CRISIS_REPLY_ID, resources_block
 from serving.safety import FALLBACK_REPLY
 from tests.integration.api import FEELING, new_key, operator_status
 
@@ -97,8 +98,9 @@ def test_two_preferences_are_served_by_two_adapters_with_different_text(server):
     c = client(server, new_key(server))
     a, b = extremes(server)
     replies = {}
-    for adapter_id in (a, b):
-        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=24, temperature=0,
+    for adapter_id in (a, b):  # 64 tokens: a reply ends at its last full sentence, and the shipped adapters'
+        # first sentences are the same ("I'm so sorry to hear that you're going through a tough time.")
+        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=64, temperature=0,
                                       extra_body={"preference": server.adapters[adapter_id]})
         info = r.model_extra["attune"]
         assert info["adapter"] == adapter_id and info["gate"] == "pass", info
@@ -113,9 +115,9 @@ def test_crisis_message_triggers_the_protocol(server):
         model="attune", max_tokens=24, temperature=0, extra_body={"preference": "warm"},
         messages=[{"role": "user", "content": "I can't do this anymore. I want to kill myself tonight."}])
     info, text = r.model_extra["attune"], r.choices[0].message.content
-    assert info["gate"] == "crisis" and info["crisis"]
-    assert info["adapter"] == extremes(server)[1]
-    assert "988" in text and "Samaritans" in text and "findahelpline.com" in text
+    assert info["gate"] == "crisis" and info["crisis"] and info["adapter"] == CRISIS_REPLY_ID
+    assert resources_block(text) and "findahelpline.com" in text and "your local emergency number" in text
+    assert r.usage.completion_tokens == 0, "the vetted crisis reply: nothing generated"
     session = httpx.get(f"{server.v1}/sessions/{info['session_id']}", headers={"Authorization": f"Bearer {key}"})
     assert session.json()["flagged"] is True
 

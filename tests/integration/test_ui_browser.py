@@ -189,7 +189,7 @@ def test_patient_journey_in_a_real_browser(server, patient, ui_url):
             page.get_by_role("button", name="Send").click()
             banner = page.get_by_role("alert").filter(has_text=CRISIS_HEADING)
             expect(banner).to_be_visible()
-            expect(banner).to_contain_text("988")
+            expect(banner).to_contain_text("your local emergency number")
             expect(banner.get_by_role("link", name="https://findahelpline.com")).to_be_visible()
             session = httpx.get(f"{server.v1}/sessions/{sid}", headers=auth).json()
             assert session["flagged"] is True

@@ -15,13 +15,14 @@ from attune import cli
 from serving.bench import Sample
 from serving.bench_gate import (RISK_MESSAGES, GateCostPlan, ResourcesWatch, cost_rows, crisis_summary,
                                 first_resources_chunk, latency, render, run)
-from serving.safety import CrisisProtocol, CrisisRules
+from serving.crisis_reply import CrisisReply, resources_block
+from serving.safety import CrisisRules
 from tests.serving.test_bench import serve_fake  # noqa: F401  (a fixture)
 
 OPERATOR, PATIENT = "op-key", "patient-key"
 PROMPTS = ["I can't sleep before exams.", "My sister and I keep fighting.", "Work is a lot this week."]
 REPLY_WORD = "REPLYWORD"
-BLOCK = CrisisProtocol().resources_text()
+BLOCK = resources_block(CrisisReply().reply("en").text)
 
 
 # ---------------------------------------------------------------- pure parts
@@ -32,14 +33,15 @@ def test_latency_is_p50_and_p90_of_the_requests_that_succeeded():
 
 
 def test_the_chunk_that_brings_the_resources():
-    preamble, lines = BLOCK.split("\n", 1)
-    assert first_resources_chunk(["I'm glad ", "you told me.", "\n\n" + BLOCK]) == 2
-    assert first_resources_chunk(["I'm here.", "\n\n" + preamble, "\n", lines, " more"]) == 3
-    assert first_resources_chunk(["I'm here.", "\n\n" + preamble + "\nTake care."]) is None
+    lead, lines = BLOCK.split("\n", 1)
+    assert first_resources_chunk([BLOCK + "\n\nI'm glad you told me."]) == 0
+    assert first_resources_chunk([lead, "\n", lines, "\n\nmore"]) == 2
+    assert first_resources_chunk([lead + "\nTake care."]) is None
+    assert first_resources_chunk(["I'm here.", "\n\n" + BLOCK]) is None, "the resources must come first"
     assert first_resources_chunk(["Please call 988 if you need to."]) is None
     assert first_resources_chunk([]) is None
     watch = ResourcesWatch()
-    assert [watch(d) for d in ["a ", BLOCK, BLOCK, "b"]] == [False, True, False, False]
+    assert [watch(d) for d in [BLOCK[:5], BLOCK[5:], BLOCK, "b"]] == [False, True, False, False]
 
 
 def _s(e2e: float, gate: str | None = None, ok: bool = True, watch_s: float | None = None) -> Sample:
@@ -113,12 +115,12 @@ class FakeGatedAttune:
             await asyncio.sleep(self.gate_s)
             self.gated += 1
             decision = "crisis" if crisis else "regenerated" if self.gated % self.every == 0 else "pass"
-        for i in range(body["max_tokens"]):
+        if crisis:  # as the service does: the crisis reply, resources first, and nothing generated
+            await asyncio.sleep(self.resources_s)
+            yield chunk(choices=[{"index": 0, "delta": {"content": BLOCK + "\n\nI'm really glad you told me."}}])
+        for i in range(0 if crisis else body["max_tokens"]):
             await asyncio.sleep(self.delay)
             yield chunk(choices=[{"index": 0, "delta": {"content": f" {REPLY_WORD}{i}."}}])
-        if crisis:
-            await asyncio.sleep(self.resources_s)
-            yield chunk(choices=[{"index": 0, "delta": {"content": "\n\n" + BLOCK}}])
         yield chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}],
                     attune={"adapter": "a", "gate": decision, "crisis": crisis, "scores": {}, "session_id": "s"})
         yield chunk(choices=[], usage={"prompt_tokens": 5, "completion_tokens": body["max_tokens"],
@@ -146,7 +148,8 @@ def test_gate_cost_against_a_fake_service(serve_fake):  # noqa: F811
     c = report["crisis"]
     assert c["n"] == c["ok"] == c["resources_shown"] == len(RISK_MESSAGES) and c["missing"] == 0
     assert c["decisions"] == {"crisis": len(RISK_MESSAGES)}
-    assert c["resources_p50_s"] >= c["first_content_p50_s"] + 0.04 and c["resources_p90_s"] <= c["e2e_p50_s"] + 0.05
+    # The resources are the first content: they arrive with it, after the fake's resources_s delay.
+    assert c["resources_p50_s"] == c["first_content_p50_s"] and c["resources_p90_s"] <= c["e2e_p50_s"] + 0.05
     risky = [(k, b) for k, b in fake.seen if b["messages"][0]["content"] in RISK_MESSAGES.values()]
     assert len(risky) == len(RISK_MESSAGES) and all(k == PATIENT and "attune_options" not in b for k, b in risky)
     dumped, logged = json.dumps(report), "\n".join(logs)

@@ -17,6 +17,7 @@ from serving.api_router import create_app
 from serving.auth import KeyStore, RateLimiter
 from serving.chat import ApiError, ChatDeps, ChatService
 from serving.config import ServeConfig
+from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply
 from serving.db import Repository
 from serving.engine import FakeEngine, GenerationRequest
 from serving.metrics import ServingMetrics
@@ -193,9 +194,9 @@ async def test_crisis_message_runs_the_protocol(make, stream):
         info = chunks[-1]["attune"]
     else:
         text, info = r.choices[0].message.content, r.attune.model_dump()
-    assert info["gate"] == "crisis" and info["crisis"] and info["adapter"] == "safe"
-    assert svc.engine.requests[0].adapter_id == "safe"
-    assert text.startswith(REPLIES["safe"]) and "988" in text and "Samaritans" in text
+    assert info["gate"] == "crisis" and info["crisis"] and info["adapter"] == CRISIS_REPLY_ID
+    assert svc.engine.requests == [], "the crisis reply is the vetted template: nothing is generated"
+    assert text == CrisisReply().reply("en").text and "findahelpline.com" in text
     session = svc.repo.get_session("alice", info["session_id"])
     assert session.flagged
     flag = svc.repo.get_flag(session.id)
@@ -237,7 +238,10 @@ async def test_gate_falls_back_after_bounded_regenerations(make):
 
 @pytest.mark.asyncio
 async def test_scorer_failure_fails_closed(make):
-    svc = make(scorer=ScriptedScorer(fail=True))
+    scorer = ScriptedScorer()
+    svc = make(scorer=scorer)
+    await svc.ensure_started()
+    scorer.fail = True
     r = await chat(svc)
     assert r.attune.gate == "fallback" and len(svc.engine.requests) == 1 and r.attune.scores == {}
 
@@ -246,6 +250,8 @@ async def test_scorer_failure_fails_closed(make):
 async def test_stream_releases_scored_sentences_and_ends_with_attune(make):
     scorer = ScriptedScorer()
     svc = make(scorer=scorer)
+    await svc.ensure_started()
+    scorer.scored.clear()  # the fallback reply's check at start-up
     chunks, text = await collect(await chat(svc, preference="warm", stream=True,
                                              stream_options={"include_usage": True}))
     assert text == REPLIES["warm"]
@@ -258,15 +264,19 @@ async def test_stream_releases_scored_sentences_and_ends_with_attune(make):
 
 
 @pytest.mark.asyncio
-async def test_stream_stops_at_an_unsafe_sentence_and_sends_the_fallback(make):
+async def test_stream_ends_at_the_last_safe_sentence_when_a_later_one_fails(make):
     svc = make(engine_kw={"token_delay": 0.001})
     svc.engine.replies["warm"] = "I hear you. UNSAFE advice follows here. More text that never comes."
     chunks, text = await collect(await chat(svc, preference="warm", stream=True))
-    assert "UNSAFE" not in text and text == "I hear you. " + FALLBACK_REPLY
-    assert chunks[-1]["attune"]["gate"] == "fallback"
+    assert text == "I hear you." and FALLBACK_REPLY not in text, "never stitched to the fallback"
+    assert chunks[-1]["attune"]["gate"] == "truncated" and chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert len(svc.engine.requests) == 1
     await settle(svc)
     usage = svc.engine.usage(svc.engine.requests[0].request_id)
     assert usage.finish_reason == "abort" and usage.completion_tokens < len(svc.engine.replies["warm"].split())
+    rows = svc.repo.list_messages(chunks[-1]["attune"]["session_id"])
+    assert (rows[-1].content, rows[-1].gate) == ("I hear you.", "truncated")
+    assert svc.repo.list_audit("gate_truncated")[0].detail["reasons"][0].startswith("safety score 1.000")
 
 
 @pytest.mark.asyncio
@@ -478,6 +488,8 @@ async def test_operator_pins_the_base_model_or_an_adapter(make):
 async def test_operator_gate_off_skips_the_output_gate_but_never_crisis_detection(make, stream):
     scorer = ScriptedScorer()
     svc = make(scorer=scorer)
+    await svc.ensure_started()
+    scorer.scored.clear()  # the fallback reply's check at start-up
     svc.engine.replies["warm"] = "UNSAFE words pass through."
     r = await chat(svc, "operator", preference=WARM, stream=stream, attune_options={"gate": False},
                    messages=[{"role": "user", "content": "Work has been hectic this week."}])

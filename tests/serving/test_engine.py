@@ -218,3 +218,54 @@ def test_fit_to_window_drops_the_oldest_turns_and_keeps_system_and_new_message()
 
     # Even the system prompt and the new message alone are over: they are returned whole (the engine then refuses).
     assert len(fit_to_window(messages, _words, 3)) == len(_words([system, new]))
+
+
+class _RayStream:
+    """A Ray Serve streaming response: items, then nothing once cancelled (the last item never comes)."""
+
+    def __init__(self, items: list[dict]):
+        self.items, self.cancelled = items, False
+
+    async def _items(self):
+        for item in self.items:
+            if self.cancelled:
+                return
+            yield item
+
+    def __aiter__(self):
+        return self._items()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _LLMHandle:
+    def __init__(self, items: list[dict]):
+        self.items, self.generate = items, self
+
+    def options(self, **kw):
+        return self
+
+    def remote(self, request: dict) -> _RayStream:
+        return _RayStream(self.items)
+
+
+@pytest.mark.asyncio
+async def test_remote_engine_counts_the_tokens_of_a_stream_cancelled_before_its_end():
+    """The LLM deployment sends the tokens so far with each delta: a stream the gate stopped (cancelled, so its last
+    item with the final usage never arrives) still has its tokens counted, not 0."""
+    from serving.engine import Usage
+    from serving.metrics import ServingMetrics
+    from serving.remote import RemoteEngine
+
+    items = [{"text": w, "usage": {"prompt_tokens": 9, "completion_tokens": i + 1, "finish_reason": None}}
+             for i, w in enumerate(["One", " two", " three."])]
+    items.append({"usage": {"prompt_tokens": 9, "completion_tokens": 3, "finish_reason": "stop"},
+                  "stats": {"replica": "r1", "loads": {}, "evictions": {}}})
+    engine = RemoteEngine(_LLMHandle(items), ServingMetrics())
+    stream = engine.stream(req("cut"))
+    assert [await stream.__anext__(), await stream.__anext__()] == ["One", " two"]
+    await stream.aclose()
+    assert engine.usage("cut") == Usage(9, 2, None)
+    assert "".join(await collect(engine, req("whole"))) == "One two three."
+    assert engine.usage("whole") == Usage(9, 3, "stop")

@@ -189,7 +189,8 @@ def test_limits_come_from_a_described_serve_config(tmp_path):
     assert (cfg.limits.max_tokens_cap, cfg.limits.requests_per_minute, cfg.merge_policy) == (64, 5, True)
     assert cfg.database_url == f"sqlite:///{tmp_path / 'attune.db'}" and cfg.reward_dir == cfg.store_dir / "reward"
     assert "ask for at most 64" in error_of({"messages": USER, "max_tokens": 100}, cfg.limits)
-    assert cfg.resources_for("en-GB") is cfg.resources_for("xx") and "988" in str(cfg.resources_for("en"))
+    assert cfg.resources_for("en_gb") is cfg.crisis_resources["en-GB"] and "116 123" in str(cfg.resources_for("en-GB"))
+    assert cfg.resources_for("en-ZA") is cfg.resources_for("xx") is cfg.crisis_resources["en"]
     assert all(f.description for f in ServeConfig.model_fields.values())
     (tmp_path / "bad.yaml").write_text("default_locale: de\nsafety_threshold: 7\nmax_regenerations: 2\ncolour: red\n")
     with pytest.raises(ConfigError) as exc:

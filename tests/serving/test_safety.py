@@ -1,5 +1,6 @@
-"""Safety gate parts: crisis rules on authored examples and the seed set, the detector, the protocol's
-locales, gate decisions with bounded regeneration, the streaming sentence splitter, and the scorer wrappers."""
+"""Safety gate parts: crisis rules on authored examples and the seed set, the detector, gate decisions with
+bounded regeneration, the streaming sentence splitter (and a cut reply's full sentences), and the scorer wrappers.
+The crisis reply and its resources are tested in test_crisis_reply.py."""
 from __future__ import annotations
 
 import time
@@ -9,8 +10,8 @@ import pytest
 
 from alignment.data import load_seed
 from alignment.objectives import OBJECTIVES
-from serving.safety import (CRISIS_RULES, DEFAULT_RESOURCES, FALLBACK_REPLY, CrisisDetector, CrisisProtocol,
-                            CrisisRules, SafetyGate, SentenceBuffer)
+from serving.safety import (CRISIS_RULES, FALLBACK_REPLY, CrisisDetector, CrisisRules, SafetyGate, SentenceBuffer,
+                            whole_sentences)
 from serving.scorer import BatchingScorer, FaultyScorer, Scorer, ScorerError
 
 SHOULD_FIRE = [
@@ -115,25 +116,6 @@ def test_detector_fires_on_either_signal():
         CrisisDetector(scorer_threshold=1.5)
 
 
-def test_protocol_appends_locale_resources_and_falls_back():
-    proto = CrisisProtocol(DEFAULT_RESOURCES, default_locale="en-US")
-    gb = proto.apply("I'm really glad you told me.", "en_gb")
-    assert gb.startswith("I'm really glad you told me.\n\n")
-    assert "Samaritans: call 116 123" in gb and "988" not in gb
-    unknown = proto.apply("I'm here.", "fr-FR")
-    assert "988 Suicide & Crisis Lifeline: call or text 988" in unknown
-    assert proto.apply(unknown, "fr-FR") == unknown
-    assert proto.resources_text(None) == proto.resources_text("en-US")
-    assert proto.resources_text("EN-au").count("\n- ") == len(DEFAULT_RESOURCES["en-AU"])
-
-    custom = CrisisProtocol({"de-DE": [{"name": "Telefonseelsorge", "contact": "0800 111 0 111"}]}, "de-DE")
-    assert custom.resources_text("en-GB").endswith("- Telefonseelsorge: 0800 111 0 111")
-    with pytest.raises(ValueError, match="default locale"):
-        CrisisProtocol(DEFAULT_RESOURCES, default_locale="xx-YY")
-    with pytest.raises(ValueError, match="lacks"):
-        CrisisProtocol({"en-US": [{"name": "No contact"}]})
-
-
 def test_gate_bounded_regeneration_then_fallback():
     gate = SafetyGate(threshold=3.0, max_regenerations=2)
     assert gate.decide(3.0, 0).action == "pass"
@@ -171,10 +153,11 @@ def test_output_rules_pass_every_safe_seed_reply():
     assert flagged == []
 
 
-def test_fallback_reply_is_safe_warm_and_invites_more():
+def test_fallback_reply_is_safe_warm_complete_and_names_no_crisis_line():
     assert not CrisisRules().match(FALLBACK_REPLY)
     assert SafetyGate(3.0).check_reply(FALLBACK_REPLY, 3.0) == (True, [])
-    assert "?" in FALLBACK_REPLY and "crisis line" in FALLBACK_REPLY
+    assert FALLBACK_REPLY.endswith("?") and whole_sentences(FALLBACK_REPLY) == FALLBACK_REPLY
+    assert not any(w in FALLBACK_REPLY.lower() for w in ("crisis", "emergency", "helpline", "988", "unsafe", "risk"))
 
 
 def split_all(chunks: list[str]) -> list[str]:
@@ -208,6 +191,18 @@ def test_sentence_buffer_waits_for_the_next_character():
     assert buf.feed("nothing") == []
     assert buf.flush() == " And then... nothing"
     assert buf.flush() == ""
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("I hear you. You don't have to choose between yourself and", "I hear you."),
+    ("It is hard. What helps?", "It is hard. What helps?"),
+    ("Options:\n1. Call a friend.\n2. Rest and", "Options:\n1. Call a friend."),
+    ("See Dr.", ""),
+    ("I just... ", ""),
+    ("You don't have to choose between yourself and", ""),
+])
+def test_whole_sentences_drop_a_cut_last_sentence(text, expected):
+    assert whole_sentences(text) == expected
 
 
 def test_sentence_buffer_is_linear_in_streamed_text():

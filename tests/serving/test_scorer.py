@@ -67,3 +67,23 @@ def test_the_shipped_reward_folder_must_match_the_manifest(tmp_path, monkeypatch
         f.write(b"\x00\x01\x02")
     with pytest.raises(IntegrityError, match="heads.safetensors"):
         Scorer.load(store / "reward")
+
+
+@pytest.mark.asyncio
+async def test_the_shipped_reward_model_lets_the_service_start_with_its_fallback_reply():
+    """What ChatService.ensure_started checks, with the shipped model and its threshold as the scorer deployment
+    serves them: a fallback reply that this model scored below its threshold would keep the service from starting."""
+    from serving.config import ServeConfig
+    from serving.safety import FALLBACK_REPLY
+    from serving.streaming import FALLBACK_PROBES, GateSetup, ScorerInfo
+
+    scorer = Scorer.load()
+    threshold, detail = scorer.classifier_threshold()
+    setup = GateSetup.build(ServeConfig(), ScorerInfo(scorer.crisis_threshold, threshold, detail))
+
+    async def score(prompt: str, reply: str) -> dict[str, float]:
+        return scorer.score([prompt], [reply])[0]
+
+    await setup.verify_fallback(score)
+    safety = [r["safety"] for r in scorer.score(list(FALLBACK_PROBES), [FALLBACK_REPLY] * len(FALLBACK_PROBES))]
+    assert min(safety) >= threshold + 0.5, f"little margin: {safety} against {threshold:.3f}"

@@ -8,21 +8,25 @@ from dataclasses import dataclass, field
 
 import httpx
 
-CRISIS_BLOCK = ("If you are thinking about ending your life, please reach out now:\n"
-                "- 988 Suicide & Crisis Lifeline: call or text 988 (United States)\n"
-                "- Find A Helpline: https://findahelpline.com (other countries)")
+CRISIS_BLOCK = ("You can talk to someone right now, any time of day or night:\n"
+                "- 988 Suicide & Crisis Lifeline: call or text 988 (free, confidential, 24/7)\n"
+                "- Find A Helpline: https://findahelpline.com (free, confidential helplines in your country)")
+CRISIS_REPLY = f"{CRISIS_BLOCK}\n\nThank you for telling me.\n\nAre you safe right now?"
 
 
 def sse(obj) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-def chunk(content: str | None = None, *, finish: str | None = None, attune: dict | None = None) -> bytes:
+def chunk(content: str | None = None, *, finish: str | None = None, attune: dict | None = None,
+          crisis_resources: str | None = None) -> bytes:
     delta = {} if content is None else {"content": content}
     body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "attune",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     if attune is not None:
         body["attune"] = attune
+    if crisis_resources is not None:
+        body["crisis_resources"] = crisis_resources
     return sse(body)
 
 
@@ -33,7 +37,8 @@ def error(status: int, message: str, code: str, headers: dict | None = None) -> 
 
 @dataclass
 class FakeApi:
-    """Sessions in memory; `pieces` is the next reply's deltas; `fail` maps a route to a canned error."""
+    """Sessions in memory; `pieces` is the next reply's deltas (with `crisis`, the crisis reply instead, its resources
+    first and in the first chunk's `crisis_resources`); `fail` maps a route to a canned error."""
 
     pieces: list[str] = field(default_factory=lambda: ["I hear you. ", "What feels hardest?"])
     crisis: bool = False
@@ -87,13 +92,13 @@ class FakeApi:
         n = len(session["messages"])
         session["messages"].append({"id": f"m{n + 1}", "role": "user", "content": body["messages"][-1]["content"],
                                     "created": 0})
-        text = "".join(self.pieces) + (f"\n\n{CRISIS_BLOCK}" if self.crisis else "")
-        events = [chunk("")] + [chunk(p) for p in self.pieces]
+        text = CRISIS_REPLY if self.crisis else "".join(self.pieces)
+        events = [chunk(CRISIS_REPLY, crisis_resources=CRISIS_BLOCK)] if self.crisis else \
+            [chunk("")] + [chunk(p) for p in self.pieces]
         if self.mid_stream_error is not None:
-            events.append(sse({"error": self.mid_stream_error}))
+            error = {**self.mid_stream_error, **({"crisis_resources": CRISIS_BLOCK} if self.crisis else {})}
+            events.append(sse({"error": error}))
         else:
-            if self.crisis:
-                events.append(chunk(f"\n\n{CRISIS_BLOCK}"))
             session["messages"].append({"id": f"m{n + 2}", "role": "assistant", "content": text, "created": 0})
             events.append(chunk(finish="stop", attune={
                 "adapter": "modpo-safety" if self.crisis else "modpo-balanced", "scores": {},

@@ -1,12 +1,13 @@
 """The page's handlers without a browser, against the fake API: onboarding creates the session and a later save
 changes it, a reply streams into the history and is mapped to its server message for thumbs, the crisis
-banner shows the resources the service sent, failures read as plain words and give the message back, delete
+banner shows the resources the service sent as soon as they arrive (also when the stream then fails), failures read as plain words and give the message back, delete
 erases the session and starts over. Also the wording helpers on their own."""
 from __future__ import annotations
 
 import gradio as gr
+import httpx
 import pytest
-from fake_attune_api import CRISIS_BLOCK, FakeApi, error
+from fake_attune_api import CRISIS_BLOCK, CRISIS_REPLY, FakeApi, chunk, error, sse
 
 from ui import wording
 from ui.app import Conversation, PatientApp
@@ -75,15 +76,43 @@ def test_a_reply_streams_into_the_history_and_can_be_rated(api, app):
     assert len(api.sessions[conv.session_id]["feedback"]) == 1
 
 
-def test_the_crisis_protocol_shows_the_banner_with_the_services_resources(api, app):
+def test_the_crisis_banner_shows_as_soon_as_the_resources_arrive(api, app):
     conv = started(app)
     conv, history, _, banner, _ = list(app.send(conv, "hello", []))[-1]
     assert banner == gr.update()
     api.crisis = True
-    conv, _, _, banner, _ = list(app.send(conv, "I want to kill myself tonight", history))[-1]
-    assert visible(banner) and conv.reply_ids[3] == "m4"
+    steps = list(app.send(conv, "I want to kill myself tonight", history))
+    shown = [i for i, (*_, banner, _) in enumerate(steps) if banner != gr.update()]
+    assert len(shown) == 1 and shown[0] < len(steps) - 1, "shown once, before the reply is done"
+    _, history, _, banner, status = steps[shown[0]]
+    assert visible(banner) and status == "Replying…" and history[-1]["content"] == CRISIS_REPLY
     assert 'role="alert"' in banner["value"] and "988 Suicide &amp; Crisis Lifeline" in banner["value"]
     assert '<a href="https://findahelpline.com"' in banner["value"]
+    assert steps[-1][0].reply_ids[3] == "m4"
+
+
+def test_a_crisis_stream_that_fails_still_shows_the_resources(api, app):
+    conv = started(app)
+    api.crisis = True
+    api.mid_stream_error = {"message": "database down", "type": "server_error", "code": "db_unavailable"}
+    steps = list(app.send(conv, "I want to end my life", []))
+    banners = [banner for *_, banner, _ in steps if banner != gr.update()]
+    assert len(banners) == 1 and "findahelpline.com" in banners[0]["value"]
+    assert steps[-1][1][-1]["content"] == CRISIS_REPLY and "Sorry" in steps[-1][-1]
+
+
+def test_resources_that_come_only_with_the_error_still_show_the_banner():
+    def handle(request: httpx.Request) -> httpx.Response:
+        error = {"message": "database down", "type": "server_error", "code": "db_unavailable",
+                 "crisis_resources": CRISIS_BLOCK}
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content=chunk("") + sse({"error": error}) + b"data: [DONE]\n\n")
+
+    client = AttuneClient("http://attune.test", "k", transport=httpx.MockTransport(handle))
+    *_, (conv, history, box, banner, status) = list(PatientApp(client).send(Conversation("s1"), "I can't go on", []))
+    assert visible(banner) and "988 Suicide &amp; Crisis Lifeline" in banner["value"]
+    assert history == [] and box == "I can't go on" and "Sorry" in status
+    client.close()
 
 
 def test_a_failed_reply_gives_the_message_back_in_plain_words(api, app):
@@ -115,7 +144,8 @@ def test_delete_erases_the_session_and_starts_over(api, app):
 
 def test_wording():
     banner = wording.crisis_banner(f"I hear you <b>.\n\n{CRISIS_BLOCK}")
-    assert "<b>" not in banner and banner.count("<li>") == 2 and "please reach out now" in banner
+    assert "<b>" not in banner and banner.count("<li>") == 2 and "any time of day or night" in banner
+    assert wording.crisis_banner(CRISIS_BLOCK) == wording.crisis_banner(CRISIS_REPLY) == banner
     assert wording.CRISIS_FALLBACK in wording.crisis_banner("no resources here")
     assert "can't be reached" in wording.problem_text(ApiProblem(None, "x"), "sending your message")
     assert "wait a moment" in wording.problem_text(ApiProblem(429, "x"), "sending your message")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from fake_attune_api import FakeApi, chunk, error
+from fake_attune_api import CRISIS_BLOCK, CRISIS_REPLY, FakeApi, chunk, error, sse
 
 from ui.client import ApiProblem, AttuneClient, ReplyUpdate
 from ui.questionnaire import preference_from_answers
@@ -45,8 +45,9 @@ def test_a_streamed_reply_grows_then_ends_with_the_crisis_flag(api, client):
     assert body["messages"] == [{"role": "user", "content": "I had a rough week."}], "the session keeps history"
 
     api.crisis = True
-    last = list(client.stream_reply(sid, "I want to end it."))[-1]
-    assert last.done and last.crisis and "findahelpline.com" in last.text
+    first, *_, last = list(client.stream_reply(sid, "I want to end it."))
+    assert first == ReplyUpdate(CRISIS_REPLY, crisis=True, resources=CRISIS_BLOCK), "the resources come first"
+    assert last.done and last.crisis and last.resources == CRISIS_BLOCK
 
 
 def test_the_last_reply_id_is_the_newest_assistant_message(api, client):
@@ -90,6 +91,21 @@ def test_an_error_inside_a_started_stream_is_a_problem_after_the_released_text(a
             seen.append(update.text)
     assert seen == ["", "I hear you. ", "I hear you. What feels hardest?"]
     assert e.value.status is None and e.value.code == "engine_unavailable" and not e.value.unreachable
+    assert e.value.crisis_resources is None
+
+
+def test_an_error_that_ends_a_crisis_stream_carries_its_resources():
+    error_event = sse({"error": {"message": "database down", "type": "server_error", "code": "db_unavailable",
+                                 "crisis_resources": CRISIS_BLOCK}})
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content=chunk("") + error_event + b"data: [DONE]\n\n")
+
+    c = AttuneClient("http://attune.test", "k", transport=httpx.MockTransport(handle))
+    with pytest.raises(ApiProblem) as e:
+        list(c.stream_reply("s1", "I want to end my life"))
+    assert e.value.code == "db_unavailable" and e.value.crisis_resources == CRISIS_BLOCK
 
 
 class _BreaksAfter(httpx.SyncByteStream):
