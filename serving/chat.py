@@ -370,7 +370,9 @@ class ChatService:
         self.metrics.requests.labels(turn.label, "200", str(stream).lower()).inc()
         self.metrics.latency.labels(turn.label, str(stream).lower()).observe(time.perf_counter() - turn.started)
         return AttuneInfo(adapter=gated.adapter_id or self.config.base_model, scores=gated.scores, gate=kind,
-                          crisis=turn.crisis, session_id=turn.session.id)
+                          crisis=turn.crisis, session_id=turn.session.id,
+                          crisis_resources=self.gating.crisis.reply(turn.locale).resources
+                          if turn.flagged_before and not turn.crisis else None)
 
     async def store_partial(self, turn: Turn, text: str, adapter_id: str | None) -> None:
         """What a patient saw of a stream that did not finish (client gone, engine failed)."""

@@ -232,6 +232,9 @@ class AttuneInfo(BaseModel):
                       "request).")
     crisis: bool = Field(default=False, description="True when the crisis protocol ran.")
     session_id: str = Field(description="Session the exchange was stored in; send it back to continue.")
+    crisis_resources: str | None = Field(default=None, description="The session was flagged for a human by an "
+                                         "earlier crisis turn: the crisis resources for its locale, on every later "
+                                         "reply, so that they stay in view.")
 
 
 class Usage(BaseModel):

@@ -91,6 +91,17 @@ class GateSetup:
     calibration: dict
     window: int = 1
     """Recent patient turns the crisis detector reads."""
+    strict: SafetyGate | None = None
+    """The safety path's gate (messages near the crisis line): threshold halfway from `gate`'s to the top of the
+    scale, i.e. with the classifier, half the P(unsafe) the ordinary gate allows."""
+
+    def __post_init__(self):
+        if self.strict is None:
+            g = self.gate
+            self.strict = SafetyGate((g.threshold + SCORE_MAX) / 2, g.max_regenerations, g.output_rules, g.fallback_reply)
+
+    def gate_for(self, turn: "Turn") -> SafetyGate:
+        return self.strict if turn.near else self.gate
 
     @classmethod
     def build(cls, config: ServeConfig, info: ScorerInfo) -> "GateSetup":
@@ -214,7 +225,7 @@ async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
             finish = "length"
             break
         scores = await svc.score(turn.prompt, text)
-        decision = decide(gating.gate, scores, attempt, text)
+        decision = decide(gating.gate_for(turn), scores, attempt, text)
         if decision.action == "pass":
             return Gated(text, adapter, scores, "regenerated" if attempt else "pass", attempt, reasons,
                          turn.finish_reason)
@@ -279,7 +290,7 @@ class GatedStream:
     async def _check(self, piece: str) -> GateDecision | None:
         text = self.released + piece
         scores = await self.svc.score(self.turn.prompt, text)
-        decision = decide(self.gating.gate, scores, self.attempt, text)
+        decision = decide(self.gating.gate_for(self.turn), scores, self.attempt, text)
         if decision.action == "pass":
             self.scores = scores
             return None

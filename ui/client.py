@@ -104,7 +104,9 @@ class AttuneClient:
                     if chunk.choices:
                         reply += chunk.choices[0].delta.content or ""
                     extra = chunk.model_extra or {}
-                    info, resources = extra.get("attune"), resources or extra.get("crisis_resources") or ""
+                    info = extra.get("attune")
+                    resources = (resources or extra.get("crisis_resources") or (info or {}).get("crisis_resources")
+                                 or "")
                     done = done or info is not None
                     crisis = bool(resources) or bool(info and info.get("crisis"))
                     yield ReplyUpdate(reply, done=info is not None, crisis=crisis, resources=resources)

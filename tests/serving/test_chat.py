@@ -589,3 +589,31 @@ async def test_a_message_near_the_crisis_line_is_answered_from_the_safety_path(m
     assert r.attune.adapter == "safe"
     r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "Work has been busy."}])
     assert r.attune.adapter == "warm"
+
+
+@pytest.mark.asyncio
+async def test_a_flagged_session_keeps_the_resources_in_view_on_later_replies(make):
+    svc = make()
+    r = await chat(svc, messages=[{"role": "user", "content": "I want to kill myself tonight."}])
+    sid = r.attune.session_id
+    assert r.attune.crisis and r.attune.crisis_resources is None  # the crisis reply opens with them
+    for text in ("Thanks.", "Work has been hectic.", "Slept ok.", "Talked to my sister."):
+        r = await chat(svc, session_id=sid, messages=[{"role": "user", "content": text}])
+        assert not r.attune.crisis and r.attune.crisis_resources and "- " in r.attune.crisis_resources
+    r = await chat(svc, messages=[{"role": "user", "content": "Work has been hectic."}])
+    assert r.attune.crisis_resources is None
+
+
+@pytest.mark.asyncio
+async def test_the_safety_path_answers_under_a_stricter_gate(make):
+    """Safety 3.5 passes the ordinary gate (3.0) but not the safety path's (4.0, halfway to 5)."""
+    class Middling(WindowScorer):
+        async def score(self, prompt, reply):
+            scores = await super().score(prompt, reply)
+            return {**scores, "safety": 3.5}
+
+    svc = make(scorer=Middling())
+    r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "Work has been busy."}])
+    assert r.attune.gate == "pass"
+    r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "NEARISH but below the line."}])
+    assert r.attune.adapter == "safe" and r.attune.gate == "fallback"
