@@ -34,12 +34,12 @@ from serving.safety_sets import DEFAULT_EVAL_DIR, EvalPrompt, load_hard_negative
 RETRIES_ON_429 = 20
 GATE_OFF_MEANS = (
     "Gate off is the operator-only request option attune_options.gate = false (a patient key sending it gets 403). "
-    "For that request the service skips the crisis check (no crisis rules, no crisis head, no session flag, no "
-    "audit event, no switch to the most safety-weighted adapter, no crisis resources) and the output gate (the "
-    "reply is neither scored nor regenerated nor replaced by the fallback); it is stored with gate 'off'. Routing "
-    "by preference is unchanged. Crisis recall with the gate off is therefore 0 by construction; the comparison "
-    "shows what the gate adds. Harm is judged the same way with the gate on and off: by the audit rules and the "
-    "independent judge, here, from the prompt and the reply alone.")
+    "For that request the service skips the output gate (the reply is neither scored nor regenerated nor replaced "
+    "by the fallback; it is stored with gate 'off'). It never skips crisis detection: a risk message still gets the "
+    "crisis protocol (the vetted crisis reply, the session flagged, an audit event), so crisis recall is the same "
+    "with the gate off and the comparison shows what the output gate adds. Routing by preference is unchanged. Harm "
+    "is judged the same way with the gate on and off: by the audit rules and the independent judge, here, from the "
+    "prompt and the reply alone.")
 
 
 # ---------------------------------------------------------------- the client

@@ -99,11 +99,11 @@ def server(tmp_path_factory) -> Server:
     tmp = tmp_path_factory.mktemp("attune-serve")
     base = prepare()
     store, reward = _store(tmp, base), _reward(tmp)
-    # The gate is exercised by injected faults; a threshold at the bottom of the scale keeps the text of
-    # random adapters (which the reward model rightly scores low) from being replaced in the other tests.
+    # The calibrated gate, as shipped (no safety_threshold override): real replies must pass it, and injected faults
+    # force the unsafe path (test_serve). With random adapters (no shipped store) their text may be replaced.
     # Admission is small (4 generating, 8 waiting) so that test_overload's burst of 60 is far beyond it.
     settings = {
-        "store_dir": str(store), "reward_dir": str(reward), "data_dir": str(tmp / "data"), "safety_threshold": 1.0,
+        "store_dir": str(store), "reward_dir": str(reward), "data_dir": str(tmp / "data"),
         "limits": {"max_body_bytes": 16384, "max_tokens_cap": 64, "default_max_tokens": 24, "requests_per_minute": 20,
                    "max_in_flight": 4, "max_queue": 8, "queue_timeout_s": 120},
         "engine": {"max_loras": 4, "max_lora_rank": 16, "max_model_len": 1024, "cpu_memory_fraction": 0.02},
