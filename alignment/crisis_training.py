@@ -262,10 +262,11 @@ def evaluate(model: CrisisClassifier, examples: Iterable[CrisisExample], rules=N
 
 
 def import_second_pass(sheet_dir: Path, crisis_dir: Path = CRISIS_DIR) -> Path:
-    """Unblind a second rating pass (sheet_dir/labels-*.jsonl by item, key.json item -> id) into
-    crisis_dir/labels-pass2.jsonl by message id."""
+    """Unblind a second rating pass (sheet_dir/labels-*.jsonl by item, key.json item -> id) and add it to
+    crisis_dir/labels-pass2.jsonl by message id (rows already there are kept; a message rated twice is refused)."""
     key = json.loads((sheet_dir / "key.json").read_text())
-    rows = []
+    out = crisis_dir / "labels-pass2.jsonl"
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] if out.exists() else []
     for path in sorted(sheet_dir.glob("labels-*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
@@ -273,8 +274,7 @@ def import_second_pass(sheet_dir: Path, crisis_dir: Path = CRISIS_DIR) -> Path:
                 raise ValueError(f"{path}: label {r['label']!r} is not 'risk' or 'none'")
             rows.append({"id": key[r["item"]], "label": r["label"], "rater": r["rater"], "guideline": r["guideline"]})
     if len({r["id"] for r in rows}) != len(rows):
-        raise ValueError(f"{sheet_dir}: a message was rated twice")
-    out = crisis_dir / "labels-pass2.jsonl"
+        raise ValueError(f"{sheet_dir}: a message was rated twice in the second pass")
     out.write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["id"])), encoding="utf-8")
     return out
 
