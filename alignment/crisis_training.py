@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from alignment.crisis import TURN_SEPARATOR, CrisisClassifier, CrisisConfig, logit
+from alignment.crisis import TURN_SEPARATOR, CrisisClassifier, CrisisConfig
 from alignment.corpus_data import CORPUS_DIR
 
 CRISIS_DIR = CORPUS_DIR / "crisis"
@@ -154,6 +154,8 @@ class CrisisTrainArgs:
     head_lr: float = 2e-3
     weight_decay: float = 0.01
     target_recall: float = 0.99
+    near_extra: float = 0.02
+    """Share of val's ordinary messages the near band may add to the safety path."""
     window_share: float = 0.3
     seed: int = 0
     max_steps: int | None = None
@@ -214,9 +216,13 @@ def train_detector(sets: dict[str, list[CrisisExample]], config: CrisisConfig | 
     val_probs = model.prob([ex.text for ex in val])
     labels = np.array([ex.risk for ex in val])
     threshold = calibrate(val_probs, labels, args.target_recall)
-    # Near the line: within 2 logits below the threshold (the safety path answers those).
-    near = 1 / (1 + np.exp(-(logit(threshold) - 2.0)))
-    model.config.threshold, model.config.near_threshold = threshold, float(min(near, threshold))
+    # Near the line: the band below the threshold that adds at most `near_extra` of val's ordinary messages to those
+    # already escalated (the safety path answers them, not the routed adapter); empty when even that is too many.
+    neg = np.sort(val_probs[~labels])[::-1]
+    flagged = int((neg >= threshold).sum())
+    extra = int(np.floor(args.near_extra * len(neg)))
+    near = float(neg[flagged + extra]) + 1e-6 if flagged + extra < len(neg) else 0.0
+    model.config.threshold, model.config.near_threshold = threshold, float(min(max(near, 0.0), threshold))
     meta = {"trained": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 1), "steps": step,
             "train": {"n": len(train), "risk": n_pos, "windows": int(args.window_share * len(sets["train"]))},
             "args": vars(args), "calibration": {"split": "val", "target_recall": args.target_recall,

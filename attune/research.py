@@ -182,3 +182,12 @@ def reward_gate(false_rejection: float = 0.05, reward_dir: str | None = None, co
     _register_scorer(folder)
     print(json.dumps(gate, indent=2))
     return 0
+
+
+def crisis_splits() -> int:
+    """Give every new row of alignment/corpus/crisis/authored-*.jsonl its split (rows that have one keep it)."""
+    from alignment.crisis_training import CRISIS_DIR, fix_splits
+
+    for path in sorted(CRISIS_DIR.glob("authored-*.jsonl")):
+        print(f"{path.name}: {fix_splits(path)} new rows split")
+    return 0
