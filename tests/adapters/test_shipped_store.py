@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (STORE_DIR / "manifest.json").exists(),
 def test_every_shipped_adapter_verifies_against_its_checksums():
     store = AdapterStore(STORE_DIR)
     assert store.verify_all() == {}
-    assert set(store.manifest().scorers) == {"reward", "judge"}, "the reward model and judge are checksummed too"
+    assert set(store.manifest().scorers) == {"reward", "judge", "crisis"}, "the scorers are checksummed too"
     recipe = load_recipe("shipped")
     assert {a.id for a in recipe.adapters} <= set(store.ids())
 
