@@ -183,6 +183,10 @@ async def admin_faults(request: Request):
 @router.get("/v1/admin/flagged", **doc(FlagList, 403, 422))
 async def admin_flagged(request: Request, status: str = FlagStatus):
     svc, _, _ = await admitted(request, operator=True)
+    unknown = sorted(set(request.query_params) - {"status"})
+    if unknown:
+        raise ApiError(422, f"unknown query parameter(s) {[u[:40] for u in unknown]}; this endpoint takes only "
+                       f"status ({'|'.join(FLAG_STATUSES)})", param=unknown[0][:40], code="invalid_value")
     return _json(await svc.flagged.by_status(status))
 
 

@@ -201,7 +201,8 @@ def test_metrics_have_per_adapter_series_and_status_is_operator_only(server):
     status = httpx.get(f"{server.v1}/admin/status", headers={"Authorization": f"Bearer {server.operator_key}"}).json()
     assert used[-1] in status["engine"]["llm"]["loaded_adapters"]
     calibration = status["gate"]["calibration"]  # reward model v2: the safety classifier's rm-val threshold
-    assert calibration["method"] == "safety classifier" and calibration["split"].startswith("rm-val"), calibration
+    assert calibration["method"].startswith("safety classifier") and calibration["split"].startswith("rm-val")
+    assert calibration["target_false_rejection"] == 0.05, calibration
     print("\nadmin status:", json.dumps(status["gate"]), f"(threshold in use from {status['gate']['threshold_source']})")
 
 

@@ -29,7 +29,7 @@ def test_status_shows_replicas_adapters_and_gate_decisions(server):
                      timeout=60).json()["key"]
     adapter_id = sorted(server.adapters)[0]
     r = httpx.post(f"{server.v1}/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=300,
-                   json={"model": "attune", "messages": [{"role": "user", "content": "I keep putting things off."}],
+                   json={"model": "attune", "messages": [{"role": "user", "content": "Work has been overwhelming lately."}],
                          "max_tokens": 8, "temperature": 0, "preference": server.adapters[adapter_id]})
     assert r.status_code == 200, r.text
     used = r.json()["attune"]["adapter"]

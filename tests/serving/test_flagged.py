@@ -130,6 +130,8 @@ def test_patient_keys_bad_statuses_and_malformed_ids_are_refused(api):
     r = api("GET", "/v1/admin/flagged", params={"status": "closed"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "status"
     assert "open (not yet acknowledged), acknowledged or all" in r.json()["error"]["message"]
+    r = api("GET", "/v1/admin/flagged", params={"status": "all", "tenant": "x"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "tenant" and "only" in r.json()["error"]["message"]
     r = api("GET", "/v1/admin/sessions/not%20an%20id/messages")
     assert r.status_code == 422 and r.json()["error"]["param"] == "session_id"
 
