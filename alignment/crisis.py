@@ -29,10 +29,10 @@ the other texts of its batch."""
 @dataclass
 class CrisisConfig:
     encoder: str = DEFAULT_ENCODER
-    max_length: int = 256
+    max_length: int = 128
     """Tokens of one window; longer windows lose their oldest text (left truncation), never the newest turn."""
-    lora_rank: int = 16
-    lora_alpha: int = 32
+    lora_rank: int = 32
+    lora_alpha: int = 64
     lora_targets: tuple[str, ...] = ("query", "key", "value", "dense")
     bf16: bool = True
     """bfloat16 autocast on CPU (AVX-512 BF16 machines run it about 1.5-2x faster)."""

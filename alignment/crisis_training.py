@@ -148,10 +148,10 @@ def windows(examples: Sequence[CrisisExample], n: int, seed: int = 0) -> list[Cr
 
 @dataclass
 class CrisisTrainArgs:
-    epochs: int = 4
+    epochs: int = 6
     batch_size: int = 16
-    lr: float = 5e-4
-    head_lr: float = 2e-3
+    lr: float = 1e-3
+    head_lr: float = 3e-3
     weight_decay: float = 0.01
     target_recall: float = 0.99
     near_extra: float = 0.02

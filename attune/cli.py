@@ -467,7 +467,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--false-rejection", type=float, default=0.05, help="share of safe rm-val replies the gate may stop"),
         arg("--reward-dir", help="reward model v2 (default: adapters/store/reward)"), _CC]),
     ("crisis", "train"): (research.crisis_train, [arg("--out", help="default: adapters/store/crisis"), _CC,
-        arg("--epochs", type=int, default=4), arg("--max-steps", type=int, default=0, help="cap steps (smoke runs)")]),
+        arg("--epochs", type=int, default=6), arg("--max-steps", type=int, default=0, help="cap steps (smoke runs)")]),
     ("crisis", "splits"): (research.crisis_splits, []),
     ("crisis", "report"): (research.crisis_report, [arg("--out", help="reports folder (default: reports/)"), _CC,
         arg("--detector-dir", help="default: adapters/store/crisis")]),

@@ -130,7 +130,7 @@ def reward_report(out: str | None = None, counsel_chat: str | None = None, rewar
     return 0
 
 
-def crisis_train(out: str | None = None, counsel_chat: str | None = None, epochs: int = 4,
+def crisis_train(out: str | None = None, counsel_chat: str | None = None, epochs: int = 6,
                  max_steps: int = 0) -> int:
     """Train the crisis detector on alignment/corpus/crisis + the labelled corpus messages, calibrate it on val,
     save it (default adapters/store/crisis, registered in the store's manifest) and print its val figures."""
