@@ -8,7 +8,6 @@ and lora.safetensors; the encoder is never copied."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +17,6 @@ import torch
 from torch import nn
 
 from alignment.reward import DEFAULT_ENCODER, resolve_encoder
-from serving.safety import TURN_SEPARATOR, window_texts  # pure Python: the detector reads windows as serving builds them
 
 FORMAT = "attune-crisis/1"
 BUCKET = 32
@@ -53,7 +51,7 @@ class CrisisConfig:
 
 
 class CrisisClassifier:
-    """P(risk) for patient text. `assess(turns)` -> (probability, index of the text that scored highest)."""
+    """P(risk) for patient text: a turn, or a window of turns joined as serving.safety.window_texts joins them."""
 
     def __init__(self, config: CrisisConfig | None = None, *, device: str | None = None, meta: dict | None = None):
         from peft import LoraConfig, get_peft_model
@@ -102,11 +100,6 @@ class CrisisClassifier:
             parts.append(torch.sigmoid(self.logits(texts[i:i + batch_size])).float().cpu().numpy())
         return np.concatenate(parts)
 
-    def assess(self, turns: Sequence[str]) -> float:
-        """The highest risk probability over `window_texts(turns)` (0.0 for no text)."""
-        texts = window_texts(turns, self.config.window_turns)
-        return float(self.prob(texts).max()) if texts else 0.0
-
     # ------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         from peft import get_peft_model_state_dict
@@ -147,7 +140,3 @@ class CrisisClassifier:
         model.head.eval()
         return model
 
-
-def logit(p: float) -> float:
-    p = min(max(p, 1e-6), 1 - 1e-6)
-    return math.log(p / (1 - p))

@@ -22,8 +22,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from alignment.crisis import TURN_SEPARATOR, CrisisClassifier, CrisisConfig
+from alignment.crisis import CrisisClassifier, CrisisConfig
 from alignment.corpus_data import CORPUS_DIR
+from serving.safety import TURN_SEPARATOR  # windows joined as serving joins a session's turns
 
 CRISIS_DIR = CORPUS_DIR / "crisis"
 SPLITS = ("train", "val", "test")
@@ -41,8 +42,8 @@ class CrisisExample:
     split: str
 
 
-def assign_split(row_id: str, category: str, rank: int, n: int) -> str:
-    """Stratified by category: rank (by id hash) within its category decides the split."""
+def assign_split(rank: int, n: int) -> str:
+    """Stratified by category: a row's rank (by id hash) among its category's n rows decides its split."""
     cut1, cut2 = round(SPLIT_SHARES[0] * n), round((SPLIT_SHARES[0] + SPLIT_SHARES[1]) * n)
     return "train" if rank < cut1 else "val" if rank < cut2 else "test"
 
@@ -63,7 +64,7 @@ def fix_splits(path: Path) -> int:
         ranked = sorted(items, key=lambda r: _hash(r["id"]))
         for rank, r in enumerate(ranked):
             if "split" not in r:
-                r["split"] = assign_split(r["id"], cat, rank, len(ranked))
+                r["split"] = assign_split(rank, len(ranked))
                 changed += 1
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return changed

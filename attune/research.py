@@ -135,23 +135,16 @@ def crisis_train(out: str | None = None, counsel_chat: str | None = None, epochs
     """Train the crisis detector on alignment/corpus/crisis + the labelled corpus messages, calibrate it on val,
     save it (default adapters/store/crisis, registered in the store's manifest) and print its val figures."""
     from alignment.crisis_training import CrisisTrainArgs, build_sets, train_detector
+    from alignment.reward_training import _register
     from attune.paths import STORE_DIR
 
     folder = Path(out) if out else STORE_DIR / "crisis"
     model, meta = train_detector(build_sets(_cc(counsel_chat)),
                                  args=CrisisTrainArgs(epochs=epochs, max_steps=max_steps or None))
     model.save(folder)
-    _register_scorer(folder)
+    _register(folder)
     print(json.dumps(meta, indent=2))
     return 0
-
-
-def _register_scorer(folder: Path) -> None:
-    from adapters.manifest import MANIFEST_FILE
-    from adapters.registry import RESERVED_IDS, AdapterStore
-
-    if folder.name in RESERVED_IDS and (folder.parent / MANIFEST_FILE).exists():
-        AdapterStore(folder.parent).register_scorer(folder.name)
 
 
 def crisis_report(out: str | None = None, counsel_chat: str | None = None, detector_dir: str | None = None) -> int:
@@ -169,7 +162,7 @@ def reward_gate(false_rejection: float = 0.05, reward_dir: str | None = None, co
     """Choose the output gate's threshold on reward model v2's safety classifier for a stated false-rejection rate
     on rm-val replies labelled safe; saved in the model's config (meta.gate) and re-registered."""
     from alignment.reward import RewardModel
-    from alignment.reward_training import calibrate_gate
+    from alignment.reward_training import _register, calibrate_gate
     from attune.paths import REWARD_DIR
 
     if not 0.0 < false_rejection < 0.5:
@@ -179,7 +172,7 @@ def reward_gate(false_rejection: float = 0.05, reward_dir: str | None = None, co
     rm = RewardModel.load(folder)
     gate = calibrate_gate(rm, _cc(counsel_chat), false_rejection)
     rm.save(folder)
-    _register_scorer(folder)
+    _register(folder)
     print(json.dumps(gate, indent=2))
     return 0
 

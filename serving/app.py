@@ -257,9 +257,7 @@ class RewardScorer:
         cfg = ServeConfig.model_validate(config)
         self.base = base = Scorer.load(cfg.reward_dir)
         threshold, detail = base.classifier_threshold() or calibrate_safety_threshold(val_safety_pairs(base))
-        self.info_ = ScorerInfo(base.crisis_threshold, threshold, detail, base.crisis_near_threshold, base.crisis_window,
-                                "crisis detector (fine-tuned MiniLM)" if base.crisis_model is not None
-                                else "reward model crisis head")
+        self.info_ = ScorerInfo(base.crisis_threshold, threshold, detail, base.crisis_near_threshold, base.crisis_window)
         self.faulty = FaultyScorer(base) if test_hooks else None
         self.batching = BatchingScorer(self.faulty or base)
         log.info("scorer ready: safety threshold %.3f (%s)", threshold, detail)

@@ -84,11 +84,10 @@ class Scorer:
         return float(self.reward_model.crisis_threshold)
 
     @property
-    def crisis_near_threshold(self) -> float:
-        """Crisis probability from which a message is near the line (the safety path answers it)."""
-        if self.crisis_model is not None:
-            return float(self.crisis_model.config.near_threshold)
-        return self.crisis_threshold / 2
+    def crisis_near_threshold(self) -> float | None:
+        """Crisis probability from which a message is near the line (the safety path answers it); None without a
+        crisis detector (serving.safety.CrisisDetector then uses its own default)."""
+        return float(self.crisis_model.config.near_threshold) if self.crisis_model is not None else None
 
     @property
     def crisis_window(self) -> int:

@@ -37,8 +37,6 @@ class ScorerInfo:
     """From here up to crisis_threshold a message is near the line (None: half the crisis threshold)."""
     crisis_window: int = 1
     """Recent patient turns the crisis detector reads."""
-    crisis_detector: str = "reward model crisis head"
-    """Which model scores crisis risk."""
 
 
 def calibrate_safety_threshold(pairs: Sequence[tuple[float, int]]) -> tuple[float, dict]:
