@@ -222,10 +222,10 @@ class BenchClient:
                                       error=f"stream error: {str(event['error'].get('message'))[:200]}")
                     for choice in event.get("choices") or []:
                         if content := choice.get("delta", {}).get("content"):
-                            chunks += 1
-                            ttft = ttft if ttft is not None else time.perf_counter() - started
+                            chunks, now = chunks + 1, time.perf_counter() - started  # one clock read per delta
+                            ttft = ttft if ttft is not None else now
                             if watch is not None and seen is None and watch(content):
-                                seen = time.perf_counter() - started
+                                seen = now
                     if event.get("attune"):
                         gate, adapter = event["attune"].get("gate"), event["attune"].get("adapter")
                     if event.get("usage"):
