@@ -339,25 +339,3 @@ class RewardModel:
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"{path}/lora.safetensors: unexpected keys {result.unexpected_keys[:3]}")
         return rm
-
-
-_MOVED_TO_TRAINING = frozenset({
-    "TrainArgs", "bradley_terry_loss", "calibrate_threshold", "train_reward_model",
-    "evaluate_reward_model", "judge_agreement", "RISKY_TOPICS", "counsel_chat_crisis_negatives",
-    "train_and_save", "main"})
-
-
-def __getattr__(name: str):
-    """Training and evaluation moved to alignment.reward_training; their names still resolve here,
-    lazily, because that module imports this one."""
-    if name in _MOVED_TO_TRAINING:
-        from alignment import reward_training
-
-        return getattr(reward_training, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    from alignment.reward_training import main
-
-    main()

@@ -75,7 +75,7 @@ def train(recipe: str = "shipped", only: list[str] | None = None, base_model: st
 def evaluate(recipe: str = "shipped", out: str | None = None, counsel_chat: str | None = None,
              limit: int | None = None) -> int:
     """Judge base and every adapter on held-out prompts; write reports/alignment.{json,md} and pareto.png."""
-    from alignment.evaluate import run_eval
+    from evals.evaluate import run_eval
 
     run_eval(recipe, out=Path(out) if out else None, counsel_chat=counsel_chat, limit=limit)
     return 0
@@ -92,7 +92,7 @@ def eval_safety(url: str | None = None, api_key: str | None = None, operator_key
     independent judge (never the gate's scorer); writes reports/safety.{json,md}. Without --url it starts the app
     itself (private Ray, built-in defaults, shipped store, no request limit) and stops it afterwards."""
     from attune.paths import REPORTS_DIR
-    from serving.safety_eval import DEFAULT_EVAL_DIR, evaluate_safety
+    from evals.safety_eval import DEFAULT_EVAL_DIR, evaluate_safety
 
     try:
         evaluate_safety(Path(out) if out else REPORTS_DIR, url=url, api_key=api_key, operator_key=operator_key,
@@ -350,7 +350,7 @@ def status(url: str | None = None, operator_key: str | None = None) -> int:
     """Show a running service: replicas per deployment, adapters on each LLM replica, safety gate decisions."""
     import os
 
-    from serving.bench import keys_from_env
+    from evals.bench import keys_from_env
     from serving.config import ConfigError
 
     url = url or os.environ.get("ATTUNE_URL") or "http://127.0.0.1:8000"
@@ -380,15 +380,15 @@ def bench_serve(url: str = "http://127.0.0.1:8000", api_key: str | None = None, 
     """Benchmark a running service: tok/s, TTFT and latency for base/1/8 adapters, gate on/off, cold vs warm.
 
     Prints a markdown table with ratios against the base model and writes the report as JSON (--gate-cost: the
-    gate's cost instead, serving/bench_gate.py)."""
+    gate's cost instead, evals/bench_gate.py)."""
     from attune.paths import REPORTS_DIR
-    from serving.bench import BenchPlan, bench_serve as run_bench, keys_from_env
+    from evals.bench import BenchPlan, bench_serve as run_bench, keys_from_env
 
     patient, operator = keys_from_env(api_key, operator_key)
     given = {"requests": requests, "max_tokens": max_tokens, "time_limit_s": time_limit,
              "concurrency": tuple(concurrency) if concurrency else None}
     if gate_cost:
-        from serving.bench_gate import gate_cost_command
+        from evals.bench_gate import gate_cost_command
         return gate_cost_command(url, patient, operator, given, quick, out)
     try:
         plan = (BenchPlan.quick if quick else BenchPlan)(

@@ -105,7 +105,7 @@ def format_messages(session_id: str, payload: dict) -> str:
 
 def _client(prog: str, url: str | None, operator_key: str | None) -> OperatorClient | None:
     """The client for --url / $ATTUNE_URL and the operator key; None (the reason printed) when there is no key."""
-    from serving.bench import keys_from_env
+    from evals.bench import keys_from_env
     from serving.config import ConfigError
 
     try:

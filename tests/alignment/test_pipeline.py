@@ -55,7 +55,7 @@ def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch):
     first = json.loads(cached[0].read_text().splitlines()[0])
     assert len(first["replies"]) == 2 and "scores" not in first  # scores are recomputed, never cached
 
-    from alignment.evaluate import run_eval
+    from evals.evaluate import run_eval
 
     report = run_eval(str(tiny_recipe), out=tmp_path / "reports", limit=3, store_dir=store_dir,
                       max_tokens=6, prefer_vllm=False)
@@ -69,7 +69,7 @@ def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch):
 def test_win_rates_count_ties_as_half():
     import numpy as np
 
-    from alignment.evaluate import win_rates
+    from evals.evaluate import win_rates
 
     base = np.array([[1.0] * 6, [2.0] * 6, [3.0] * 6])
     ours = np.array([[2.0] * 6, [2.0] * 6, [1.0] * 6])  # win, tie, loss

@@ -227,16 +227,6 @@ def test_evaluate_reports_crisis_recall_and_fpr(trained):
     assert report["n_pairs"]["empathy"] == 3 * len(ex)
 
 
-def test_training_names_still_resolve_from_alignment_reward():
-    """attune.cli calls `reward.train_and_save`: the names moved to reward_training stay there."""
-    from alignment import reward, reward_training
-
-    for name in reward._MOVED_TO_TRAINING:
-        assert getattr(reward, name) is getattr(reward_training, name)
-    with pytest.raises(AttributeError):
-        reward.no_such_name
-
-
 def test_counsel_chat_negatives_exclude_risky_topics_and_words():
     if not DEFAULT_COUNSEL_CHAT.exists():
         pytest.skip(f"counsel-chat CSV not found at {DEFAULT_COUNSEL_CHAT}")

@@ -1,12 +1,12 @@
-"""reports/safety.{json,md}: the safety report as written out. The figures come from `serving.safety_report`; this
+"""reports/safety.{json,md}: the safety report as written out. The figures come from `evals.safety_report`; this
 module only reads them. A counsel-chat question is never quoted (named by id only)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from serving.safety_report import FALSE_ESCALATION_SETS, GATE_DECISIONS, GOALS
-from serving.safety_sets import COUNSEL_CHAT_VAL, HARD_NEGATIVES, SELF_HARM
+from evals.safety_report import FALSE_ESCALATION_SETS, GATE_DECISIONS, GOALS
+from evals.safety_sets import COUNSEL_CHAT_VAL, HARD_NEGATIVES, SELF_HARM
 
 
 def _pct(r: dict | None) -> str:

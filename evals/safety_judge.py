@@ -3,7 +3,7 @@
 
 It is never the reward model the gate scores with: `IndependentJudge.load` refuses a folder that is the gate's, has
 the gate's encoder or shares a training or validation prompt with it. The audit rules, the other judge, are
-`serving.safety_report.audit_reply`.
+`evals.safety_report.audit_reply`.
 """
 from __future__ import annotations
 

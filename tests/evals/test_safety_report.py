@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from attune.paths import JUDGE_DIR, REPO_ROOT, REWARD_DIR
-from serving.safety_judge import IndependentJudge, independence
-from serving.safety_markdown import judge_text
-from serving.safety_report import Outcome, gate_decisions, goals, headline, judge_outcomes, wilson
-from serving.safety_sets import (COUNSEL_CHAT_VAL, DEFAULT_HARD_NEGATIVES, HARD_NEGATIVES, ORDINARY, SELF_HARM,
+from evals.safety_judge import IndependentJudge, independence
+from evals.safety_markdown import judge_text
+from evals.safety_report import Outcome, gate_decisions, goals, headline, judge_outcomes, wilson
+from evals.safety_sets import (COUNSEL_CHAT_VAL, DEFAULT_HARD_NEGATIVES, HARD_NEGATIVES, ORDINARY, SELF_HARM,
                                  EvalPrompt, load_hard_negatives, load_sets)
 
 FIXTURE = Path(__file__).parent / "data" / "hard_negatives"

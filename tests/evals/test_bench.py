@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from attune import cli
-from serving.bench import BenchPlan, add_ratios, goals, percentile, render_table, run
+from evals.bench import BenchPlan, add_ratios, goals, percentile, render_table, run
 
 OPERATOR, PATIENT = "op-key", "patient-key"
 PROMPTS = ["I can't sleep before exams.", "My sister and I keep fighting."]
@@ -244,7 +244,7 @@ def test_cli_quick_run_writes_json(serve_fake, tmp_path, capsys):
 
 
 def test_pass_overhead_pairs_the_same_prompt_and_ignores_regenerations():
-    from serving.bench import Cell, Sample, add_pass_overhead
+    from evals.bench import Cell, Sample, add_pass_overhead
 
     off = Cell("one", False, 1, ["a"], [Sample(True, 1.0, prompt=0, adapter="a"), Sample(True, 2.0, prompt=1, adapter="a"),
                                         Sample(True, 4.0, prompt=2, adapter="a")])

@@ -3,8 +3,8 @@
 Every prompt goes to POST /v1/chat/completions in a session of its own, once with the gate on (the patient key)
 and once with it off (the operator's `attune_options: {"gate": false}`). From the reply, its `attune` extension
 and GET /v1/sessions/{id} it measures crisis-protocol recall on self-harm prompts, harmful replies judged apart from
-the gate (the audit rules and the independent judge, `serving.safety_judge`) and false escalation on counsel-chat
-questions and our own hard negatives; `serving.safety_report` holds the figures, `serving.safety_markdown` writes
+the gate (the audit rules and the independent judge, `evals.safety_judge`) and false escalation on counsel-chat
+questions and our own hard negatives; `evals.safety_report` holds the figures, `evals.safety_markdown` writes
 reports/safety.{json,md}. Logs carry ids and counts, never prompt or reply text.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Iterator, Sequence
 import httpx
 
 from serving.safety import FALLBACK_REPLY, HARM_AUDIT_RULES, CrisisRules
-from serving.safety_judge import IndependentJudge
-from serving.safety_markdown import render_markdown, write_report
-from serving.safety_report import (Outcome, audit_reply, failures, fixes, goals, headline, judge_outcomes, per_set,
+from evals.safety_judge import IndependentJudge
+from evals.safety_markdown import render_markdown, write_report
+from evals.safety_report import (Outcome, audit_reply, failures, fixes, goals, headline, judge_outcomes, per_set,
                                    resources_shown)
-from serving.safety_sets import DEFAULT_EVAL_DIR, EvalPrompt, load_hard_negatives, load_sets
+from evals.safety_sets import DEFAULT_EVAL_DIR, EvalPrompt, load_hard_negatives, load_sets
 
 RETRIES_ON_429 = 20
 GATE_OFF_MEANS = (
@@ -286,7 +286,7 @@ def evaluate_safety(out_dir: Path, *, url: str | None = None, api_key: str | Non
     print(f"{len(prompts)} prompts: {dict(counts)}; {note}", file=sys.stderr)
     judge = IndependentJudge.load(plan.get("judge_dir"), plan.get("reward_dir"))
     if url:
-        from serving.bench import keys_from_env
+        from evals.bench import keys_from_env
 
         patient, operator = keys_from_env(api_key, operator_key)
         report = asyncio.run(run(SafetyEvalPlan(url, operator, patient, **plan), prompts, judge=judge,

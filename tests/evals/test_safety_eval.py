@@ -17,10 +17,10 @@ from attune.paths import DEFAULT_COUNSEL_CHAT
 from serving.config import ServeConfig
 from serving.crisis_reply import CrisisReply
 from serving.safety import FALLBACK_REPLY, CrisisRules
-from serving.safety_eval import LocalDiagnostics, SafetyEvalPlan, run
-from serving.safety_markdown import write_report
-from serving.safety_report import audit_reply, resources_shown
-from serving.safety_sets import COUNSEL_CHAT_VAL, HARD_NEGATIVES, ORDINARY, SELF_HARM, EvalPrompt
+from evals.safety_eval import LocalDiagnostics, SafetyEvalPlan, run
+from evals.safety_markdown import write_report
+from evals.safety_report import audit_reply, resources_shown
+from evals.safety_sets import COUNSEL_CHAT_VAL, HARD_NEGATIVES, ORDINARY, SELF_HARM, EvalPrompt
 from serving.streaming import GateSetup, ScorerInfo
 
 # ---------------------------------------------------------------- the audit rules
@@ -304,7 +304,7 @@ def test_plan_needs_an_operator_key():
 
 # ---------------------------------------------------------------- the command
 def test_eval_safety_is_a_subcommand_beside_eval(monkeypatch):
-    import serving.safety_eval as se
+    import evals.safety_eval as se
 
     seen = {}
     monkeypatch.setattr(se, "evaluate_safety", lambda out, **kw: seen.update(kw, out=out))

@@ -12,12 +12,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from attune import cli
-from serving.bench import Sample
-from serving.bench_gate import (RISK_MESSAGES, GateCostPlan, ResourcesWatch, cost_rows, crisis_summary,
+from evals.bench import Sample
+from evals.bench_gate import (RISK_MESSAGES, GateCostPlan, ResourcesWatch, cost_rows, crisis_summary,
                                 first_resources_chunk, latency, render, run)
 from serving.crisis_reply import CrisisReply, resources_block
 from serving.safety import CrisisRules
-from tests.serving.test_bench import serve_fake  # noqa: F401  (a fixture)
+from tests.evals.test_bench import serve_fake  # noqa: F401  (a fixture)
 
 OPERATOR, PATIENT = "op-key", "patient-key"
 PROMPTS = ["I can't sleep before exams.", "My sister and I keep fighting.", "Work is a lot this week."]
