@@ -17,6 +17,7 @@ __all__ = [
     "IntegrityError",
     "ManifestError",
     "NoRoutableAdapter",
+    "SignatureError",
     "StoreManifest",
     "UnknownAdapter",
     "ensure_attune_adapters",
@@ -30,6 +31,7 @@ _LAZY = {
     "AdapterStore": "adapters.registry",
     "UnknownAdapter": "adapters.registry",
     "IntegrityError": "adapters.integrity",
+    "SignatureError": "adapters.signing",
     "nearest_adapter": "adapters.matching",
     "NoRoutableAdapter": "adapters.matching",
 }

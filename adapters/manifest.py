@@ -150,6 +150,18 @@ class AdapterManifest(BaseModel):
         return Preference(self.weights)
 
 
+class ManifestSignature(BaseModel):
+    """The operator's Ed25519 signature over the rest of the manifest (see adapters.signing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["ed25519"] = Field(default="ed25519", description="Signature scheme; only ed25519 exists.")
+    key_id: str = Field(description="First 16 hex digits of the sha256 of the signing key's raw public key.")
+    manifest_sha256: str = Field(description="sha256 of the manifest without `signature`, as canonical JSON.")
+    signed_at: str = Field(description="ISO 8601 time of signing (covered by the signature).")
+    value: str = Field(description="The signature, base64, over adapters.signing.signed_message().")
+
+
 class StoreManifest(BaseModel):
     """The whole `manifest.json`."""
 
@@ -164,6 +176,9 @@ class StoreManifest(BaseModel):
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PROFILES.items()},
         description="Named preference profiles (e.g. warm, change, autonomy, balanced): name -> weights "
                     "summing to 1; objectives left out weigh 0. Defaults to DEFAULT_PROFILES.")
+    signature: ManifestSignature | None = Field(
+        default=None, description="Ed25519 signature over everything else in the file (`attune adapters sign`); "
+        "writers keep it as it was, so any change leaves it stale until the operator signs again.")
 
     @field_validator("adapters")
     @classmethod
@@ -202,21 +217,31 @@ def parse_manifest(data: Mapping[str, Any], source: str = "manifest") -> StoreMa
         raise ManifestError(f"{source} is invalid:\n{format_errors(e)}") from None
 
 
-def load_manifest(path: Path) -> StoreManifest:
-    """Read and validate `path`; a missing file is an empty store (with the default profiles)."""
+def read_manifest_data(path: Path) -> dict[str, Any] | None:
+    """The parsed JSON of `path`, unvalidated; None when the file does not exist."""
     path = Path(path)
     if not path.exists():
-        return StoreManifest()
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    return parse_manifest(data, str(path))
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} must hold a JSON object (version, adapters, scorers, profiles)")
+    return data
+
+
+def load_manifest(path: Path) -> StoreManifest:
+    """Read and validate `path`; a missing file is an empty store (with the default profiles)."""
+    data = read_manifest_data(path)
+    return StoreManifest() if data is None else parse_manifest(data, str(path))
 
 
 def dumps(manifest: StoreManifest) -> str:
     data = manifest.model_dump(mode="json")
     data["adapters"] = sorted(data["adapters"], key=lambda a: a["id"])
+    if data["signature"] is None:
+        del data["signature"]
     return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 

@@ -1,27 +1,33 @@
 """`AdapterStore`: PEFT LoRA folders `<root>/<id>/` listed in `<root>/manifest.json`, checked by sha256.
 
-`get` verifies a folder against its allowlist before handing out its path. Writers hold an
+`get` verifies a folder against its allowlist before handing out its path; with a public key, the manifest's
+Ed25519 signature is checked on every read (adapters.signing). Writers hold an
 exclusive lock (a file in the temp dir, keyed by the root) and replace manifest.json atomically.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from adapters.integrity import IntegrityError, hash_folder, verify
-from adapters.manifest import (MANIFEST_FILE, AdapterManifest, ManifestError, StoreManifest,
-                               format_errors, load_manifest, save_manifest)
+from adapters.manifest import (MANIFEST_FILE, AdapterManifest, ManifestError, ManifestSignature, StoreManifest, dumps,
+                               format_errors, load_manifest, parse_manifest, read_manifest_data, save_manifest)
+from adapters.signing import load_public_key, sign_data, verify_data
 from alignment.objectives import Preference
 from attune.locks import file_lock
 
 
+log = logging.getLogger("attune.adapters")
+_WARNED: set[Path] = set()
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESERVED_IDS = ("reward", "judge", "crisis")
 """Folders of the store that hold the reward model, the judge and the crisis detector: never registered or removed as adapters."""
@@ -69,21 +75,58 @@ def lora_spec_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class AdapterStore:
-    """The adapter store at `root` (default `attune.paths.STORE_DIR`)."""
+    """The adapter store at `root` (default `attune.paths.STORE_DIR`).
 
-    def __init__(self, root: Path | None = None):
+    With `public_key` (a PEM file, see adapters.signing) every read of the manifest first checks its Ed25519
+    signature, so `manifest`, `list`, `get`, `scorer` and `verify_all` raise SignatureError for a store that is not
+    signed by that key or changed since; serving always passes one. Writers never check it and never sign: they keep
+    the old signature, which is then stale until `attune adapters sign` (`sign`) signs the manifest again.
+    """
+
+    def __init__(self, root: Path | None = None, public_key: str | Path | None = None):
         if root is None:
             from attune.paths import STORE_DIR
 
             root = STORE_DIR
         self.root = Path(root)
+        self.public_key_path = Path(public_key) if public_key is not None else None
+        self.public_key = None if public_key is None else load_public_key(public_key)
 
     @property
     def manifest_path(self) -> Path:
         return self.root / MANIFEST_FILE
 
     def manifest(self) -> StoreManifest:
-        return load_manifest(self.manifest_path)
+        """The manifest, after checking its signature when the store has a public key."""
+        if self.public_key is None:
+            return load_manifest(self.manifest_path)
+        data = read_manifest_data(self.manifest_path)
+        verify_data(data, self.public_key, self.root, self.public_key_path)
+        return parse_manifest(data, str(self.manifest_path))
+
+    def verify_signature(self) -> ManifestSignature:
+        """The manifest's signature, checked with the store's public key; SignatureError saying what is wrong."""
+        if self.public_key is None:
+            raise ValueError("this AdapterStore has no public key to check a signature with; pass public_key=")
+        return verify_data(read_manifest_data(self.manifest_path), self.public_key, self.root, self.public_key_path)
+
+    def sign(self, private_key: Ed25519PrivateKey) -> ManifestSignature:
+        """Sign the manifest as it is now (rewritten in canonical form first); the caller checks the files first."""
+        with self._locked():
+            m = load_manifest(self.manifest_path)
+            m.signature = None
+            m.signature = sign_data(json.loads(dumps(m)), private_key)
+            save_manifest(m, self.manifest_path)
+        return m.signature
+
+    def _save(self, m: StoreManifest) -> None:
+        """Write a changed manifest; a signature it carried no longer matches (the warning says what to run)."""
+        save_manifest(m, self.manifest_path)
+        if m.signature is not None and self.root.resolve() not in _WARNED:
+            _WARNED.add(self.root.resolve())
+            log.warning("%s changed, so its signature is stale and serving refuses the store until you check it with "
+                        "`attune adapters verify --store %s` and sign it again with `attune adapters sign --store %s "
+                        "--key PRIVATE_KEY_FILE`", self.manifest_path, self.root, self.root)
 
     def list(self) -> list[AdapterManifest]:
         return sorted(self.manifest().adapters, key=lambda a: a.id)
@@ -129,9 +172,9 @@ class AdapterStore:
             raise ValueError(f"{name!r} is not a scorer folder; use one of {RESERVED_IDS}")
         files = hash_folder(self.path(name))
         with self._locked():
-            m = self.manifest()
+            m = load_manifest(self.manifest_path)
             m.scorers[name] = files
-            save_manifest(m, self.manifest_path)
+            self._save(m)
         return files
 
     def scorer(self, name: str) -> Path:
@@ -175,7 +218,7 @@ class AdapterStore:
                                 "leave `lora` out to take it from the config")
         dest = self.path(new.id)
         with self._locked():
-            m = self.manifest()
+            m = load_manifest(self.manifest_path)
             if m.find(new.id) is not None:
                 raise ValueError(f"adapter id {new.id!r} is already in the store; remove it first or pick another id")
             if copy:
@@ -191,18 +234,18 @@ class AdapterStore:
                 raise ValueError(f"with copy=False the folder must already be {dest}, not {folder}; "
                                  "pass copy=True to copy it in")
             m.adapters.append(new)
-            save_manifest(m, self.manifest_path)
+            self._save(m)
         return new
 
     def update_eval(self, adapter_id: str, scores: Mapping[str, Any]) -> AdapterManifest:
         """Merge evaluation scores into the entry's `eval` (files and checksums are untouched)."""
         with self._locked():
-            m = self.manifest()
+            m = load_manifest(self.manifest_path)
             entry = m.find(adapter_id)
             if entry is None:
                 raise UnknownAdapter(adapter_id, sorted(a.id for a in m.adapters))
             entry.eval = {**entry.eval, **dict(scores)}
-            save_manifest(m, self.manifest_path)
+            self._save(m)
         return entry
 
     def remove(self, adapter_id: str) -> None:
@@ -210,11 +253,11 @@ class AdapterStore:
         if adapter_id in RESERVED_IDS:
             raise ValueError(f"{adapter_id!r} is the store's {adapter_id} model, not an adapter; it cannot be removed")
         with self._locked():
-            m = self.manifest()
+            m = load_manifest(self.manifest_path)
             if m.find(adapter_id) is None:
                 raise UnknownAdapter(adapter_id, sorted(a.id for a in m.adapters))
             m.adapters = [a for a in m.adapters if a.id != adapter_id]
-            save_manifest(m, self.manifest_path)
+            self._save(m)
             shutil.rmtree(self.path(adapter_id), ignore_errors=True)
 
     @contextlib.contextmanager

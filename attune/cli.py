@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from attune import operators, research
+from attune import operators, research, store_signing
 
 if TYPE_CHECKING:
     import httpx
@@ -117,8 +117,8 @@ def adapters_list(store: str | None = None) -> int:
     return 0
 
 
-def adapters_verify(store: str | None = None) -> int:
-    """Verify every adapter's files against the sha256 recorded in the manifest."""
+def adapters_verify(store: str | None = None, public_key: str | None = None) -> int:
+    """Verify every adapter's files against the sha256 recorded in the manifest, and the manifest's signature."""
     from adapters.registry import AdapterStore
     from attune.paths import STORE_DIR
 
@@ -127,7 +127,8 @@ def adapters_verify(store: str | None = None) -> int:
     for adapter_id, err in failures.items():
         print(f"FAILED {adapter_id}: {err}")
     print(f"{len(s.list()) - len(failures)} of {len(s.list())} adapters verified")
-    return 1 if failures else 0
+    signed = store_signing.signature_report(s.root, public_key)
+    return 1 if failures or not signed else 0
 
 
 def _preference_arg(values: list[str]) -> dict[str, float]:
@@ -526,7 +527,13 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--host", default="127.0.0.1", help="address to serve the page on (default: loopback only)"),
         arg("--port", type=int, default=7860, help="port to serve the page on (default 7860)")]),
     ("adapters", "list"): (adapters_list, [_STORE]),
-    ("adapters", "verify"): (adapters_verify, [_STORE]),
+    ("adapters", "verify"): (adapters_verify, [_STORE, arg("--public-key", help="public key the manifest must be "
+        "signed with (default: $ATTUNE_ADAPTER_PUBLIC_KEY, else attune/keys/adapter-signing.pub; none: unchecked)")]),
+    ("adapters", "sign"): (store_signing.adapters_sign, [_STORE, arg("--key", help="the operator's Ed25519 private "
+        "key file (default: $ATTUNE_ADAPTER_SIGNING_KEY, a path or the PEM itself)")]),
+    ("adapters", "keygen"): (store_signing.adapters_keygen, [arg("private_key", nargs="?", metavar="FILE", help="where "
+        "to write the private key (mode 600), outside the repository"), arg("--public", dest="public_key",
+        help="where to write the public key (default: FILE with suffix .pub)")]),
     ("adapters", "add"): (adapters_add, [
         arg("path", nargs="?", metavar="PATH",
             help="PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)"),

@@ -128,7 +128,9 @@ class LLMServer:
         _serve_logs()
         cfg = ServeConfig.model_validate(config)
         e = cfg.engine
-        self.store = AdapterStore(cfg.store_dir)
+        self.store = AdapterStore(cfg.store_dir, cfg.adapter_public_key)
+        if self.store.public_key is not None:  # refuse a tampered or unsigned store before starting vLLM
+            self.store.verify_signature()
         self.engine = VLLMEngine(resolve(cfg.base_model), max_loras=e.max_loras, max_lora_rank=e.max_lora_rank,
                                  max_model_len=e.max_model_len, cpu_memory_fraction=e.cpu_memory_fraction,
                                  gpu_memory_fraction=e.gpu_memory_utilization, kv_cache_bytes=_kv_bytes(e),
@@ -255,7 +257,7 @@ class RewardScorer:
         torch.set_num_threads(1)
         _serve_logs()
         cfg = ServeConfig.model_validate(config)
-        self.base = base = Scorer.load(cfg.reward_dir)
+        self.base = base = Scorer.load(cfg.reward_dir, public_key=cfg.adapter_public_key)
         threshold, detail = base.classifier_threshold() or calibrate_safety_threshold(val_safety_pairs(base))
         self.info_ = ScorerInfo(base.crisis_threshold, threshold, detail, base.crisis_near_threshold, base.crisis_window)
         self.faulty = FaultyScorer(base) if test_hooks else None
@@ -330,7 +332,13 @@ class AttuneIngress:
 
         _serve_logs()
         cfg = ServeConfig.model_validate(config)
-        store = AdapterStore(cfg.store_dir)
+        store = AdapterStore(cfg.store_dir, cfg.adapter_public_key)
+        if store.public_key is not None:
+            store.verify_signature()
+            if cfg.merge_policy:
+                raise ConfigError("merge_policy builds merged adapters into the store while serving, which leaves its "
+                                  "signature stale; build merges offline and sign the store, or set "
+                                  "adapter_public_key: none to serve an unsigned store")
         router = PreferenceRouter(store, cfg.safety_floor, cfg.merge_policy, cfg.merge_threshold,
                                   resolve(cfg.base_model) if cfg.merge_policy else None,
                                   max_merged_rank=cfg.engine.max_lora_rank)

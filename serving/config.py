@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignment.objectives import DEFAULT_SAFETY_FLOOR
-from attune.paths import STORE_DIR
+from attune.paths import ADAPTER_PUBLIC_KEY, STORE_DIR
 from attune.validation import format_errors
 from serving.crisis_reply import DEFAULT_CRISIS_RESOURCES, lookup, normalise_locale
 
@@ -22,6 +22,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ATTUNE_BASE_MODEL": "base_model",
     "ATTUNE_STORE_DIR": "store_dir",
     "ATTUNE_REWARD_DIR": "reward_dir",
+    "ATTUNE_ADAPTER_PUBLIC_KEY": "adapter_public_key",
     "ATTUNE_DATA_DIR": "data_dir",
     "ATTUNE_DATABASE_URL": "database_url",
     "ATTUNE_SAFETY_FLOOR": "safety_floor",
@@ -109,6 +110,10 @@ class ServeConfig(BaseModel):
                             "alias 'smollm2-135m-instruct', a local folder or a Hugging Face id.")
     store_dir: Path = Field(default=STORE_DIR, description="Adapter store folder (manifest.json + LoRA folders).")
     reward_dir: Path | None = Field(default=None, description="Reward model folder; None = <store_dir>/reward.")
+    adapter_public_key: Path | None = Field(default=ADAPTER_PUBLIC_KEY, description="Ed25519 public key (PEM) the "
+                                            "store's manifest must be signed with (`attune adapters sign`); keep it "
+                                            "outside the store. None serves an unsigned store: nothing then stops "
+                                            "whoever can write the store from changing an adapter and its checksum.")
     data_dir: Path = Field(default_factory=_default_data_dir, description="Writable folder for the database "
                            "and key file; default $ATTUNE_HOME/serve (~/.cache/attune/serve).")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL, e.g. "

@@ -55,9 +55,10 @@ class Scorer:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, crisis_path: str | Path | None = None,
-             device: str | None = None) -> "Scorer":
+             device: str | None = None, public_key: str | Path | None = None) -> "Scorer":
         """Load the shipped reward model (attune.paths.REWARD_DIR by default) and the crisis detector at
-        `crisis_path` (default: the `crisis` folder beside the reward model, when there is one)."""
+        `crisis_path` (default: the `crisis` folder beside the reward model, when there is one). Folders of the
+        shipped store, and with `public_key` of any store, must match its manifest, signed by that key."""
         from alignment.crisis import CrisisClassifier
         from alignment.reward import RewardModel
         from attune.paths import REWARD_DIR
@@ -69,11 +70,13 @@ class Scorer:
         crisis = Path(crisis_path) if crisis_path else path.parent / "crisis"
         if crisis_path and not (crisis / "config.json").exists():
             raise FileNotFoundError(f"no crisis detector at {crisis}: train one with `attune crisis train`")
-        for folder in (path, crisis):  # shipped models: their files must match the store's manifest
-            if folder.resolve().parent == Path(REWARD_DIR).resolve().parent and (folder / "config.json").exists():
+        for folder in (path, crisis):  # models in a store: their files must match its (signed) manifest
+            shipped = folder.resolve().parent == Path(REWARD_DIR).resolve().parent
+            in_store = shipped or (public_key is not None and (folder.parent / "manifest.json").is_file())
+            if in_store and (folder / "config.json").exists():
                 from adapters.registry import AdapterStore
 
-                AdapterStore(folder.parent).scorer(folder.name)
+                AdapterStore(folder.parent, public_key).scorer(folder.name)
         detector = CrisisClassifier.load(crisis, device=device) if (crisis / "config.json").exists() else None
         return cls(RewardModel.load(path, device=device), detector)
 

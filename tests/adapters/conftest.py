@@ -33,3 +33,12 @@ def lora_b(tiny_llama, tmp_path_factory) -> Path:
     """r=8, alpha=4 on q/k/v/gate: different rank, scaling rule and module set from lora_a."""
     return make_lora(tiny_llama, tmp_path_factory.mktemp("lora-b"), 2, r=8, lora_alpha=4,
                      target_modules=["q_proj", "k_proj", "v_proj", "gate_proj"])
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory) -> tuple[Path, Path]:
+    """A test Ed25519 pair (private key file mode 0600, public key): stands in for the operator's keys."""
+    from adapters.signing import generate_key_pair
+
+    private, public, _ = generate_key_pair(tmp_path_factory.mktemp("signing-keys") / "test-signing.key")
+    return private, public

@@ -43,6 +43,11 @@ def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch):
     store = AdapterStore(store_dir)
     assert store.ids() == sorted(["sft", "dpo-empathy", "dpo-safety", "soup-es", "modpo-es", "joint-es"])
     assert store.verify_all() == {}
+    from adapters.signing import SignatureError, generate_key_pair, load_private_key
+
+    private, public, _ = generate_key_pair(tmp_path / "keys" / "test.key")  # the operator signs what was trained
+    store.sign(load_private_key(private))
+    assert AdapterStore(store_dir, public).verify_all() == {}
     modpo = store.entry("modpo-es")
     assert modpo.recipe == "modpo" and modpo.primary_objective == "empathy"
     assert modpo.weights["empathy"] == pytest.approx(0.5) and len(modpo.data_hash) == 64
@@ -64,6 +69,8 @@ def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch):
     for name in ("alignment.json", "alignment.md", "pareto.png"):
         assert (tmp_path / "reports" / name).stat().st_size > 0
     assert "judge" in AdapterStore(store_dir).entry("modpo-es").eval
+    with pytest.raises(SignatureError, match="changed after it was signed"):  # eval scores are signed content too
+        AdapterStore(store_dir, public).entry("modpo-es")
 
 
 def test_win_rates_count_ties_as_half():

@@ -50,7 +50,7 @@ def _store(tmp: Path, base: Path) -> Path:
 
     shipped = AdapterStore(STORE_DIR)
     if len([a for a in shipped.list() if a.recipe in ROUTABLE_RECIPES]) >= 2 and not shipped.verify_all():
-        return STORE_DIR
+        return STORE_DIR  # signed with the operator's key; serving checks it with the shipped public key
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -65,6 +65,27 @@ def _store(tmp: Path, base: Path) -> Path:
         store.add(folder, {"id": adapter_id, "recipe": "modpo", "weights": weights, "base_model": "smollm2-135m-instruct",
                            "data_hash": "random-test-adapter", "primary_objective": max(weights, key=weights.get)})
     return store.root
+
+
+def _sign(store: Path, reward: Path, tmp: Path) -> tuple[Path, Path]:
+    """A store made here is signed with a test key made here: (its public key, the reward folder to serve). A shipped
+    reward model moves into it, as one store has one signing key."""
+    import shutil
+
+    from adapters.registry import AdapterStore
+    from adapters.signing import generate_key_pair, load_private_key
+    from attune.paths import STORE_DIR
+
+    s = AdapterStore(store)
+    if reward.parent.resolve() == STORE_DIR.resolve():
+        for name in ("reward", "crisis"):
+            if (STORE_DIR / name).is_dir():
+                shutil.copytree(STORE_DIR / name, store / name)
+                s.register_scorer(name)
+        reward = store / "reward"
+    private, public, _ = generate_key_pair(tmp / "keys" / "test-signing.key")
+    s.sign(load_private_key(private))
+    return public, reward
 
 
 def _reward(tmp: Path) -> Path:
@@ -92,6 +113,7 @@ def server(tmp_path_factory) -> Server:
     pytest.importorskip("vllm")
     pytest.importorskip("openai")
     from alignment.basemodel import prepare
+    from attune.paths import STORE_DIR
     from serving import app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -99,11 +121,15 @@ def server(tmp_path_factory) -> Server:
     tmp = tmp_path_factory.mktemp("attune-serve")
     base = prepare()
     store, reward = _store(tmp, base), _reward(tmp)
+    public_key = None
+    if store != STORE_DIR:
+        public_key, reward = _sign(store, reward, tmp)
     # The calibrated gate, as shipped (no safety_threshold override): real replies must pass it, and injected faults
     # force the unsafe path (test_serve). With random adapters (no shipped store) their text may be replaced.
     # Admission is small (4 generating, 8 waiting) so that test_overload's burst of 60 is far beyond it.
     settings = {
         "store_dir": str(store), "reward_dir": str(reward), "data_dir": str(tmp / "data"),
+        **({"adapter_public_key": str(public_key)} if public_key else {}),
         "limits": {"max_body_bytes": 16384, "max_tokens_cap": 64, "default_max_tokens": 24, "requests_per_minute": 20,
                    "max_in_flight": 4, "max_queue": 8, "queue_timeout_s": 120},
         "engine": {"max_loras": 4, "max_lora_rank": 16, "max_model_len": 1024, "cpu_memory_fraction": 0.02},
