@@ -56,6 +56,11 @@ def parse_key(text: str, source: str) -> bytes:
     return key
 
 
+def key_texts(text: str) -> list[str]:
+    """The base64 keys in `text`: separated by commas or lines, comments after '#' left out."""
+    return [p.strip() for line in text.splitlines() for p in line.split("#", 1)[0].split(",") if p.strip()]
+
+
 def _seal(aead: AESGCM, plaintext: bytes, aad: bytes) -> bytes:
     nonce = os.urandom(NONCE_BYTES)
     return VERSION + nonce + aead.encrypt(nonce, plaintext, aad)
@@ -111,8 +116,7 @@ class KeyRing:
     @classmethod
     def from_text(cls, text: str, source: str) -> "KeyRing":
         """Keys separated by commas or lines (comments after '#'), the current one first."""
-        parts = [p.strip() for line in text.splitlines() for p in line.split("#", 1)[0].split(",")]
-        return cls([parse_key(p, source) for p in parts if p], source)
+        return cls([parse_key(p, source) for p in key_texts(text)], source)
 
     @classmethod
     def ephemeral(cls) -> "KeyRing":

@@ -130,6 +130,7 @@ class Repository:
         self._tx = sessionmaker(self.engine, expire_on_commit=False)
         if create_tables:
             migrate(self.engine, self.keys)
+            self._checkpoint()  # a migration that sealed old text leaves no plaintext page in the file
         else:
             self._register_keys()
 
@@ -373,14 +374,18 @@ class Repository:
             s.execute(update(SessionFlag).where(SessionFlag.session_id == session_id).values(erased_at=_now()))
             s.add(AuditEvent(tenant_id=tenant_id, session_id=session_id, kind="session_deleted",
                              detail={"messages_erased": n_messages, "feedback_erased": n_feedback}))
+        self._checkpoint()
+        return True
+
+    def _checkpoint(self) -> None:
+        """On SQLite, copy the WAL into the file and empty it: secure_delete has zeroed the freed and rewritten
+        cells in the WAL's pages, and the checkpoint replaces their old images in the file."""
         if self.engine.dialect.name == "sqlite":
-            # secure_delete zeroes the freed pages; the checkpoint drops the old page images from the WAL.
             raw = self.engine.raw_connection()
             try:
                 raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 raw.close()
-        return True
 
     # ------------------------------------------------------------ messages
     def add_message(self, session_id: str, role: str, content: str, *, adapter_id: str | None = None,

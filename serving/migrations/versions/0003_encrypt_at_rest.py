@@ -35,6 +35,7 @@ FEEDBACK = sa.table("feedback", sa.column("id", sa.String), sa.column("session_i
 
 
 def upgrade() -> None:
+    ring = _keys(op.get_bind())  # before any change: refused without keys when there is text to seal
     op.create_table(
         "data_keys",
         sa.Column("id", sa.String(32), nullable=False),
@@ -54,7 +55,8 @@ def upgrade() -> None:
     op.create_index("ix_session_keys_data_key_id", "session_keys", ["data_key_id"])
     op.add_column("messages", sa.Column("sealed", sa.LargeBinary(), nullable=True))
     op.add_column("feedback", sa.Column("sealed", sa.LargeBinary(), nullable=True))
-    _seal_existing(op.get_bind())
+    if ring is not None:
+        _seal_existing(op.get_bind(), ring)
     with op.batch_alter_table("messages") as b:
         b.drop_column("content")
         b.alter_column("sealed", existing_type=sa.LargeBinary(), nullable=False)
@@ -64,9 +66,12 @@ def upgrade() -> None:
         b.alter_column("sealed", existing_type=sa.LargeBinary(), nullable=False)
 
 
-def _keys(conn, needed: bool) -> KeyRing | None:
+def _keys(conn) -> KeyRing | None:
+    """The Repository's data keys; None when it gave none and there is no text to seal or open."""
     ring = context.config.attributes.get("keys")
-    if ring is None and needed:
+    needed = ring is None and (conn.execute(sa.select(sa.func.count()).select_from(MESSAGES)).scalar() or
+                               conn.execute(sa.select(sa.func.count()).select_from(FEEDBACK)).scalar())
+    if needed:
         raise DataKeyError("this database holds messages or feedback written before encryption at rest; migrate it "
                            "through serving.db.Repository (or alembic_config(conn, keys=...)) so they are sealed "
                            "with the service's data key")
@@ -85,12 +90,7 @@ def _batches(conn, key, *columns):
         last = rows[-1][0]
 
 
-def _seal_existing(conn) -> None:
-    has_text = conn.execute(sa.select(sa.func.count()).select_from(MESSAGES)).scalar() or \
-        conn.execute(sa.select(sa.func.count()).select_from(FEEDBACK)).scalar()
-    ring = _keys(conn, bool(has_text))
-    if ring is None:
-        return
+def _seal_existing(conn, ring: KeyRing) -> None:
     register(conn, ring)
     now, ciphers = datetime.now(timezone.utc), {}
     for (sid,) in conn.execute(sa.select(SESSIONS.c.id).where(SESSIONS.c.deleted.is_(False))).all():
@@ -118,6 +118,7 @@ def _seal_existing(conn) -> None:
 
 
 def downgrade() -> None:
+    ring = _keys(op.get_bind())
     with op.batch_alter_table("messages") as b:
         b.add_column(sa.Column("content", sa.Text(), nullable=True))
         b.alter_column("sealed", existing_type=sa.LargeBinary(), nullable=True)
@@ -125,7 +126,8 @@ def downgrade() -> None:
         for name in ("prompt", "chosen", "rejected"):
             b.add_column(sa.Column(name, sa.Text(), nullable=True))
         b.alter_column("sealed", existing_type=sa.LargeBinary(), nullable=True)
-    _open_existing(op.get_bind())
+    if ring is not None:
+        _open_existing(op.get_bind(), ring)
     with op.batch_alter_table("messages") as b:
         b.drop_column("sealed")
         b.alter_column("content", existing_type=sa.Text(), nullable=False)
@@ -137,12 +139,7 @@ def downgrade() -> None:
     op.drop_table("data_keys")
 
 
-def _open_existing(conn) -> None:
-    has_text = conn.execute(sa.select(sa.func.count()).select_from(MESSAGES)).scalar() or \
-        conn.execute(sa.select(sa.func.count()).select_from(FEEDBACK)).scalar()
-    ring = _keys(conn, bool(has_text))
-    if ring is None:
-        return
+def _open_existing(conn, ring: KeyRing) -> None:
     k = SESSION_KEYS.c
     wrapped = {sid: (kid, w) for sid, kid, w in conn.execute(sa.select(k.session_id, k.data_key_id, k.wrapped))}
     ciphers: dict = {}
