@@ -168,7 +168,7 @@ def test_rotation_rewraps_session_keys_and_an_old_key_can_then_be_removed(databa
         Repository(database_url, keys=ring(old))
 
 
-def test_a_wrong_or_malformed_key_is_refused_at_start_up(database_url, monkeypatch, tmp_path):
+def test_a_wrong_or_malformed_key_is_refused_at_start_up(database_url, monkeypatch):
     Repository(database_url, keys=ring(new_key_text())).close()
     with pytest.raises(DataKeyError, match=r"under data key\(s\) [0-9a-f]{16}, but the test keys hold"):
         Repository(database_url, keys=ring(new_key_text()))

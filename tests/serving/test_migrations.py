@@ -1,7 +1,7 @@
 """Schema migrations (serving/migrations): an empty database upgraded to head has exactly the models' schema,
 autogenerate finds nothing to add (so a model change without a migration fails here), a database that
-create_all made before migrations is stamped (and its text sealed by 0003), a database at 0001 gets flag records for
-its flagged sessions, and replicas that start together migrate once. Each test runs on SQLite and on a real PostgreSQL server
+create_all made before migrations is stamped (and its text sealed by 0003), a database at 0001 gets flag records
+for its flagged sessions, and replicas that start together migrate once. Each test runs on SQLite and on a real PostgreSQL server
 (tests/pg.py)."""
 from __future__ import annotations
 
