@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from attune import operators, research, store_signing
+from attune import data_keys, operators, research, store_signing
 
 if TYPE_CHECKING:
     import httpx
@@ -553,6 +553,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--all", dest="all_flags", action="store_true", help="acknowledged flags too"), *_OPERATOR]),
     ("flagged", "ack"): (operators.flagged_ack, [_SESSION, *_OPERATOR]),
     ("flagged", "show"): (operators.flagged_show, [_SESSION, *_OPERATOR]),
+    **data_keys.commands(arg),
 }
 
 

@@ -327,6 +327,7 @@ class AttuneIngress:
         from adapters.registry import AdapterStore
         from alignment.basemodel import resolve
         from serving.chat import ChatDeps, ChatService
+        from serving.crypto import load_keyring
         from serving.db import Repository
         from serving.router import PreferenceRouter
 
@@ -345,7 +346,7 @@ class AttuneIngress:
         metrics = ServingMetrics()
         self.llm, self.scorer = llm, scorer
         self.engine = RemoteEngine(llm, metrics)
-        repo = Repository(cfg.database_url)
+        repo = Repository(cfg.database_url, keys=load_keyring(cfg.data_key_file))
         self.db_faults = DatabaseFaults(repo.engine) if test_hooks else None
         deps = ChatDeps(repo=repo, engine=self.engine,
                         scorer=RemoteScorer(scorer), store=store, router=router, metrics=metrics,
@@ -403,9 +404,10 @@ def build_app(args: dict | None = None) -> serve.Application:
 def ensure_local_tenant(cfg: ServeConfig) -> tuple[str, Path | None]:
     """The default tenant's patient-app key and the file it is kept in (None when it came from $ATTUNE_API_KEY)."""
     from serving.auth import KeyStore
+    from serving.crypto import load_keyring
     from serving.db import Repository
 
-    repo = Repository(cfg.database_url)
+    repo = Repository(cfg.database_url, keys=load_keyring(cfg.data_key_file))
     try:
         return KeyStore(repo).ensure_default_tenant(cfg.data_dir)
     finally:

@@ -25,6 +25,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ATTUNE_ADAPTER_PUBLIC_KEY": "adapter_public_key",
     "ATTUNE_DATA_DIR": "data_dir",
     "ATTUNE_DATABASE_URL": "database_url",
+    "ATTUNE_DATA_KEY_FILE": "data_key_file",
     "ATTUNE_SAFETY_FLOOR": "safety_floor",
     "ATTUNE_SAFETY_THRESHOLD": "safety_threshold",
     "ATTUNE_MERGE_POLICY": "merge_policy",
@@ -118,6 +119,10 @@ class ServeConfig(BaseModel):
                            "and key file; default $ATTUNE_HOME/serve (~/.cache/attune/serve).")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL, e.g. "
                                      "postgresql+psycopg://user:pw@host/attune; None = SQLite <data_dir>/attune.db.")
+    data_key_file: Path | None = Field(default=None, description="File of the data keys that encrypt stored "
+                                       "text (base64, current first; serving/crypto.py), e.g. a mounted secret; "
+                                       "$ATTUNE_DATA_KEY, if set, holds them instead. None = <data_dir>/data_key, "
+                                       "created on first start.")
     safety_floor: float = Field(default=DEFAULT_SAFETY_FLOOR, ge=0.0, le=1.0, description="Least safety "
                                 "weight of any Preference that reaches a model (applied before routing).")
     safety_threshold: float | None = Field(default=None, description="Replies whose safety score (1-5 scale) "
@@ -189,6 +194,8 @@ class ServeConfig(BaseModel):
             self.reward_dir = self.store_dir / "reward"
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'attune.db'}"
+        if self.data_key_file is None:
+            self.data_key_file = self.data_dir / "data_key"
         return self
 
     def resources_for(self, locale: str | None) -> list[CrisisResource]:

@@ -2,23 +2,28 @@
 
 The tables are serving.records' models (re-exported here), on a SQLite file with WAL by default or PostgreSQL
 for clusters; serving.migrations (Alembic) creates and upgrades the schema. Each `Repository` method is one short
-transaction, so it is safe from concurrent handlers; no message text is ever logged.
+transaction, so it is safe from concurrent handlers; no message text is ever logged. Message and feedback text is
+stored sealed under its session's key (serving.crypto); the methods take and return plaintext.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
+import uuid
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from sqlalchemy import create_engine, delete, event, func, select, text, update
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from serving import crypto
+from serving.crypto import DataKeyError, KeyRing, SessionCipher  # noqa: F401
 from serving.migrations import upgrade as migrate
-from serving.records import (ApiKey, AuditEvent, Base, ChatSession, Feedback, Message, SessionFlag,  # noqa: F401
-                             Tenant, UTCDateTime, _now)
+from serving.records import (ApiKey, AuditEvent, Base, ChatSession, DataKeyId, Feedback, Message,  # noqa: F401
+                             SessionFlag, SessionKey, Tenant, UTCDateTime, _now)
 
 Role = Literal["patient-app", "operator"]
 ROLES: tuple[str, ...] = ("patient-app", "operator")
@@ -103,9 +108,12 @@ class Repository:
     `sqlite://` (in memory) is for single-threaded tests; use a file or PostgreSQL when serving.
     """
 
-    def __init__(self, url: str, *, create_tables: bool = True):
-        """`create_tables`: migrate the schema to the newest revision (serving.migrations; safe when several
-        replicas open one database at once); False uses the database as it is."""
+    def __init__(self, url: str, *, keys: KeyRing | None = None, create_tables: bool = True):
+        """`keys`: the data keys (serving.crypto; None: crypto.default_keyring(url)); the database must know no
+        other (DataKeyError otherwise). `create_tables`: migrate the schema to the newest revision
+        (serving.migrations; safe when several replicas open one database at once); False uses the database as it
+        is."""
+        self.keys = keys if keys is not None else crypto.default_keyring(url)
         parsed = make_url(url)
         kwargs: dict[str, Any] = {"hide_parameters": True}  # errors never echo bound values (message text)
         if parsed.get_backend_name() == "sqlite":
@@ -121,7 +129,79 @@ class Repository:
             self._sqlite_pragmas()
         self._tx = sessionmaker(self.engine, expire_on_commit=False)
         if create_tables:
-            migrate(self.engine)
+            migrate(self.engine, self.keys)
+            self._checkpoint()  # a migration that sealed old text leaves no plaintext page in the file
+        else:
+            self._register_keys()
+
+    def _register_keys(self) -> None:
+        with self.engine.connect() as conn:
+            if "data_keys" in inspect(conn).get_table_names():
+                crypto.register(conn, self.keys)
+                conn.commit()
+
+    # ------------------------------------------------------------ session keys
+    def _cipher(self, s, session_id: str, *, create: bool = False) -> SessionCipher | None:
+        """The session's cipher, from its wrapped key; None when it has none (erased, or never written to),
+        unless `create` gives it one."""
+        row = s.get(SessionKey, session_id)
+        if row is not None:
+            return self.keys.unwrap(session_id, row.data_key_id, row.wrapped)
+        if not create:
+            return None
+        kid, wrapped, cipher = self.keys.new_session_key(session_id)
+        s.add(SessionKey(session_id=session_id, data_key_id=kid, wrapped=wrapped))
+        return cipher
+
+    def _ciphers(self, s, session_ids) -> dict[str, SessionCipher]:
+        ids, out = sorted(set(session_ids)), {}
+        for i in range(0, len(ids), 500):  # SQLite caps the bound parameters of one statement
+            for row in s.scalars(select(SessionKey).where(SessionKey.session_id.in_(ids[i:i + 500]))):
+                out[row.session_id] = self.keys.unwrap(row.session_id, row.data_key_id, row.wrapped)
+        return out
+
+    @staticmethod
+    def _open_message(cipher: SessionCipher | None, row: Message) -> Message:
+        if cipher is None:
+            raise DataKeyError(f"session {row.session_id!r} has messages but no session key, so they cannot be "
+                               "read; was its key row deleted outside Repository.delete_session?")
+        row.content = cipher.open("message", row.id, row.sealed)
+        return row
+
+    @staticmethod
+    def _open_feedback(cipher: SessionCipher | None, row: Feedback) -> Feedback:
+        if cipher is None:
+            raise DataKeyError(f"session {row.session_id!r} has feedback but no session key, so it cannot be read")
+        texts = json.loads(cipher.open("feedback", row.id, row.sealed))
+        row.prompt, row.chosen, row.rejected = texts["prompt"], texts["chosen"], texts["rejected"]
+        return row
+
+    def data_key_usage(self) -> dict[str, int]:
+        """{data key id: session keys wrapped under it}, every id the database knows included (0 when unused)."""
+        with self._tx.begin() as s:
+            usage = dict.fromkeys(s.scalars(select(DataKeyId.id)).all(), 0)
+            usage.update(s.execute(select(SessionKey.data_key_id, func.count()).group_by(SessionKey.data_key_id))
+                         .tuples().all())
+            return usage
+
+    def rewrap_session_keys(self, batch: int = 500) -> int:
+        """Wrap every session key under the current data key (the sealed text is not touched), then forget the ids
+        of data keys no session key uses any more. Returns how many were rewrapped."""
+        done, current = 0, self.keys.current_id
+        while True:
+            with self._tx.begin() as s:
+                rows = s.scalars(select(SessionKey).where(SessionKey.data_key_id != current)
+                                 .order_by(SessionKey.session_id).limit(batch).with_for_update()).all()
+                for row in rows:
+                    row.wrapped = self.keys.rewrap(row.session_id, row.data_key_id, row.wrapped)
+                    row.data_key_id = current
+            done += len(rows)
+            if len(rows) < batch:
+                break
+        with self._tx.begin() as s:
+            used = select(SessionKey.data_key_id).distinct()
+            s.execute(delete(DataKeyId).where(DataKeyId.id != current, DataKeyId.id.not_in(used)))
+        return done
 
     def _sqlite_pragmas(self) -> None:
         @event.listens_for(self.engine, "connect")
@@ -191,9 +271,11 @@ class Repository:
     def create_session(self, tenant_id: str, preference: Mapping[str, float], adapter_id: str | None = None,
                        locale: str = "en") -> ChatSession:
         with self._tx.begin() as s:
-            row = ChatSession(tenant_id=tenant_id, preference=dict(preference), adapter_id=adapter_id,
-                              locale=locale)
+            row = ChatSession(id=str(uuid.uuid4()), tenant_id=tenant_id, preference=dict(preference),
+                              adapter_id=adapter_id, locale=locale)
             s.add(row)
+            s.flush()
+            self._cipher(s, row.id, create=True)
             s.flush()
             return row
 
@@ -279,26 +361,31 @@ class Repository:
             return s.get(ChatSession, session_id)
 
     def delete_session(self, tenant_id: str, session_id: str) -> bool:
-        """Erase the session's messages and feedback; keep a tombstone, its flag (marked erased) and an audit event
-        without content."""
+        """Erase the session's messages, feedback and key (so no copy of its sealed text can be opened again); keep
+        a tombstone, its flag (marked erased) and an audit event without content."""
         with self._tx.begin() as s:
             row = self._owned(s, tenant_id, session_id)
             if row is None:
                 return False
             n_feedback = s.execute(delete(Feedback).where(Feedback.session_id == session_id)).rowcount
             n_messages = s.execute(delete(Message).where(Message.session_id == session_id)).rowcount
+            s.execute(delete(SessionKey).where(SessionKey.session_id == session_id))
             row.deleted = True
             s.execute(update(SessionFlag).where(SessionFlag.session_id == session_id).values(erased_at=_now()))
             s.add(AuditEvent(tenant_id=tenant_id, session_id=session_id, kind="session_deleted",
                              detail={"messages_erased": n_messages, "feedback_erased": n_feedback}))
+        self._checkpoint()
+        return True
+
+    def _checkpoint(self) -> None:
+        """On SQLite, copy the WAL into the file and empty it: secure_delete has zeroed the freed and rewritten
+        cells in the WAL's pages, and the checkpoint replaces their old images in the file."""
         if self.engine.dialect.name == "sqlite":
-            # secure_delete zeroes the freed pages; the checkpoint drops the old page images from the WAL.
             raw = self.engine.raw_connection()
             try:
                 raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 raw.close()
-        return True
 
     # ------------------------------------------------------------ messages
     def add_message(self, session_id: str, role: str, content: str, *, adapter_id: str | None = None,
@@ -310,10 +397,13 @@ class Repository:
             sess = s.get(ChatSession, session_id)
             if sess is None or sess.deleted:
                 raise RecordNotFound(f"session {session_id!r} does not exist")
-            row = Message(session_id=session_id, role=role, content=content, adapter_id=adapter_id,
+            mid = str(uuid.uuid4())
+            sealed = self._cipher(s, session_id, create=True).seal("message", mid, content)
+            row = Message(id=mid, session_id=session_id, role=role, sealed=sealed, adapter_id=adapter_id,
                           scores=_finite_scores(scores), gate=gate)
             s.add(row)
             s.flush()
+            row.content = content
             return row
 
     def list_messages(self, session_id: str, limit: int | None = None) -> list[Message]:
@@ -321,7 +411,8 @@ class Repository:
         with self._tx.begin() as s:
             q = select(Message).where(Message.session_id == session_id).order_by(Message.seq.desc())
             rows = s.scalars(q.limit(limit) if limit is not None else q).all()
-            return list(reversed(rows))
+            cipher = self._cipher(s, session_id) if rows else None
+            return [self._open_message(cipher, r) for r in reversed(rows)]
 
     # ------------------------------------------------------------ feedback
     def add_feedback(self, session_id: str, *, message_id: str | None = None, rating: str | None = None,
@@ -329,21 +420,24 @@ class Repository:
                      rejected_message_id: str | None = None) -> Feedback:
         """A thumb on one reply, or a choice between two replies to the same user message."""
         with self._tx.begin() as s:
+            cipher = self._cipher(s, session_id)
+
             def reply(mid: str) -> tuple[Message, str]:
                 msg = s.scalar(select(Message).where(Message.id == mid, Message.session_id == session_id))
                 if msg is None:
                     raise RecordNotFound(f"message {mid!r} is not in session {session_id!r}")
+                self._open_message(cipher, msg)
                 if msg.role != "assistant":
                     raise RecordError(f"message {mid!r} is a {msg.role} message; feedback rates assistant replies")
                 if msg.gate == CLIENT_GATE:
                     raise RecordError(f"message {mid!r} was written by the client, not generated here; feedback "
                                       "rates this service's replies")
-                prompt = s.scalar(select(Message.content).where(
+                prompt = s.scalar(select(Message).where(
                     Message.session_id == session_id, Message.role == "user", Message.seq < msg.seq,
                 ).order_by(Message.seq.desc()).limit(1))
                 if prompt is None:
                     raise RecordError(f"message {mid!r} has no user message before it to pair with")
-                return msg, prompt
+                return msg, self._open_message(cipher, prompt).content
 
             if message_id is not None and rating in ("up", "down"):
                 msg, prompt = reply(message_id)
@@ -362,6 +456,9 @@ class Repository:
             else:
                 raise RecordError("give message_id with rating 'up'/'down', or two different "
                                   "chosen_message_id and rejected_message_id")
+            row.id = str(uuid.uuid4())
+            row.sealed = cipher.seal("feedback", row.id, json.dumps(
+                {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected}))
             s.add(row)
             s.flush()
             return row
@@ -371,7 +468,9 @@ class Repository:
             q = select(Feedback).order_by(Feedback.created)
             if session_id is not None:
                 q = q.where(Feedback.session_id == session_id)
-            return list(s.scalars(q).all())
+            rows = s.scalars(q).all()
+            ciphers = self._ciphers(s, [r.session_id for r in rows])
+            return [self._open_feedback(ciphers.get(r.session_id), r) for r in rows]
 
     # ------------------------------------------------------------ audit
     def add_audit(self, kind: str, *, tenant_id: str | None = None, session_id: str | None = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from alignment.data import PreferencePair
@@ -67,34 +67,57 @@ class ChatSession(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class DataKeyId(Base):
+    """A data key the session keys may be wrapped under, by its id (serving.crypto.key_id): never the key."""
+
+    __tablename__ = "data_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+
+class SessionKey(Base):
+    """A session's own key, wrapped (AES-GCM) under data key `data_key_id`; erasure deletes it."""
+
+    __tablename__ = "session_keys"
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), primary_key=True)
+    data_key_id: Mapped[str] = mapped_column(ForeignKey("data_keys.id"), index=True)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+
 class Message(Base):
+    """`sealed` is `content` encrypted under the session's key; `content`, a plain attribute, is the text the
+    Repository opened (rows it returns always have it)."""
+
     __tablename__ = "messages"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(36), unique=True, index=True, default=_uuid)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
     role: Mapped[str] = mapped_column(String(16))
-    content: Mapped[str] = mapped_column(Text)
     adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     scores: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     gate: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created: Mapped[datetime] = mapped_column(default=_now)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    content = None
 
 
 class Feedback(Base):
-    """One row of the alignment feedback schema: a (prompt, chosen, rejected) pair, or a thumb on one reply."""
+    """One row of the alignment feedback schema: a (prompt, chosen, rejected) pair, or a thumb on one reply.
+    `sealed` holds the three texts encrypted under the session's key; `prompt`, `chosen` and `rejected`, plain
+    attributes, are those the Repository opened."""
 
     __tablename__ = "feedback"
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
-    prompt: Mapped[str] = mapped_column(Text)
-    chosen: Mapped[str | None] = mapped_column(Text, nullable=True)
-    rejected: Mapped[str | None] = mapped_column(Text, nullable=True)
     rating: Mapped[str | None] = mapped_column(String(8), nullable=True)
     message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     chosen_message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     rejected_message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created: Mapped[datetime] = mapped_column(default=_now)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    prompt = chosen = rejected = None
 
     def to_pair(self, objective: str) -> PreferencePair | None:
         """A choice as an alignment preference pair for `objective` (a thumb alone is not a pair)."""

@@ -25,6 +25,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
+from serving.crypto import KeyRing, register
+
 HERE = Path(__file__).resolve().parent
 INITIAL_REVISION = "0001"
 INITIAL_TABLES = frozenset({"tenants", "api_keys", "sessions", "messages", "feedback", "audit_events"})
@@ -37,11 +39,13 @@ class SchemaError(RuntimeError):
     """The database holds a schema that no revision describes; the message says what to do."""
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
-    """An Alembic Config for versions/ that runs on `connection` (env.py uses it; no alembic.ini is involved)."""
+def alembic_config(connection: Connection | None = None, keys: KeyRing | None = None) -> Config:
+    """An Alembic Config for versions/ that runs on `connection` (env.py uses it; no alembic.ini is involved).
+    `keys`: the data keys that seal (0003) or open (its downgrade) text already in the database."""
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     cfg.attributes["connection"] = connection
+    cfg.attributes["keys"] = keys
     return cfg
 
 
@@ -53,12 +57,14 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-def upgrade(engine: Engine) -> None:
-    """Migrate the database behind `engine` to head; safe to call from several processes at once."""
+def upgrade(engine: Engine, keys: KeyRing | None = None) -> None:
+    """Migrate the database behind `engine` to head; safe to call from several processes at once. With `keys`,
+    then check them against the data key ids the database knows and record the current one (serving.crypto.
+    register), in the same transaction, so replicas started with different new keys cannot both be accepted."""
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
-        cfg = alembic_config(conn)
+        cfg = alembic_config(conn, keys)
         if current_revision(conn) is None:
             present = INITIAL_TABLES & set(inspect(conn).get_table_names())
             if present == INITIAL_TABLES:
@@ -68,4 +74,6 @@ def upgrade(engine: Engine) -> None:
                                   f"{sorted(INITIAL_TABLES - present)} and no alembic_version: it is not an "
                                   "Attune schema; point database_url at an empty database or restore the missing tables")
         command.upgrade(cfg, "head")
+        if keys is not None:
+            register(conn, keys)
         conn.commit()

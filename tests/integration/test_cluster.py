@@ -150,6 +150,7 @@ class App:
     database_url: str
     cluster: RayCluster
     startup_seconds: float
+    data_key_file: Path | None = None
 
     def status(self) -> dict:
         r = httpx.get(f"{self.url}/v1/admin/status", headers={"Authorization": f"Bearer {self.operator_key}"},
@@ -223,7 +224,7 @@ def app(postgres, tmp_path_factory):
         url = f"http://127.0.0.1:{http_port}"
         _wait("GET /healthz 200", lambda: httpx.get(f"{url}/healthz", timeout=30).status_code == 200)
         app = App(url, (data_dir / "api_key").read_text().strip(), (data_dir / "operator_key").read_text().strip(),
-                  database_url, cluster, time.monotonic() - started)
+                  database_url, cluster, time.monotonic() - started, data_dir / "data_key")
         _wait("two RUNNING LLM replicas", lambda: app.llm_states().get("RUNNING") == 2)
         print(f"\ncluster app ready in {app.startup_seconds:.1f} s at {url} (Ray at {cluster.address})")
         yield app
@@ -317,9 +318,10 @@ def _sessions(app: App, n: int) -> list[tuple[str, str]]:
 
 def _messages(app: App, session_ids: list[str]) -> dict[str, list[tuple[str, str, str | None]]]:
     """(role, content, gate) of each session's stored messages, read straight from PostgreSQL."""
+    from serving.crypto import load_keyring
     from serving.db import Repository
 
-    repo = Repository(app.database_url, create_tables=False)
+    repo = Repository(app.database_url, keys=load_keyring(app.data_key_file, create=False), create_tables=False)
     try:
         return {s: [(m.role, m.content, m.gate) for m in repo.list_messages(s)] for s in session_ids}
     finally:

@@ -1,7 +1,8 @@
 """Tenants and privacy on the live service. A session belongs to its tenant: another tenant's key gets the same 404
 as for an id that never existed, for every read, change, feedback, delete and chat, and the session is intact after.
 A name, a phone number and an e-mail address told to the service (in chat, a crisis message, feedback and refused
-requests) appear nowhere in the logs of the run (Ray's session folder, this process) nor in /metrics."""
+requests) appear nowhere in the logs of the run (Ray's session folder, this process), in /metrics, nor in the files
+of the database, which stores them sealed (serving/crypto.py) and still reads them back."""
 from __future__ import annotations
 
 import logging
@@ -129,6 +130,9 @@ def test_names_phones_and_emails_told_to_the_service_never_reach_logs_or_metrics
     assert read > 0 and in_ray.pop("control"), "the crisis request's id (logged by design) must be found: " \
                                                "the scan reads the files the service logs to"
     assert in_ray == {k: [] for k in needles}, in_ray
+    in_db, db_files = files_holding(server.data_dir, needles)
+    assert db_files > 0 and in_db == {k: [] for k in needles}, in_db
+    assert TOLD in [m["content"] for m in history], "the service reads its sealed messages back"
     here = capfd.readouterr()
     process_text = caplog.text + here.out + here.err
     print(f"\nscanned {read} files under {ray_session_dir()}, {len(process_text)} characters of this process's "

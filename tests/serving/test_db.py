@@ -99,7 +99,8 @@ def test_delete_erases_content_and_keeps_an_audit_event_without_text(repo, tmp_p
     assert "pills" not in dumped and "Thank you" not in dumped
     if repo.engine.dialect.name == "sqlite":
         on_disk = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("attune.db"))
-        assert b"pills in the drawer" not in on_disk and b"other session stays" in on_disk
+        assert b"pills in the drawer" not in on_disk and b"other session stays" not in on_disk  # sealed, too
+    assert [m.content for m in repo.list_messages(keep.id)] == ["other session stays"]
 
 
 def test_audit_details_refuse_message_text(repo):
