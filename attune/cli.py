@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from attune import data_keys, operators, research, store_signing
+from attune import adapter_commands, data_keys, operators, research, store_signing
 
 if TYPE_CHECKING:
     import httpx
@@ -102,121 +102,6 @@ def eval_safety(url: str | None = None, api_key: str | None = None, operator_key
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"attune eval safety: {e}", file=sys.stderr)
         return 2
-    return 0
-
-
-def adapters_list(store: str | None = None) -> int:
-    """List the adapters in the store with their weights and recipe."""
-    from adapters.registry import AdapterStore
-    from attune.paths import STORE_DIR
-
-    s = AdapterStore(Path(store) if store else STORE_DIR)
-    for m in s.list():
-        w = " ".join(f"{k[:4]}={v:.2f}" for k, v in m.weights.items())
-        print(f"{m.id:28s} {m.recipe:9s} {w}")
-    return 0
-
-
-def adapters_verify(store: str | None = None, public_key: str | None = None) -> int:
-    """Verify every adapter's files against the sha256 recorded in the manifest, and the manifest's signature."""
-    from adapters.registry import AdapterStore
-    from attune.paths import STORE_DIR
-
-    s = AdapterStore(Path(store) if store else STORE_DIR)
-    failures = s.verify_all()
-    for adapter_id, err in failures.items():
-        print(f"FAILED {adapter_id}: {err}")
-    print(f"{len(s.list()) - len(failures)} of {len(s.list())} adapters verified")
-    signed = store_signing.signature_report(s.root, public_key)
-    return 1 if failures or not signed else 0
-
-
-def _preference_arg(values: list[str]) -> dict[str, float]:
-    """--weights as one JSON object or objective=weight pairs; objectives left out weigh 0."""
-    from alignment.objectives import OBJECTIVES
-
-    if len(values) == 1 and values[0].lstrip().startswith("{"):
-        try:
-            given = json.loads(values[0])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--weights is not valid JSON ({e.msg}); write e.g. '{{\"empathy\": 0.7, "
-                             f"\"safety\": 0.3}}' or empathy=0.7 safety=0.3") from None
-    else:
-        given = {}
-        for item in values:
-            name, sep, weight = item.partition("=")
-            try:
-                if not sep:
-                    raise ValueError(item)
-                given[name.strip()] = float(weight)
-            except ValueError:
-                raise ValueError(f"--weights {item!r}: write objective=weight with a number, e.g. "
-                                 "empathy=0.7") from None
-    if not isinstance(given, dict):
-        raise ValueError("--weights JSON must be an object mapping objective -> weight")
-    return {**{o: 0.0 for o in OBJECTIVES}, **given}
-
-
-def adapters_add(path: str | None = None, adapter_id: str | None = None, recipe: str | None = None,
-                 weights: list[str] | None = None, base_model: str | None = None,
-                 primary_objective: str | None = None, data_hash: str | None = None,
-                 store: str | None = None) -> int:
-    """Add a LoRA folder to the store after checking its checksums and manifest entry; refuses (exit 2) otherwise.
-
-    A folder copied out of another store together with that store's manifest.json (PATH/../manifest.json lists
-    PATH's name) keeps its entry and must match the entry's sha256 allowlist byte for byte; flags override single
-    fields. Any other folder is unknown until given --id, --recipe and --weights; its files are hashed on entry."""
-    from adapters.integrity import IntegrityError
-    from adapters.manifest import ManifestError
-    from adapters.registry import AdapterStore, carried_entry
-    from alignment.basemodel import DEFAULT_BASE
-    from attune.paths import STORE_DIR
-
-    if not path:
-        print("attune adapters add: give the adapter folder: attune adapters add PATH [--id ID --recipe R "
-              "--weights ...]", file=sys.stderr)
-        return 2
-    folder, s = Path(path), AdapterStore(Path(store) if store else STORE_DIR)
-    try:
-        carried = carried_entry(folder)
-        given = {"id": adapter_id, "recipe": recipe, "weights": _preference_arg(weights) if weights else None,
-                 "base_model": base_model, "primary_objective": primary_objective, "data_hash": data_hash}
-        given = {k: v for k, v in given.items() if v is not None}
-        if carried is None:
-            missing = [f"--{k}" for k in ("id", "recipe", "weights") if k not in given]
-            if missing:
-                raise ValueError(f"{folder} carries no manifest entry ({folder.parent / 'manifest.json'} does not "
-                                 f"list {folder.name!r}), so it is unknown; pass {' '.join(missing)} to register "
-                                 "it as a new adapter")
-            entry = {"base_model": DEFAULT_BASE, "data_hash": "", **given}
-        else:
-            entry = {**carried.model_dump(exclude={"files"}), **given}
-        inside = folder.resolve().parent == s.root.resolve()
-        new = s.add(folder, entry, copy=not inside, expected_files=carried.files if carried else None)
-    except (IntegrityError, ManifestError, ValueError, OSError) as e:
-        print(f"attune adapters add: refused: {e}", file=sys.stderr)
-        return 2
-    source = f"verified against {folder.parent / 'manifest.json'}" if carried else "hashed"
-    print(f"added {new.id} ({new.recipe}, r={new.lora.r}; {len(new.files)} files {source}) to {s.root}")
-    return 0
-
-
-def adapters_remove(adapter_id: str | None = None, store: str | None = None) -> int:
-    """Remove an adapter from the store: its manifest entry, then its folder (never the reward model or judge)."""
-    from adapters.registry import AdapterStore, UnknownAdapter
-    from attune.paths import STORE_DIR
-
-    if not adapter_id:
-        print("attune adapters remove: give the id of the adapter to remove (`attune adapters list` shows them)",
-              file=sys.stderr)
-        return 2
-    s = AdapterStore(Path(store) if store else STORE_DIR)
-    try:
-        s.remove(adapter_id)
-    except (UnknownAdapter, ValueError) as e:
-        print(f"attune adapters remove: refused: {e}", file=sys.stderr)
-        return 2
-    print(f"removed {adapter_id} from {s.root}")
     return 0
 
 
@@ -526,15 +411,15 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--api-key", help="patient-app API key (default: $ATTUNE_API_KEY; prefer the variable, flags show in ps)"),
         arg("--host", default="127.0.0.1", help="address to serve the page on (default: loopback only)"),
         arg("--port", type=int, default=7860, help="port to serve the page on (default 7860)")]),
-    ("adapters", "list"): (adapters_list, [_STORE]),
-    ("adapters", "verify"): (adapters_verify, [_STORE, arg("--public-key", help="public key the manifest must be "
+    ("adapters", "list"): (adapter_commands.adapters_list, [_STORE]),
+    ("adapters", "verify"): (adapter_commands.adapters_verify, [_STORE, arg("--public-key", help="public key the manifest must be "
         "signed with (default: $ATTUNE_ADAPTER_PUBLIC_KEY, else attune/keys/adapter-signing.pub; none: unchecked)")]),
     ("adapters", "sign"): (store_signing.adapters_sign, [_STORE, arg("--key", help="the operator's Ed25519 private "
         "key file (default: $ATTUNE_ADAPTER_SIGNING_KEY, a path or the PEM itself)")]),
     ("adapters", "keygen"): (store_signing.adapters_keygen, [arg("private_key", nargs="?", metavar="FILE", help="where "
         "to write the private key (mode 600), outside the repository"), arg("--public", dest="public_key",
         help="where to write the public key (default: FILE with suffix .pub)")]),
-    ("adapters", "add"): (adapters_add, [
+    ("adapters", "add"): (adapter_commands.adapters_add, [
         arg("path", nargs="?", metavar="PATH",
             help="PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)"),
         arg("--id", dest="adapter_id", help="adapter id, a slug (default: the id in the folder's manifest entry)"),
@@ -545,7 +430,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--primary-objective", help="for MODPO: the objective optimised directly"),
         arg("--data-hash", help="hash of its training data (default: empty)"),
         _STORE]),
-    ("adapters", "remove"): (adapters_remove, [
+    ("adapters", "remove"): (adapter_commands.adapters_remove, [
         arg("adapter_id", nargs="?", metavar="ID", help="id of the adapter to remove (see `attune adapters list`)"),
         _STORE]),
     ("status",): (status, _OPERATOR),
