@@ -125,6 +125,8 @@ class Cell:
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
     planned: int = 0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds the server's processes spent during the cell, per role (filled by `bench serve --vs-vllm`)."""
 
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.ok]

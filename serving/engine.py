@@ -159,7 +159,8 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, max_loras: int = 8, max_lora_rank: int = 32, max_model_len: int = 2048,
                  cpu_memory_fraction: float = 0.3, *, gpu_memory_fraction: float = 0.85,
-                 kv_cache_bytes: int | None = None, max_num_seqs: int = 16, seed: int = 0, dtype: str = "bfloat16"):
+                 kv_cache_bytes: int | None = None, max_num_seqs: int = 16, seed: int = 0, dtype: str = "bfloat16",
+                 stream_interval: int = 1):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -167,6 +168,8 @@ class VLLMEngine:
         started = time.perf_counter()
         self.model_path = str(model_path)
         self.max_model_len = max_model_len
+        self.stream_interval = stream_interval
+        """Tokens per delta after the first (vLLM sends the first and the last at once)."""
         self.on_cpu = current_platform.is_cpu()
         args = AsyncEngineArgs(
             model=self.model_path, dtype=dtype, enable_lora=True, max_loras=max_loras,
@@ -216,7 +219,8 @@ class VLLMEngine:
                                 "or lower max_tokens")
         lora = self._lora_request(req)
         params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                seed=req.seed, output_kind=RequestOutputKind.DELTA)
+                                seed=req.seed, output_kind=RequestOutputKind.DELTA,
+                                stream_interval=self.stream_interval)
         (prompt,) = await self._llm.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=ids)])
         self.counters["requests"] += 1
         generated, finish = 0, None
@@ -287,7 +291,8 @@ class FakeEngine:
     A token is a word. `token_delay` seconds pass before each; `fail_after_tokens=N` raises EngineError
     after N tokens of every request; `fail_health` makes check_health raise. `replies` maps an adapter
     id (None for the base model) to a fixed reply. Aborted ids are recorded in `aborted`. An adapter in
-    `refused_adapters` fails to load as a tampered one does on a replica (AdapterRefused).
+    `refused_adapters` fails to load as a tampered one does on a replica (AdapterRefused). `stream_interval` groups
+    words into deltas as vLLM's does tokens: the first alone, then every `stream_interval`, and the rest at the end.
     """
 
     max_loras: int = 8
@@ -298,6 +303,7 @@ class FakeEngine:
     aborted: list[str] = field(default_factory=list)
     requests: list[GenerationRequest] = field(default_factory=list)
     refused_adapters: set[str] = field(default_factory=set)
+    stream_interval: int = 1
 
     def __post_init__(self):
         self.adapter_cache = AdapterCache(self.max_loras)
@@ -322,7 +328,7 @@ class FakeEngine:
         words = full[: req.max_tokens]
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in req.messages)
         self.in_flight.add(req.request_id)
-        sent, finish = 0, None
+        sent, finish, pending, flushed = 0, None, "", 0
         try:
             for i, word in enumerate(words):
                 if self.fail_after_tokens is not None and sent >= self.fail_after_tokens:
@@ -334,7 +340,10 @@ class FakeEngine:
                     return
                 sent += 1
                 self._usage.put(req.request_id, Usage(prompt_tokens, sent, None))
-                yield word if i == 0 else " " + word
+                pending += word if i == 0 else " " + word
+                if flushed == 0 or sent - flushed >= self.stream_interval or i == len(words) - 1:
+                    text, pending, flushed = pending, "", sent
+                    yield text
             finish = "length" if len(full) > req.max_tokens else "stop"
         finally:
             self.in_flight.discard(req.request_id)

@@ -176,3 +176,40 @@ async def test_a_scorer_that_cannot_score_at_start_up_is_not_ready_yet(make):
     scorer.fail = False
     assert set(scorer.scored) == set() and (await chat(svc)).attune.gate == "pass"
     assert scorer.scored[:len(FALLBACK_PROBES)] == [FALLBACK_REPLY] * len(FALLBACK_PROBES)
+
+
+# ---------------------------------------------------------------- deltas of several tokens
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", ["pass", "truncated", "regenerated", "length", "stop"])
+async def test_deltas_of_several_tokens_release_store_and_count_what_single_tokens_do(make, case):
+    """The LLM replica sends engine.stream_interval tokens per delta: the patient sees the same reply, in the same
+    sentences when gated, with the same gate decision, finish reason, stored message and token counts as one token
+    per delta. An attempt the gate stopped counts the tokens that reached it (at least one), and a reply cut at a stop
+    string the tokens of the delta that held it, up to stream_interval - 1 more than one token per delta counts (the
+    engine generated them)."""
+    body = {"preference": "warm", "stream": True, "stream_options": {"include_usage": True}}
+    body.update({"length": {"max_tokens": 7}, "stop": {"stop": ["here"], "attune_options": {"gate": False}}}.get(case, {}))
+    reply = {"truncated": "I hear you. UNSAFE advice follows here. More words after it.",
+             "regenerated": "UNSAFE from the start. " + " ".join(["more"] * 9) + "."}.get(case, REPLIES["warm"])
+    seen = []
+    for interval in (1, 4):
+        svc = make(engine_kw={"stream_interval": interval})
+        svc.engine.replies["warm"] = reply
+        key = "operator" if case == "stop" else "alice"
+        chunks, text = await collect(await chat(svc, key, **body))
+        await settle(svc)
+        contents = [c["choices"][0]["delta"].get("content") for c in chunks if c.get("choices")]
+        info = chunks[-2]["attune"]
+        rows = [(m.role, m.content, m.gate, m.adapter_id) for m in svc.repo.list_messages(info["session_id"])]
+        usage = [svc.engine.usage(q.request_id) for q in svc.engine.requests]
+        seen.append({"text": text, "gate": info["gate"], "finish": chunks[-2]["choices"][0]["finish_reason"],
+                     "rows": rows, "finished": [(u.prompt_tokens, u.completion_tokens, u.finish_reason)
+                                                for u in usage if u.finish_reason != "abort"],
+                     "aborted": [u.completion_tokens > 0 for u in usage if u.finish_reason == "abort"],
+                     "sentences": contents if case != "stop" else None,
+                     "usage": chunks[-1]["usage"]["completion_tokens"]})
+    if case in ("truncated", "regenerated", "stop"):
+        low, high = seen[0].pop("usage"), seen[1].pop("usage")
+        assert 0 < low <= high < low + 4 if case == "stop" else low > 0 and high > 0
+    assert seen[0] == seen[1]
+    assert seen[0]["gate"] == {"stop": "off", "length": "pass"}.get(case, case)

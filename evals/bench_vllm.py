@@ -1,0 +1,435 @@
+"""`attune bench serve --vs-vllm`: what Attune's serving path costs over the engine alone. Starts Attune (`attune
+serve`, gate off through the operator's `attune_options`), measures it, stops it; then starts a raw vLLM OpenAI server
+(`python -m vllm.entrypoints.openai.api_server`) with the engine settings Attune gives vLLM (serving.engine,
+serving.app._kv_bytes) and the same adapters, and measures it the same way. One server at a time: both would share
+the same cores. Each gets the same untimed warm-up, then the same cells (base model and the adapters mixed, at each
+concurrency): output tok/s, TTFT p50/p99, e2e p50, and Attune / vLLM ratios.
+
+Both see the same conversation (Attune's system prompt, then the message), greedy decoding, streaming with usage.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from evals.bench import BenchClient, BenchPlan, Cell, _fmt, seed_prompts
+
+SERVERS = ("attune", "vllm")
+SCENARIOS = ("base", "mixed")
+GOALS = {"tok_s_ratio": 0.95, "ttft_overhead_ms": 20.0}
+"""Issue 14: Attune with the gate off >= 0.95x raw vLLM tok/s at every concurrency; TTFT p50 overhead <= 20 ms at
+concurrency 1."""
+BASE_NAME = "base"
+"""The raw server's name for the base model (--served-model-name)."""
+
+
+@dataclass
+class VsPlan:
+    """What one side-by-side run does; every count is bounded so that the run stops by itself."""
+
+    requests: int = 16
+    """Requests per cell (server x scenario x concurrency); raised to the cell's concurrency if lower."""
+    max_tokens: int = 64
+    """max_tokens of every measured request (greedy)."""
+    concurrency: tuple[int, ...] = (1, 8)
+    max_adapters: int = 8
+    """Adapters mixed round-robin in the 'mixed' scenario (the first of the store's, as /v1/models lists them)."""
+    prompts: int = 8
+    """Short non-crisis prompts from the seed test split (never ../shared/eval)."""
+    rounds: int = 1
+    """Times each server is started and measured, alternating (attune, vllm, vllm, attune, ...); cells pool."""
+    start_timeout_s: float = 900.0
+    request_timeout_s: float = 120.0
+    time_limit_s: float = 900.0
+    """Per server start: no request starts after this many seconds of measuring."""
+
+    def __post_init__(self):
+        self.concurrency = tuple(sorted(set(self.concurrency)))
+        problems = [f"{k} must be >= 1 (got {getattr(self, k)})"
+                    for k in ("requests", "max_tokens", "max_adapters", "prompts", "rounds") if getattr(self, k) < 1]
+        if not self.concurrency or min(self.concurrency) < 1:
+            problems.append(f"concurrency needs values >= 1 (got {self.concurrency})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def quick(cls, **overrides) -> "VsPlan":
+        """A smoke run: 2 requests of 8 tokens per cell at concurrency 1 and 2."""
+        preset = dict(requests=2, max_tokens=8, concurrency=(1, 2), time_limit_s=300.0, request_timeout_s=60.0)
+        return cls(**{**preset, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# ---------------------------------------------------------------- the two servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_argv(cfg, model_path: str, adapters: dict[str, Path], port: int, kv_cache_bytes: int | None) -> list[str]:
+    """The raw server with the arguments serving.engine.VLLMEngine gives AsyncEngineArgs for `cfg.engine`."""
+    e = cfg.engine
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+            "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", e.dtype,
+            "--max-model-len", str(e.max_model_len), "--max-num-seqs", str(e.max_num_seqs), "--seed", "0",
+            "--enable-lora", "--max-loras", str(e.max_loras), "--max-lora-rank", str(e.max_lora_rank),
+            "--disable-log-stats"]
+    if kv_cache_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(kv_cache_bytes), "--gpu-memory-utilization",
+                 str(e.cpu_memory_fraction)]
+    else:
+        argv += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
+    if adapters:
+        argv += ["--lora-modules", *(f"{a}={p}" for a, p in adapters.items())]
+    return argv
+
+
+class Launched:
+    """A server in its own process group, its output in `log`; `stop` ends it and every process it started."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], url: str, ready_path: str, log: Path):
+        self.name, self.url, self.ready_path, self.log = name, url, ready_path, log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tail(self, n: int = 2000) -> str:
+        return self.log.read_bytes()[-n:].decode(errors="replace")
+
+    async def wait_ready(self, http: httpx.AsyncClient, timeout_s: float) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready:\n{self.tail()}")
+            try:
+                if (await http.get(f"{self.url}{self.ready_path}", timeout=10)).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(1.0)
+        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.tail()}")
+
+    def stop(self, grace_s: float = 90.0) -> None:
+        import psutil
+
+        try:
+            family = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # attune serve: stop_local(); vLLM: a clean shutdown
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        alive = [p for p in family if p.is_running()]  # only what this server started (Ray, vLLM's engine core)
+        for p in alive:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+
+
+def server_env() -> dict[str, str]:
+    from attune.paths import REPO_ROOT
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["ATTUNE_REQUESTS_PER_MINUTE"] = "0"
+    env["ATTUNE_ADMIN_REQUESTS_PER_MINUTE"] = "0"
+    return env
+
+
+ROLES = (("VLLM::Worker", "vllm worker"), ("EngineCore", "vllm engine core"), ("LLMServer", "LLMServer replica"), ("AttuneIngress", "ingress replica"),
+         ("ProxyActor", "Serve proxy"), ("RewardScorer", "scorer replica"), ("ServeController", "Serve controller"),
+         ("raylet", "raylet"), ("gcs_server", "Ray GCS"), ("api_server", "vllm api server"))
+
+
+def process_cpu(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of `root` and every process under it, summed per role (ROLES)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    try:
+        family = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in family:
+        try:
+            title, t = " ".join(p.cmdline())[:200], p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        role = next((r for key, r in ROLES if key in title), "other")
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+# ---------------------------------------------------------------- measuring one server
+@dataclass
+class Target:
+    """How one server is asked: its URL, key, the request body for (prompt, adapter or None) and its process."""
+
+    name: str
+    url: str
+    key: str
+    body: Callable[[str, str | None, int], dict]
+    pid: int = 0
+
+
+def attune_body(prompt: str, adapter: str | None, max_tokens: int) -> dict:
+    return {"model": "attune", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "attune_options": {"adapter": adapter or "base", "gate": False}}
+
+
+def vllm_body(prompt: str, adapter: str | None, max_tokens: int) -> dict:
+    from alignment.prompts import chat
+
+    return {"model": adapter or BASE_NAME, "messages": chat(prompt), "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def measure(target: Target, plan: VsPlan, prompts: list[str], adapters: list[str], http: httpx.AsyncClient,
+                  log: Callable[[str], None]) -> list[Cell]:
+    """Warm-up (untimed: each adapter once, then one full batch at the highest concurrency), then the cells."""
+    bplan = BenchPlan(url=target.url, operator_key=target.key, max_tokens=plan.max_tokens,
+                      request_timeout_s=plan.request_timeout_s)
+    client = BenchClient(bplan, http)
+    deadline = time.monotonic() + plan.time_limit_s
+
+    async def one(prompt: str, adapter: str | None, max_tokens: int):
+        return await client.send(target.body(prompt, adapter, max_tokens), deadline=deadline)
+
+    for adapter in [None, *adapters]:
+        s = await one(prompts[0], adapter, 2)
+        if not s.ok:
+            raise RuntimeError(f"{target.name}: warm-up request ({adapter or 'base'}) failed: {s.error}")
+    top = max(plan.concurrency)
+    await asyncio.gather(*(one(prompts[i % len(prompts)], ([None, *adapters])[i % (len(adapters) + 1)],
+                               plan.max_tokens) for i in range(top)))
+    scenarios = {"base": [None], "mixed": adapters}
+    cells = []
+    for c in plan.concurrency:
+        for sc in SCENARIOS:
+            if not scenarios[sc]:
+                continue
+            cell = Cell(sc, False, c, [a or "base" for a in scenarios[sc]], planned=max(plan.requests, c))
+            jobs = iter([(i % len(prompts), scenarios[sc][i % len(scenarios[sc])]) for i in range(cell.planned)])
+
+            async def worker(cell=cell, jobs=jobs):
+                for p, adapter in jobs:
+                    if time.monotonic() >= deadline:
+                        return
+                    sample = await one(prompts[p], adapter, plan.max_tokens)
+                    sample.prompt, sample.adapter = p, adapter or "base"
+                    cell.samples.append(sample)
+
+            cpu, started = process_cpu(target.pid), time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(c)))
+            cell.wall_s = time.perf_counter() - started
+            after = process_cpu(target.pid)
+            cell.cpu_s = {k: round(after[k] - cpu.get(k, 0.0), 2) for k in sorted(after)}
+            s = cell.summary()
+            log(f"vs-vllm {target.name} {sc} c={c}: {s['ok']}/{cell.planned} ok, {_fmt(s['tok_s'])} tok/s, "
+                f"TTFT p50 {_fmt(s['ttft_p50_ms'], ' ms', 0)}, e2e p50 {_fmt(s['e2e_p50_ms'], ' ms', 0)}")
+            cells.append(cell)
+    return cells
+
+
+async def screen(target: Target, candidates: list[str], base_model: str, n: int, http: httpx.AsyncClient
+                 ) -> tuple[list[str], int]:
+    """The first `n` prompts Attune answers by generating with the adapter asked for: a message the crisis detector
+    flags gets the crisis reply (nothing generated), one near the line the safety adapter; neither measures the
+    serving path. Returns (prompts, how many were left out)."""
+    client = BenchClient(BenchPlan(url=target.url, operator_key=target.key), http)
+    kept, dropped = [], 0
+    for prompt in candidates:
+        s = await client.send(target.body(prompt, None, 2))
+        if not s.ok:
+            raise RuntimeError(f"{target.name}: screening request failed: {s.error}")
+        if s.gate == "off" and s.adapter == base_model:
+            kept.append(prompt)
+        else:
+            dropped += 1
+        if len(kept) == n:
+            break
+    if not kept:
+        raise RuntimeError("every candidate prompt took the crisis or safety path; none measures generation")
+    return kept, dropped
+
+
+def pool(cells: list[Cell]) -> list[Cell]:
+    """Cells of several rounds merged per (scenario, concurrency): samples joined, wall times added."""
+    out: dict[tuple, Cell] = {}
+    for c in cells:
+        key = (c.scenario, c.concurrency)
+        if key not in out:
+            out[key] = Cell(c.scenario, c.gate, c.concurrency, c.adapters, planned=0)
+        out[key].samples += c.samples
+        out[key].wall_s += c.wall_s
+        for role, v in c.cpu_s.items():
+            out[key].cpu_s[role] = round(out[key].cpu_s.get(role, 0.0) + v, 2)
+        out[key].planned += c.planned
+    return list(out.values())
+
+
+def compare(attune: list[dict], vllm: list[dict]) -> list[dict]:
+    """Per (scenario, concurrency): Attune / vLLM tok/s, and Attune's TTFT p50 and e2e p50 minus vLLM's."""
+    theirs = {(s["scenario"], s["concurrency"]): s for s in vllm}
+    rows = []
+    for a in attune:
+        v = theirs.get((a["scenario"], a["concurrency"]))
+        if v is None:
+            continue
+        diff = lambda k: None if a[k] is None or v[k] is None else round(a[k] - v[k], 1)  # noqa: E731
+        rows.append({"scenario": a["scenario"], "concurrency": a["concurrency"], "attune_tok_s": a["tok_s"],
+                     "vllm_tok_s": v["tok_s"],
+                     "tok_s_ratio": round(a["tok_s"] / v["tok_s"], 3) if a["tok_s"] and v["tok_s"] else None,
+                     "attune_ttft_p50_ms": a["ttft_p50_ms"], "vllm_ttft_p50_ms": v["ttft_p50_ms"],
+                     "ttft_overhead_ms": diff("ttft_p50_ms"), "e2e_overhead_ms": diff("e2e_p50_ms"),
+                     "tokens": [a["tokens"], v["tokens"]]})
+    return rows
+
+
+def goals(rows: list[dict]) -> dict[str, dict]:
+    ratios = [r["tok_s_ratio"] for r in rows if r["tok_s_ratio"] is not None]
+    lowest = min(r["concurrency"] for r in rows) if rows else None
+    ttft = [r["ttft_overhead_ms"] for r in rows if r["concurrency"] == lowest and r["ttft_overhead_ms"] is not None]
+    out = {"tok_s_ratio": {"worst": min(ratios, default=None), "goal": f">= {GOALS['tok_s_ratio']}x"},
+           "ttft_overhead_ms": {"worst": max(ttft, default=None), "goal": f"<= {GOALS['ttft_overhead_ms']:.0f} ms "
+                                f"at concurrency {lowest}"}}
+    out["tok_s_ratio"]["met"] = None if not ratios else min(ratios) >= GOALS["tok_s_ratio"]
+    out["ttft_overhead_ms"]["met"] = None if not ttft else max(ttft) <= GOALS["ttft_overhead_ms"]
+    return out
+
+
+def render(report: dict) -> str:
+    lines = ["| setup | conc | tok/s Attune | tok/s vLLM | ratio | TTFT p50 Attune ms | TTFT p50 vLLM ms | TTFT +ms | "
+             "e2e p50 +ms |", "|" + "---|" * 9]
+    for r in report["comparison"]:
+        lines.append(f"| {r['scenario']} | {r['concurrency']} | {_fmt(r['attune_tok_s'])} | {_fmt(r['vllm_tok_s'])} | "
+                     f"{_fmt(r['tok_s_ratio'], 'x', 2)} | {_fmt(r['attune_ttft_p50_ms'], '', 0)} | "
+                     f"{_fmt(r['vllm_ttft_p50_ms'], '', 0)} | {_fmt(r['ttft_overhead_ms'], '', 0)} | "
+                     f"{_fmt(r['e2e_overhead_ms'], '', 0)} |")
+    lines += ["", "Goals (worst cell of this run):"]
+    for key, g in report["goals"].items():
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        lines.append(f"- {key} {g['goal']}: {_fmt(g['worst'], '', 2)} -> {verdict}")
+    if report["notes"]:
+        lines += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr,
+                                                                                          flush=True)) -> dict:
+    """Every round: each server started, measured and stopped in turn; the report with pooled cells and ratios."""
+    from adapters.registry import AdapterStore
+    from alignment.basemodel import resolve
+    from serving.app import AppArgs, _kv_bytes, load_config
+
+    cfg = load_config(AppArgs())
+    store = AdapterStore(cfg.store_dir)
+    prompts = seed_prompts(plan.prompts * 3)
+    model_path = resolve(cfg.base_model)
+    env = server_env()
+    cells: dict[str, list[Cell]] = {name: [] for name in SERVERS}
+    started_s: dict[str, list[float]] = {name: [] for name in SERVERS}
+    adapters: list[str] = []
+    dropped = 0
+    order = [SERVERS if r % 2 == 0 else SERVERS[::-1] for r in range(plan.rounds)]
+
+    def launch(name: str, r: int) -> tuple[Launched, Target]:
+        """Attune always starts first (round 1), so vLLM gets the adapters Attune listed."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        if name == "attune":
+            data = workdir / f"attune-data-{r}"
+            argv = [sys.executable, "-m", "attune.cli", "serve", "--port", str(port), "--data-dir", str(data)]
+            return Launched(name, argv, env, url, "/healthz", workdir / f"attune-{r}.log"), Target(
+                name, url, "", attune_body)
+        argv = vllm_argv(cfg, model_path, {a: store.get(a) for a in adapters}, port, _kv_bytes(cfg.engine))
+        return Launched(name, argv, env, url, "/health", workdir / f"vllm-{r}.log"), Target(
+            name, url, "unused", vllm_body)
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max(plan.concurrency) + 4)) as http:
+        for r, names in enumerate(order):
+            for name in names:
+                server, target = launch(name, r)
+                target.pid = server.proc.pid
+                try:
+                    ready = await server.wait_ready(http, plan.start_timeout_s)
+                    if name == "attune":
+                        target.key = (workdir / f"attune-data-{r}" / "operator_key").read_text().strip()
+                        models = (await http.get(f"{target.url}/v1/models", timeout=30,
+                                                 headers={"Authorization": f"Bearer {target.key}"})).json()["data"]
+                        adapters = [m["id"] for m in models
+                                    if (m.get("attune") or {}).get("kind") == "adapter"][:plan.max_adapters]
+                        if r == 0:
+                            prompts, dropped = await screen(target, prompts, cfg.base_model, plan.prompts, http)
+                    log(f"vs-vllm round {r + 1}: {name} ready in {ready:.0f} s")
+                    started_s[name].append(round(ready, 1))
+                    cells[name] += await measure(target, plan, prompts, adapters, http, log)
+                finally:
+                    server.stop()
+    pooled = {name: [{**c.summary(), "cpu_s": c.cpu_s} for c in pool(cells[name])] for name in SERVERS}
+    notes = [f"{dropped} candidate prompt(s) left out: Attune answered them from the crisis or safety path"
+             ] if dropped else []
+    for name in SERVERS:
+        errors = sorted({e for s in pooled[name] for e in s["errors"]})
+        if errors:
+            notes.append(f"{name} errors: {errors[:3]}")
+    rows = compare(pooled["attune"], pooled["vllm"])
+    if any(r["tokens"][0] != r["tokens"][1] for r in rows):
+        notes.append("the two servers generated different token counts for the same cells (see tokens)")
+    report = {"plan": asdict(plan), "engine": cfg.engine.model_dump(mode="json"), "model": model_path,
+              "adapters_mixed": adapters, "prompts": prompts, "ready_s": started_s, "order": [list(o) for o in order],
+              "cells": pooled, "comparison": rows, "notes": notes,
+              "raw": {name: [{"scenario": c.scenario, "concurrency": c.concurrency, "wall_s": c.wall_s,
+                              "samples": [asdict(s) for s in c.samples]} for c in cells[name]] for name in SERVERS}}
+    report["goals"] = goals(rows)
+    return report
+
+
+def vs_vllm_command(given: dict, quick: bool, out: str | None) -> int:
+    """`attune bench serve --vs-vllm`: run, print the table, write the JSON report."""
+    from attune.paths import REPORTS_DIR
+
+    try:
+        plan = (VsPlan.quick if quick else VsPlan)(**{k: v for k, v in given.items()
+                                                       if v is not None and k != "time_limit_s"})
+    except ValueError as e:
+        print(f"attune bench serve --vs-vllm: {e}", file=sys.stderr)
+        return 2
+    if given.get("time_limit_s"):
+        plan.time_limit_s = given["time_limit_s"]
+    with tempfile.TemporaryDirectory(prefix="attune-vs-vllm-") as tmp:
+        report = asyncio.run(run(plan, Path(tmp)))
+    table = render(report)
+    report["table"] = table
+    path = Path(out) if out else REPORTS_DIR / ("bench_vs_vllm_quick.json" if quick else "bench_vs_vllm.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(table)
+    print(f"\nwrote {path}")
+    return 0
