@@ -135,13 +135,14 @@ class ServeConfig(BaseModel):
     merge_threshold: float = Field(default=0.3, gt=0.0, le=2.0, description="L1 distance between weight "
                                    "vectors (0 = same, 2 = disjoint) under which the nearest adapter is used.")
     merge_grid: float = Field(default=0.05, gt=0.0, le=0.5, description="Step of the merge coefficients: a merge "
-                              "mixes 2..merge_max_parents trained adapters with positive multiples of this step summing "
-                              "to one (1/n, e.g. 0.05, 0.1, 0.25), which bounds how many distinct merges patients' "
-                              "preferences can trigger.")
+                              "mixes 2..merge_max_parents trained adapters with positive multiples of this step "
+                              "summing to one (1/n, e.g. 0.05, 0.1, 0.25), which bounds how many distinct merges "
+                              "patients' preferences can trigger.")
     merge_max_parents: int = Field(default=3, ge=2, le=4, description="Most trained adapters in one merge (their "
                                    "ranks must also sum to at most engine.max_lora_rank).")
     merge_cache_dir: Path | None = Field(default=None, description="Folder for runtime merges, never the signed "
-                                         "store; shared by every ingress and LLM replica. None = <data_dir>/merge-cache.")
+                                         "store; shared by every ingress and LLM replica. "
+                                         "None = <data_dir>/merge-cache.")
     merge_cache_max_count: int = Field(default=16, ge=1, description="Most merges kept in merge_cache_dir; the "
                                        "least recently used is deleted to make room.")
     merge_cache_max_bytes: int = Field(default=256 * 1024 ** 2, ge=1024 ** 2, description="Most bytes of merges "

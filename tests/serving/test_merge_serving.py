@@ -94,7 +94,7 @@ def built_merge(store, tiny_llama, tmp_path) -> tuple[PreferenceRouter, str]:
     return router, d.adapter_id
 
 
-def loader_for(store, cache_root, tmp_path) -> AdapterLoader:
+def loader_for(store, cache_root) -> AdapterLoader:
     return AdapterLoader(store, MergeCache(cache_root), resident=lambda: [], keep=2)
 
 
@@ -126,17 +126,17 @@ def test_the_ingress_starts_with_merge_policy_on_a_signed_store(store, keys, tmp
 # ---------------------------------------------------------------- the LLM replica's check
 def test_the_replica_loads_a_checked_private_copy_that_survives_eviction(store, tiny_llama, tmp_path):
     router, merge_id = built_merge(store, tiny_llama, tmp_path)
-    loader = loader_for(store, tmp_path / "cache", tmp_path)
+    loader = loader_for(store, tmp_path / "cache")
     path = loader.path(merge_id)
     assert path.parent == loader.root and hash_folder(path) == router.merge_cache.lookup(merge_id).adapter.files
     assert loader.path("empathy") == store.root / "empathy", "store adapters still come from the store"
     assert router.merge_cache.evict(merge_id)
     assert loader.path(merge_id) == path, "a replica that holds the merge keeps serving its own copy"
     with pytest.raises(MergeEvicted):
-        loader_for(store, tmp_path / "cache", tmp_path).path(merge_id)
+        loader_for(store, tmp_path / "cache").path(merge_id)
     again = router.route(FAR)
     assert again.adapter_id == merge_id and again.merge_seconds is not None, "routing again rebuilds the same merge"
-    assert loader_for(store, tmp_path / "cache", tmp_path).path(merge_id).is_dir()
+    assert loader_for(store, tmp_path / "cache").path(merge_id).is_dir()
     loader.close()
     assert not loader.root.exists()
 
@@ -163,7 +163,7 @@ def test_the_replica_refuses_a_tampered_cached_merge(store, tiny_llama, tmp_path
     good = weights_file.read_bytes()
 
     def fresh_load():
-        return loader_for(store, cache.root, tmp_path).path(merge_id)
+        return loader_for(store, cache.root).path(merge_id)
 
     # 1. a changed file
     weights_file.write_bytes(good[:-4] + b"\x00\x00\x80\x3f")
