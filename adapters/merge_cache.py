@@ -150,7 +150,7 @@ class MergeCache:
             if not all((self.path(merge_id) / rel).is_file() for rel in record.adapter.files):
                 self._drop(records, merge_id)
                 return None
-            record.last_used = max(time.time(), record.last_used)
+            record.last_used = _now(records)
             self._write(records)
             return record
 
@@ -248,6 +248,7 @@ class MergeCache:
             records = self._read()
             if adapter.id in records:
                 return records[adapter.id]
+            record.last_used = _now(records)
             self._sweep_orphans(records)
             lru = sorted(records.values(), key=lambda r: (r.last_used, r.id))
             while lru and (len(records) + 1 > self.max_count
@@ -293,6 +294,11 @@ class MergeCache:
                 shutil.rmtree(p, ignore_errors=True)
             elif p.is_dir() and not p.name.startswith(".") and p.name not in records:
                 self._remove_folder(p.name)
+
+
+def _now(records: Mapping[str, MergeRecord]) -> float:
+    """The time, but later than every recorded use, so the LRU order is strict even on a coarse clock."""
+    return max([time.time(), *(r.last_used + 1e-6 for r in records.values())])
 
 
 def merge_id_of(record: MergeRecord) -> str:
