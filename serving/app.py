@@ -141,10 +141,14 @@ class LLMServer:
         finished them (a caller that goes away cancels the stream, and vLLM aborts what it is running)."""
         self.live: set[str] = set()
         self.engine_faults = EngineFaults() if test_hooks else None
-        store = self.store
+        from adapters.merge_cache import MergeCache
+        from serving.adapter_loader import AdapterLoader
 
-        async def verified_path(adapter_id: str) -> str:
-            return str(await asyncio.to_thread(store.get, adapter_id))
+        cache = MergeCache(cfg.merge_cache_dir, cfg.merge_cache_max_count, cfg.merge_cache_max_bytes)
+        self.adapters = loader = AdapterLoader(self.store, cache, self.engine.adapter_cache.resident, keep=e.max_loras)
+
+        async def verified_path(adapter_id: str) -> str:  # store adapters, and runtime merges from the merge cache
+            return str(await asyncio.to_thread(loader.path, adapter_id))
 
         self.adapter_path = serve.multiplexed(max_num_models_per_replica=e.max_loras)(verified_path)
         log.info("LLM replica %s ready in %.1f s", self.replica, self.engine.start_seconds)
@@ -228,6 +232,8 @@ class LLMServer:
     def __del__(self):
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
+        if getattr(self, "adapters", None) is not None:
+            self.adapters.close()
 
 
 def _kv_bytes(e) -> int | None:
@@ -329,20 +335,25 @@ class AttuneIngress:
         from serving.chat import ChatDeps, ChatService
         from serving.crypto import load_keyring
         from serving.db import Repository
-        from serving.router import PreferenceRouter
+        from adapters.merge_cache import MergeCache
+        from serving.router import MergeGrid, PreferenceRouter
 
         _serve_logs()
         cfg = ServeConfig.model_validate(config)
         store = AdapterStore(cfg.store_dir, cfg.adapter_public_key)
         if store.public_key is not None:
             store.verify_signature()
-            if cfg.merge_policy:
-                raise ConfigError("merge_policy builds merged adapters into the store while serving, which leaves its "
-                                  "signature stale; build merges offline and sign the store, or set "
-                                  "adapter_public_key: none to serve an unsigned store")
         router = PreferenceRouter(store, cfg.safety_floor, cfg.merge_policy, cfg.merge_threshold,
                                   resolve(cfg.base_model) if cfg.merge_policy else None,
-                                  max_merged_rank=cfg.engine.max_lora_rank)
+                                  merge_cache=MergeCache(cfg.merge_cache_dir, cfg.merge_cache_max_count,
+                                                         cfg.merge_cache_max_bytes),
+                                  merge_grid=MergeGrid(cfg.merge_grid, cfg.merge_max_parents,
+                                                       cfg.engine.max_lora_rank, cfg.safety_floor))
+        if cfg.merge_policy:
+            log.info("merge policy on: at most %s distinct merges (grid step %s, 2-%d parents, rank <= %d), cache %s "
+                     "bounded to %d merges and %d bytes", router.merge_grid_size(), cfg.merge_grid,
+                     cfg.merge_max_parents, cfg.engine.max_lora_rank, cfg.merge_cache_dir, cfg.merge_cache_max_count,
+                     cfg.merge_cache_max_bytes)
         metrics = ServingMetrics()
         self.llm, self.scorer = llm, scorer
         self.engine = RemoteEngine(llm, metrics)

@@ -29,6 +29,11 @@ ENV_OVERRIDES: dict[str, str] = {
     "ATTUNE_SAFETY_FLOOR": "safety_floor",
     "ATTUNE_SAFETY_THRESHOLD": "safety_threshold",
     "ATTUNE_MERGE_POLICY": "merge_policy",
+    "ATTUNE_MERGE_GRID": "merge_grid",
+    "ATTUNE_MERGE_MAX_PARENTS": "merge_max_parents",
+    "ATTUNE_MERGE_CACHE_DIR": "merge_cache_dir",
+    "ATTUNE_MERGE_CACHE_MAX_COUNT": "merge_cache_max_count",
+    "ATTUNE_MERGE_CACHE_MAX_BYTES": "merge_cache_max_bytes",
     "ATTUNE_REQUESTS_PER_MINUTE": "limits.requests_per_minute",
     "ATTUNE_ADMIN_REQUESTS_PER_MINUTE": "limits.admin_requests_per_minute",
 }
@@ -138,6 +143,19 @@ class ServeConfig(BaseModel):
                                "is within merge_threshold of a requested Preference.")
     merge_threshold: float = Field(default=0.3, gt=0.0, le=2.0, description="L1 distance between weight "
                                    "vectors (0 = same, 2 = disjoint) under which the nearest adapter is used.")
+    merge_grid: float = Field(default=0.05, gt=0.0, le=0.5, description="Step of the merge coefficients: a merge "
+                              "mixes 2..merge_max_parents trained adapters with positive multiples of this step "
+                              "summing to one (1/n, e.g. 0.05, 0.1, 0.25), which bounds how many distinct merges "
+                              "patients' preferences can trigger.")
+    merge_max_parents: int = Field(default=3, ge=2, le=4, description="Most trained adapters in one merge (their "
+                                   "ranks must also sum to at most engine.max_lora_rank).")
+    merge_cache_dir: Path | None = Field(default=None, description="Folder for runtime merges, never the signed "
+                                         "store; shared by every ingress and LLM replica. "
+                                         "None = <data_dir>/merge-cache.")
+    merge_cache_max_count: int = Field(default=16, ge=1, description="Most merges kept in merge_cache_dir; the "
+                                       "least recently used is deleted to make room.")
+    merge_cache_max_bytes: int = Field(default=256 * 1024 ** 2, ge=1024 ** 2, description="Most bytes of merges "
+                                       "kept in merge_cache_dir (default 256 MiB); least recently used go first.")
     limits: Limits = Field(default_factory=Limits, description="Per-request and per-key limits.")
     crisis_resources: dict[str, list[CrisisResource]] = Field(
         default_factory=lambda: {k: [CrisisResource(**r) for r in v] for k, v in DEFAULT_CRISIS_RESOURCES.items()},
@@ -160,6 +178,14 @@ class ServeConfig(BaseModel):
         except ArgumentError:
             raise ValueError(f"{v!r} is not a SQLAlchemy URL; write e.g. sqlite:////var/lib/attune/attune.db "
                              "or postgresql+psycopg://user:password@host:5432/attune") from None
+        return v
+
+    @field_validator("merge_grid")
+    @classmethod
+    def _grid(cls, v: float) -> float:
+        if abs(1 / v - round(1 / v)) > 1e-6:
+            raise ValueError(f"merge_grid {v} must be 1/n for an integer n (e.g. 0.05, 0.1, 0.125, 0.25) so that "
+                             "coefficients on the grid sum to one")
         return v
 
     @field_validator("safety_threshold")
@@ -200,6 +226,12 @@ class ServeConfig(BaseModel):
             self.database_url = f"sqlite:///{self.data_dir / 'attune.db'}"
         if self.data_key_file is None:
             self.data_key_file = self.data_dir / "data_key"
+        if self.merge_cache_dir is None:
+            self.merge_cache_dir = self.data_dir / "merge-cache"
+        cache, store = self.merge_cache_dir.resolve(), self.store_dir.resolve()
+        if cache == store or store in cache.parents:
+            raise ValueError(f"merge_cache_dir must not be the signed adapter store {self.store_dir}; leave it out to "
+                             "use <data_dir>/merge-cache")
         return self
 
     def resources_for(self, locale: str | None) -> list[CrisisResource]:

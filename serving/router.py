@@ -1,5 +1,5 @@
 """Preference -> adapter: the safety floor first, then the nearest routable adapter, or (merge policy on, none
-within the threshold) an exact `cat` merge of trained adapters built once, checksummed and stored.
+within the threshold) an exact `cat` merge of trained adapters on the merge grid, built once into the merge cache.
 
 Distance is L1 over the six weights after the floor: sum_k |target_k - adapter_k|, in [0, 2] (twice the
 weight that would have to move between objectives). Knows nothing about HTTP, Ray or the engine.
@@ -7,10 +7,8 @@ weight that would have to move between objectives). Knows nothing about HTTP, Ra
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import tempfile
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -24,12 +22,13 @@ import adapters.merge as lora_merge
 from adapters.integrity import IntegrityError
 from adapters.manifest import AdapterManifest
 from adapters.matching import ROUTABLE_RECIPES, NoRoutableAdapter, nearest_adapter
+from adapters.merge_cache import MergeCache, MergeRecord, merge_fingerprint
 from adapters.registry import AdapterStore
 from alignment.objectives import DEFAULT_SAFETY_FLOOR, Preference
 from attune.locks import file_lock
 
 
-__all__ = ["MergePlan", "NoRoutableAdapter", "PreferenceRouter", "RouteDecision", "plan_mix"]
+__all__ = ["MergeGrid", "MergePlan", "NoRoutableAdapter", "PreferenceRouter", "RouteDecision", "plan_mix"]
 
 log = logging.getLogger(__name__)
 PARENT_RECIPES = ("modpo", "soup")
@@ -104,44 +103,106 @@ def plan_mix(target: Preference, parents: Sequence[AdapterManifest], *, max_pare
             distance = float(np.abs(mix - t).sum())
             if best is None or distance < best.distance - 1e-12:
                 mixed = tuple((pool[i].id, round(float(w), 6)) for i, w in zip(subset, c))
-                body = json.dumps([[pid, w, pool[i].files] for (pid, w), i in zip(mixed, subset)], sort_keys=True)
-                best = MergePlan(mixed, Preference.from_vector(mix, normalize=True), distance,
-                                 hashlib.sha256(body.encode()).hexdigest())
+                fingerprint = merge_fingerprint([(pid, w, pool[i].files) for (pid, w), i in zip(mixed, subset)])
+                best = MergePlan(mixed, Preference.from_vector(mix, normalize=True), distance, fingerprint)
     return best
+
+
+@dataclass(frozen=True)
+class MergeGrid:
+    """The merges a patient population can trigger, and nothing else.
+
+    Parents: trained adapters (recipes modpo, soup) of the routed adapter's base model whose safety weight is at least
+    the safety floor, so every mix keeps the floor too. A merge mixes 2..`max_parents` of them whose ranks sum to at
+    most `max_rank` (the engine's max_lora_rank), with coefficients that are positive multiples of `step` = 1/n
+    summing to one. Hence at most `size(parents)` = sum_k C(subsets of k parents within max_rank) * C(n-1, k-1)
+    distinct merges (`plan_mix` snaps every preference onto this grid; `admits` refuses any plan off it).
+    """
+
+    step: float = 0.05
+    max_parents: int = 3
+    max_rank: int | None = None
+    safety_floor: float = DEFAULT_SAFETY_FLOOR
+
+    def __post_init__(self):
+        if not 0 < self.step <= 0.5 or abs(1 / self.step - round(1 / self.step)) > 1e-6:
+            raise ValueError(f"merge grid step {self.step} must be 1/n for an integer n >= 2 (e.g. 0.05, 0.1, 0.25), "
+                             "so that coefficients on the grid can sum to one")
+        if self.max_parents < 2:
+            raise ValueError(f"max_parents={self.max_parents}: a merge needs at least 2 parents")
+
+    @property
+    def parts(self) -> int:
+        return round(1 / self.step)
+
+    def parents(self, entries: Sequence[AdapterManifest], base_model: str) -> list[AdapterManifest]:
+        return sorted((a for a in entries if a.recipe in PARENT_RECIPES and a.base_model == base_model
+                       and a.weights["safety"] >= self.safety_floor - 1e-9), key=lambda a: a.id)
+
+    def _subsets(self, parents: Sequence[AdapterManifest]) -> Iterator[tuple[AdapterManifest, ...]]:
+        for k in range(2, min(self.max_parents, len(parents)) + 1):
+            for subset in combinations(parents, k):
+                if self.max_rank is None or sum(p.lora.r for p in subset) <= self.max_rank:
+                    yield subset
+
+    def size(self, parents: Sequence[AdapterManifest]) -> int:
+        """How many distinct merges the grid allows over `parents` (the most a patient population can trigger)."""
+        return sum(math.comb(self.parts - 1, len(s) - 1) for s in self._subsets(parents))
+
+    def plan(self, target: Preference, parents: Sequence[AdapterManifest]) -> MergePlan | None:
+        return plan_mix(target, parents, max_parents=self.max_parents, grid=self.step, max_rank=self.max_rank)
+
+    def admits(self, plan: MergePlan, parents: Sequence[AdapterManifest]) -> str | None:
+        """None if `plan` is a point of the grid over `parents`, else why not."""
+        by_id = {p.id: p for p in parents}
+        if not 2 <= len(plan.parents) <= self.max_parents:
+            return f"{len(plan.parents)} parents (the grid allows 2..{self.max_parents})"
+        if any(pid not in by_id for pid, _ in plan.parents):
+            return "a parent that is not a trained adapter at or above the safety floor"
+        if self.max_rank is not None and sum(by_id[pid].lora.r for pid, _ in plan.parents) > self.max_rank:
+            return f"a summed rank over max_rank={self.max_rank}"
+        units = [w * self.parts for _, w in plan.parents]
+        if any(u < 1 - 1e-6 or abs(u - round(u)) > 1e-4 for u in units) or round(sum(units)) != self.parts:
+            return f"coefficients {[w for _, w in plan.parents]} off the grid of step {self.step}"
+        return None
 
 
 class PreferenceRouter:
     """Routes a Preference to an adapter id in `store` (see the module docstring for the distance).
 
-    With `merge_policy` on and the nearest adapter farther than `merge_threshold`, a merge planned by
-    `plan_mix` is used when it is strictly closer; it is built once per id (a thread lock and a file lock
-    per id, so concurrent callers in any process wait for the first build), added with recipe "merge",
-    its parents and their weights, and its files' sha256 (by `AdapterStore.add`).
+    With `merge_policy` on and the nearest adapter farther than `merge_threshold`, the plan of `merge_grid` is used
+    when it is strictly closer: looked up in `merge_cache`, or built there once (a thread lock and a file lock per id,
+    so concurrent callers in any process wait for the first build) from parents verified against the signed store.
+    The signed store is only read. Anything that prevents a merge (off the grid, quarantined, too large for the
+    cache, a failed build) routes to the nearest trained adapter instead.
     """
 
     def __init__(self, store: AdapterStore, safety_floor: float = DEFAULT_SAFETY_FLOOR, merge_policy: bool = False,
-                 merge_threshold: float = 0.3, base_model_path: str | None = None, *, max_parents: int = 3,
-                 max_merged_rank: int | None = None, grid: float = 0.05):
+                 merge_threshold: float = 0.3, base_model_path: str | None = None, *,
+                 merge_cache: MergeCache | None = None, merge_grid: MergeGrid | None = None):
         if not 0.0 <= safety_floor <= 1.0:
             raise ValueError(f"safety_floor={safety_floor} must be within [0, 1]")
         if not 0.0 <= merge_threshold <= 2.0:
             raise ValueError(f"merge_threshold={merge_threshold} is an L1 distance between preferences: use [0, 2]")
         if merge_policy and not base_model_path:
             raise ValueError("merge_policy needs base_model_path (the base model the adapters were trained on)")
-        if max_parents < 2:
-            raise ValueError(f"max_parents={max_parents}: a merge needs at least 2 parents")
+        if merge_policy and merge_cache is None:
+            raise ValueError("merge_policy needs merge_cache (a MergeCache outside the signed store)")
+        grid = merge_grid or MergeGrid(safety_floor=safety_floor)
+        if grid.safety_floor != safety_floor:
+            raise ValueError(f"merge_grid.safety_floor={grid.safety_floor} differs from safety_floor={safety_floor}")
         self.store = store
         self.safety_floor = safety_floor
         self.merge_policy = merge_policy
         self.merge_threshold = merge_threshold
         self.base_model_path = base_model_path
-        self.max_parents, self.max_merged_rank, self.grid = max_parents, max_merged_rank, grid
+        self.merge_cache, self.merge_grid = merge_cache, grid
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.merges_built = 0
         self.merge_seconds: list[float] = []
         self.quarantined: set[str] = set()
-        """Adapters an LLM replica refused to load (integrity): never routed to again by this router."""
+        """Adapters (or merges) an LLM replica refused to load (integrity): never routed to again by this router."""
 
     def quarantine(self, adapter_id: str) -> None:
         self.quarantined.add(adapter_id)
@@ -151,6 +212,12 @@ class PreferenceRouter:
 
     def routable(self) -> list[AdapterManifest]:
         return [a for a in self._entries() if a.recipe in ROUTABLE_RECIPES]
+
+    def merge_grid_size(self) -> dict[str, int]:
+        """{base model: the most distinct merges the grid allows over that base's parents in the store}."""
+        entries = self._entries()
+        return {base: self.merge_grid.size(self.merge_grid.parents(entries, base))
+                for base in sorted({a.base_model for a in entries})}
 
     def safety_adapter_id(self) -> str:
         """The routable adapter with the highest safety weight (ties: smallest id)."""
@@ -164,20 +231,25 @@ class PreferenceRouter:
         effective = pref.with_safety_floor(self.safety_floor)
         entries = self._entries()
         best, distance = nearest_adapter(effective, entries, self.safety_floor)
+        nearest = RouteDecision(best.id, distance, best.recipe == "merge", effective)
         if not self.merge_policy or distance <= self.merge_threshold:
-            return RouteDecision(best.id, distance, best.recipe == "merge", effective)
-        parents = [a for a in entries if a.recipe in PARENT_RECIPES and a.base_model == best.base_model]
-        plan = plan_mix(effective, parents, max_parents=self.max_parents, grid=self.grid,
-                        max_rank=self.max_merged_rank)
-        if plan is None or plan.distance >= distance - 1e-9:
-            return RouteDecision(best.id, distance, best.recipe == "merge", effective)
+            return nearest
+        parents = self.merge_grid.parents(entries, best.base_model)
+        plan = self.merge_grid.plan(effective, parents)
+        if plan is None or plan.distance >= distance - 1e-9 or plan.adapter_id in self.quarantined:
+            return nearest
+        off_grid = self.merge_grid.admits(plan, parents)
+        if off_grid is not None:
+            log.warning("merge %s refused (%s); routing to the nearest adapter %s", plan.adapter_id, off_grid, best.id)
+            return nearest
         try:
-            entry, seconds = self._ensure_merge(plan, base_model=best.base_model)
+            record, seconds = self._ensure_merge(plan, parents, base_model=best.base_model)
         except (lora_merge.MergeError, IntegrityError, ValueError, OSError) as e:
             log.warning("merge %s of %s failed, routing to the nearest adapter %s instead: %s",
                         plan.adapter_id, plan.parents, best.id, e)
-            return RouteDecision(best.id, distance, best.recipe == "merge", effective)
-        return RouteDecision(entry.id, round(effective.distance(entry.preference), 9), True, effective, seconds)
+            return nearest
+        return RouteDecision(record.id, round(effective.distance(record.adapter.preference), 9), True, effective,
+                             seconds)
 
     def _lock_for(self, adapter_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -186,31 +258,31 @@ class PreferenceRouter:
     @contextlib.contextmanager
     def _build_lock(self, adapter_id: str) -> Iterator[None]:
         """This process's lock for the id, then a file lock shared with other processes (Ray replicas)."""
-        with self._lock_for(adapter_id), file_lock("attune-merge", f"{Path(self.store.root).resolve()}:{adapter_id}"):
+        key = f"{Path(self.merge_cache.root).resolve()}:{adapter_id}"
+        with self._lock_for(adapter_id), file_lock("attune-merge", key):
             yield
 
-    def _ensure_merge(self, plan: MergePlan, base_model: str) -> tuple[AdapterManifest, float | None]:
-        merge_id = plan.adapter_id
+    def _ensure_merge(self, plan: MergePlan, parents: Sequence[AdapterManifest],
+                      base_model: str) -> tuple[MergeRecord, float | None]:
+        merge_id, cache = plan.adapter_id, self.merge_cache
+        found = cache.lookup(merge_id)
+        if found is not None:
+            return found, None
         with self._build_lock(merge_id):
-            found = self.store.manifest().find(merge_id)
+            found = cache.lookup(merge_id)
             if found is not None:
                 return found, None
             started = time.perf_counter()
-            folders = [(self.store.get(pid), w) for pid, w in plan.parents]
-            with tempfile.TemporaryDirectory(prefix=f"attune-{merge_id}-") as tmp:
-                folder = lora_merge.merge_adapters(self.base_model_path, folders, Path(tmp) / merge_id)
+            by_id = {p.id: p for p in parents}
+            folders = [(self.store.get(pid), w) for pid, w in plan.parents]  # signature and sha256 checked
+            with cache.staging(merge_id) as tmp:
+                folder = lora_merge.merge_adapters(self.base_model_path, folders, tmp / merge_id)
                 entry = {"id": merge_id, "recipe": "merge", "weights": plan.weights.as_dict(),
                          "base_model": base_model, "data_hash": "",
                          "parents": [{"id": pid, "weight": w} for pid, w in plan.parents],
                          "eval": {"merge_seconds": round(time.perf_counter() - started, 3)}}
-                try:
-                    added = self.store.add(folder, entry)
-                except ValueError:
-                    found = self.store.manifest().find(merge_id)
-                    if found is None:
-                        raise
-                    return found, None
+                record = cache.insert(folder, entry, {pid: by_id[pid].files for pid, _ in plan.parents})
             seconds = time.perf_counter() - started
             self.merges_built += 1
             self.merge_seconds.append(seconds)
-            return added, seconds
+            return record, seconds

@@ -1,5 +1,6 @@
 """Routing: the safety floor comes first, the nearest routable adapter wins, and with the merge policy a far
-preference gets an exact merge that is built once (even under concurrent calls), checksummed and reused."""
+preference gets an exact merge that is built once (even under concurrent calls) into the merge cache, never into the
+store, checksummed and reused."""
 from __future__ import annotations
 
 import threading
@@ -11,6 +12,7 @@ import pytest
 import adapters.merge
 from adapters.integrity import hash_folder
 from adapters.merge import check_exact
+from adapters.merge_cache import MergeCache
 from adapters.registry import AdapterStore
 from alignment.objectives import OBJECTIVES, Preference
 from serving.router import NoRoutableAdapter, PreferenceRouter, plan_mix
@@ -69,6 +71,11 @@ def store(tmp_path, lora_folders) -> AdapterStore:
     return s
 
 
+@pytest.fixture
+def cache(tmp_path) -> MergeCache:
+    return MergeCache(tmp_path / "merge-cache")
+
+
 def test_safety_floor_applies_before_matching(tmp_path, lora_folders):
     s = AdapterStore(tmp_path / "floor")
     s.add(lora_folders["e"], {"id": "pure-empathy", "recipe": "modpo", "weights": weights(empathy=1.0),
@@ -106,8 +113,9 @@ def test_plan_mix_finds_the_convex_combination(store):
     assert plan_mix(Preference(EMPATHY), [entries["empathy"], entries["autonomy"]]) is None
 
 
-def test_merge_built_once_under_concurrency_and_reused(store, tiny_llama, monkeypatch):
-    """Four threads over two routers (two thread locks, like two processes): one build, one store entry."""
+def test_merge_built_once_under_concurrency_and_reused(store, cache, tiny_llama, monkeypatch):
+    """Four threads over two routers (two thread locks, like two processes): one build, one cache entry, and the
+    store's manifest is not touched."""
     calls = []
     real = adapters.merge.merge_adapters
 
@@ -116,8 +124,10 @@ def test_merge_built_once_under_concurrency_and_reused(store, tiny_llama, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(adapters.merge, "merge_adapters", counting)
+    manifest = store.manifest_path.read_bytes()
     routers = [PreferenceRouter(store, safety_floor=0.15, merge_policy=True, merge_threshold=0.3,
-                                base_model_path=str(tiny_llama)) for _ in range(2)]
+                                base_model_path=str(tiny_llama), merge_cache=MergeCache(cache.root))
+               for _ in range(2)]
     barrier = threading.Barrier(4)
 
     def go(i):
@@ -135,42 +145,47 @@ def test_merge_built_once_under_concurrency_and_reused(store, tiny_llama, monkey
     d = decisions[0]
     assert d.merged and d.distance < 0.07 and d.effective == FAR.with_safety_floor(0.15)
 
-    entry = store.entry(d.adapter_id)
+    record = cache.lookup(d.adapter_id)
+    entry = record.adapter
     assert entry.recipe == "merge" and {p.id: p.weight for p in entry.parents} == {"empathy": 0.5, "autonomy": 0.5}
-    assert entry.files == hash_folder(store.path(d.adapter_id))
+    assert record.parent_files == {"empathy": store.entry("empathy").files, "autonomy": store.entry("autonomy").files}
+    assert entry.files == hash_folder(cache.path(d.adapter_id))
     assert set(entry.files) == {"adapter_config.json", "adapter_model.safetensors"}
-    assert store.get(d.adapter_id) == store.path(d.adapter_id)
-    check_exact(store.path(d.adapter_id), [(store.path("empathy"), 0.5), (store.path("autonomy"), 0.5)])
+    check_exact(cache.path(d.adapter_id), [(store.path("empathy"), 0.5), (store.path("autonomy"), 0.5)])
+    assert store.manifest_path.read_bytes() == manifest and d.adapter_id not in store.ids()
+    assert not store.path(d.adapter_id).exists()
 
     again = router.route(FAR)
     assert again.adapter_id == d.adapter_id and again.merge_seconds is None and again.merged
-    restarted = PreferenceRouter(store, 0.15, True, 0.3, str(tiny_llama))
+    restarted = PreferenceRouter(store, 0.15, True, 0.3, str(tiny_llama), merge_cache=MergeCache(cache.root))
     assert restarted.route(FAR).adapter_id == d.adapter_id and restarted.merges_built == 0
-    assert len(calls) == 1
-    assert [a.id for a in store.list() if a.recipe == "merge"] == [d.adapter_id]
+    assert len(calls) == 1 and cache.ids() == [d.adapter_id]
 
 
-def test_no_merge_when_nearest_is_within_threshold(store, tiny_llama):
-    router = PreferenceRouter(store, 0.15, True, merge_threshold=1.5, base_model_path=str(tiny_llama))
+def test_no_merge_when_nearest_is_within_threshold(store, cache, tiny_llama):
+    router = PreferenceRouter(store, 0.15, True, merge_threshold=1.5, base_model_path=str(tiny_llama),
+                              merge_cache=cache)
     d = router.route(FAR)
     assert not d.merged and d.adapter_id in ("empathy", "autonomy") and router.merges_built == 0
 
 
-def test_failed_merge_falls_back_to_nearest(store, tiny_llama, monkeypatch, caplog):
+def test_failed_merge_falls_back_to_nearest(store, cache, tiny_llama, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise adapters.merge.MergeError("injected: not exact")
 
     monkeypatch.setattr(adapters.merge, "merge_adapters", broken)
-    router = PreferenceRouter(store, 0.15, True, 0.3, str(tiny_llama))
+    router = PreferenceRouter(store, 0.15, True, 0.3, str(tiny_llama), merge_cache=cache)
     d = router.route(FAR)
     assert not d.merged and d.adapter_id in ("empathy", "autonomy") and d.distance > 0.6
     assert "injected: not exact" in caplog.text and router.merges_built == 0
-    assert [a.id for a in store.list() if a.recipe == "merge"] == []
+    assert cache.ids() == [] and not list((cache.root / ".building").iterdir())
 
 
 def test_router_config_errors(tmp_path, store):
     with pytest.raises(ValueError, match="base_model_path"):
         PreferenceRouter(store, merge_policy=True)
+    with pytest.raises(ValueError, match="merge_cache"):
+        PreferenceRouter(store, merge_policy=True, base_model_path="base")
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         PreferenceRouter(store, merge_threshold=3.0)
     empty = PreferenceRouter(AdapterStore(tmp_path / "empty"))

@@ -13,7 +13,7 @@ from adapters.integrity import sha256_file
 from adapters.registry import AdapterStore
 from adapters.signing import SignatureError, generate_key_pair, load_private_key
 from alignment.objectives import OBJECTIVES
-from serving.config import ConfigError, ServeConfig
+from serving.config import ServeConfig
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,9 @@ def test_the_llm_replica_refuses_an_unsigned_store_and_a_missing_key(store, keys
         LLMServer.func_or_class(config(store, tmp_path / "nowhere.pub", tmp_path))
 
 
-def test_the_ingress_refuses_a_tampered_store_and_runtime_merges_into_a_signed_one(store, keys, tmp_path):
+def test_the_ingress_refuses_a_tampered_store(store, keys, tmp_path):
+    """With merge_policy on too: runtime merges go to the merge cache, so the policy no longer conflicts with a signed
+    store (tests/serving/test_merge_serving.py), but the store itself is still checked."""
     from serving.app import AttuneIngress
 
     cls = AttuneIngress.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper, whose __init__ is async
@@ -95,11 +97,11 @@ def test_the_ingress_refuses_a_tampered_store_and_runtime_merges_into_a_signed_o
     def start(cfg: dict) -> None:
         cls.__init__(object.__new__(cls), cfg, None, None)
 
-    with pytest.raises(ConfigError, match="merge_policy .* signature stale"):
-        start(config(store, keys[1], tmp_path, merge_policy=True))
     tamper(store, "warm", "adapter_model.safetensors")
     with pytest.raises(SignatureError, match="changed after it was signed"):
         start(config(store, keys[1], tmp_path))
+    with pytest.raises(SignatureError, match="changed after it was signed"):
+        start(config(store, keys[1], tmp_path, merge_policy=True))
 
 
 def test_the_scorer_refuses_a_tampered_reward_folder_in_a_signed_store(store, keys):
