@@ -36,6 +36,8 @@ Attune's own admission control, which should answer a burst before Serve's backp
 INGRESS_DRAIN_S = 600.0
 """How long a replaced ingress replica keeps serving its open streams (up to 1 + max_regenerations generations, and a
 regeneration may wait for the new LLM replica to start)."""
+INGRESS_REPLICAS = 2
+"""Ingress replicas when a Serve config says nothing: one can fail (or be replaced) while the other serves."""
 LLM_DRAIN_S = 300.0
 """How long a replaced LLM replica keeps generating for the requests it holds (max_tokens_cap tokens at a few tokens
 per second when a CPU engine is busy)."""
@@ -314,18 +316,23 @@ def val_safety_pairs(scorer) -> list[tuple[float, int]]:
 # ---------------------------------------------------------------- ingress
 # max_ongoing_requests is set from the limits in build_app. max_surge_percent=100: on a redeploy the old replica
 # takes new requests until the new one is ready, then finishes its open streams (graceful_shutdown_timeout_s).
-@serve.deployment(name="AttuneIngress", max_ongoing_requests=64, max_queued_requests=64,
+# Replicas share rate limits and metrics through serving.ingress_state; no session needs a particular replica (a
+# session lives in the database, a stream in the request that carries it), so Serve may send any request anywhere.
+@serve.deployment(name="AttuneIngress", num_replicas=INGRESS_REPLICAS, max_ongoing_requests=64,
+                  max_queued_requests=64,
                   backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S}, max_surge_percent=100,
                   graceful_shutdown_timeout_s=INGRESS_DRAIN_S, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class AttuneIngress:
-    """The OpenAI-compatible API: ChatService with the database, the router and the metrics registry."""
+    """The OpenAI-compatible API: ChatService with the database, the router and this replica's metrics registry;
+    rate limits and the metrics every replica exports go through the application's IngressState actor."""
 
     def __init__(self, config: dict, llm: DeploymentHandle, scorer: DeploymentHandle, test_hooks: bool = False):
         from adapters.registry import AdapterStore
         from alignment.basemodel import resolve
         from serving.chat import ChatDeps, ChatService
         from serving.db import Repository
+        from serving.ingress_state import SharedIngress
         from serving.router import PreferenceRouter
 
         _serve_logs()
@@ -335,12 +342,17 @@ class AttuneIngress:
                                   resolve(cfg.base_model) if cfg.merge_policy else None,
                                   max_merged_rank=cfg.engine.max_lora_rank)
         metrics = ServingMetrics()
+        replica = serve.get_replica_context().replica_id
+        self.shared = SharedIngress(replica.deployment_id.app_name, replica.unique_id, metrics)
         self.llm, self.scorer = llm, scorer
         self.engine = RemoteEngine(llm, metrics)
         repo = Repository(cfg.database_url)
         self.db_faults = DatabaseFaults(repo.engine) if test_hooks else None
         deps = ChatDeps(repo=repo, engine=self.engine,
                         scorer=RemoteScorer(scorer), store=store, router=router, metrics=metrics,
+                        limiter=self.shared.limiter("chat", cfg.limits.requests_per_minute),
+                        admin_limiter=self.shared.limiter("admin", cfg.limits.admin_requests_per_minute),
+                        export=self.shared,
                         engine_status=self._engine_status,
                         faults=self._faults if test_hooks else None)
         self.service = ChatService(cfg, deps)
@@ -369,7 +381,7 @@ class AttuneIngress:
         seen = {**self.engine.replicas, live["replica"]: live["loaded_adapters"]}
         replicas = {r: {"loaded_adapters": a, "live": r == live["replica"]} for r, a in sorted(seen.items())}
         return {"deployments": apps, "llm": live, "llm_replicas": replicas,
-                "memory": {"ingress": process_memory(), "llm": live["memory"],
+                "memory": {"ingress": {"replica": self.shared.replica, **process_memory()}, "llm": live["memory"],
                            "scorer": (await self.scorer.status.remote())["memory"]}}
 
     def __serve_build_asgi_app__(self):

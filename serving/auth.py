@@ -192,6 +192,10 @@ class RateLimiter:
             self._buckets[key] = (tokens - 1.0, now)
             self._evict(now)
 
+    async def acquire(self, key: Hashable) -> None:
+        """`check` behind the interface of rate_limits.SharedRateLimiter (one replica: nothing to share)."""
+        self.check(key)
+
     def _evict(self, now: float) -> None:
         full_after = self.capacity / self.rate
         while self._buckets:
