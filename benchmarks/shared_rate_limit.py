@@ -107,7 +107,7 @@ async def run(n: int, keys: int) -> None:
               f"{(leased.remote_calls - calls) / (n + 20):.0%} of requests call)", ms))
 
     snapshot = metrics.snapshot()
-    ms = await timed(min(n, 500), lambda i: shared.actor.exchange.remote(f"replica-{i % 2}", snapshot))
+    ms = await timed(min(n, 500), lambda i: shared.actor.exchange.remote(f"replica-{i % 2}", snapshot, {}))
     print(row("metrics exchange (push one replica's snapshot, read all)", ms))
     ms = await timed(min(n, 500), lambda i: shared.render())
     print(row("GET /metrics rendering of 2 replicas (exchange + exposition)", ms))

@@ -14,7 +14,8 @@ from typing import Any, Hashable
 
 import ray
 
-from serving.metrics import LocalExport, MetricsBoard, ServingMetrics, Snapshot, gate_totals, render_replicas
+from serving.metrics import (EngineTotals, LocalExport, MetricsBoard, ServingMetrics, Snapshot, gate_totals,
+                             render_replicas)
 from serving.rate_limits import SharedRateLimiter, TokenBank
 
 log = logging.getLogger("attune.ingress_state")
@@ -35,10 +36,12 @@ class IngressState:
     def lease(self, key: Hashable, per_minute: int, want: int, give_back: int) -> tuple[int, float]:
         return self.bank.lease(key, per_minute, want, give_back)
 
-    def exchange(self, replica: str, snapshot: Snapshot, read: bool = True) -> dict[str, Snapshot] | None:
-        """Store `replica`'s snapshot; with `read`, return every live replica's."""
-        self.board.put(replica, snapshot)
-        return self.board.live() if read else None
+    def exchange(self, replica: str, snapshot: Snapshot, engine: EngineTotals, read: bool = True,
+                 ) -> tuple[dict[str, Snapshot], EngineTotals] | None:
+        """Store `replica`'s snapshot and relayed engine counts; with `read`, return every live replica's
+        snapshot and the merged engine counts."""
+        self.board.put(replica, snapshot, engine)
+        return (self.board.live(), self.board.engine) if read else None
 
     def ping(self) -> bool:
         return True
@@ -89,28 +92,29 @@ class SharedIngress:
             log.warning("the ingress state actor is gone; connecting to a new one")
             self.actor = connect(self.app_name)
 
-    async def _exchange(self) -> dict[str, Snapshot]:
+    async def _exchange(self) -> tuple[dict[str, Snapshot], EngineTotals | None]:
         try:
-            return await asyncio.wait_for(self.actor.exchange.remote(self.replica, self.metrics.snapshot()),
-                                          CALL_TIMEOUT_S)
+            return await asyncio.wait_for(self.actor.exchange.remote(self.replica, self.metrics.snapshot(),
+                                                                     self.metrics.engine_totals()), CALL_TIMEOUT_S)
         except Exception as e:
             if isinstance(e, ray.exceptions.RayActorError):
                 self._reconnect()
             log.warning("metrics of the other ingress replicas unavailable (%s): /metrics shows this one only",
                         type(e).__name__)
-            return {self.replica: self.metrics.snapshot()}
+            return {self.replica: self.metrics.snapshot()}, None
 
     async def render(self) -> tuple[bytes, str]:
-        return render_replicas(await self._exchange())
+        return render_replicas(*await self._exchange())
 
     async def gate_counts(self) -> dict[str, int]:
-        return gate_totals(await self._exchange())
+        return gate_totals((await self._exchange())[0])
 
     def _push_loop(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
             try:
-                ray.get(self.actor.exchange.remote(self.replica, self.metrics.snapshot(), False),
-                        timeout=CALL_TIMEOUT_S)
+                push = self.actor.exchange.remote(self.replica, self.metrics.snapshot(),
+                                                  self.metrics.engine_totals(), False)
+                ray.get(push, timeout=CALL_TIMEOUT_S)
             except ray.exceptions.RayActorError:
                 self._reconnect()
             except Exception as e:

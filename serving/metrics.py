@@ -26,6 +26,9 @@ its last values)."""
 
 Snapshot = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
 """A registry's families as plain data: (name, type, help, [(sample name, labels, value)])."""
+EngineTotals = dict[tuple[str, str, str], int]
+"""(LLM replica, "loads" or "evictions", adapter) -> that LLM replica's cumulative count, as last relayed."""
+ENGINE_FAMILIES = {"loads": "adapter_loads", "evictions": "adapter_evictions"}
 
 
 class ServingMetrics:
@@ -97,6 +100,13 @@ class ServingMetrics:
         return [(f.name, f.type, f.documentation, [(s.name, dict(s.labels), s.value) for s in f.samples])
                 for f in self.registry.collect()]
 
+    def engine_totals(self) -> EngineTotals:
+        """The LLM replicas' adapter counts this replica relayed. Every ingress replica relays some of the same
+        LLM replica's counts, so summing their adapter counters would count a load more than once: the board
+        merges these instead."""
+        return {(llm, kind, adapter): int(n) for llm, kinds in self._engine_seen.items()
+                for kind, tally in kinds.items() for adapter, n in tally.items()}
+
 
 class MetricsBoard:
     """The latest snapshot of every ingress replica. Counters stay per replica (summing them here would make the
@@ -106,9 +116,13 @@ class MetricsBoard:
     def __init__(self, stale_after_s: float = STALE_AFTER_S, clock: Callable[[], float] = time.monotonic):
         self.stale_after_s, self.clock = stale_after_s, clock
         self._latest: dict[str, tuple[float, Snapshot]] = {}
+        self.engine: EngineTotals = {}
+        """The highest count relayed per (LLM replica, kind, adapter); kept after replicas go, so totals never fall."""
 
-    def put(self, replica: str, snapshot: Snapshot) -> None:
+    def put(self, replica: str, snapshot: Snapshot, engine: EngineTotals | None = None) -> None:
         self._latest[replica] = (self.clock(), snapshot)
+        for key, n in (engine or {}).items():
+            self.engine[key] = max(n, self.engine.get(key, 0))
 
     def live(self) -> dict[str, Snapshot]:
         now = self.clock()
@@ -125,14 +139,29 @@ class _Families:
         return self.families
 
 
-def render_replicas(snapshots: Mapping[str, Snapshot]) -> tuple[bytes, str]:
-    """One exposition of every replica's series, each with label replica=<id>, and its content type."""
+def render_replicas(snapshots: Mapping[str, Snapshot], engine: EngineTotals | None = None,
+                    prefix: str = "attune") -> tuple[bytes, str]:
+    """One exposition of every replica's series, each with label replica=<id>, and its content type. With `engine`
+    (MetricsBoard.engine), the adapter load and eviction counters are its sums over LLM replicas, unlabelled by
+    ingress replica."""
     families: dict[str, Metric] = {}
+    merged = {f"{prefix}_{name}": kind for kind, name in ENGINE_FAMILIES.items()} if engine is not None else {}
     for replica, snapshot in sorted(snapshots.items()):
         for name, kind, doc, samples in snapshot:
+            if name in merged:
+                families.setdefault(name, Metric(name, doc, kind))
+                continue
             family = families.setdefault(name, Metric(name, doc, kind))
             for sample, labels, value in samples:
                 family.add_sample(sample, {**labels, REPLICA_LABEL: replica}, value)
+    for name, kind in merged.items():
+        totals: Tally = Tally()
+        for (_, k, adapter), n in (engine or {}).items():
+            if k == kind:
+                totals[adapter] += n
+        family = families.setdefault(name, Metric(name, f"Adapter {kind} of the LLM replicas.", "counter"))
+        for adapter, n in sorted(totals.items()):
+            family.add_sample(f"{name}_total", {"adapter": adapter}, n)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(list(families.values())))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -223,3 +223,23 @@ def test_complete_answers_and_other_protocols_pass_untouched():
     assert len(run_asgi(half_json)) == 2, "a non-stream cut off is left to the server, which closes the connection"
     assert run_asgi(lambda s, r, send: asyncio.sleep(0), scope_type="websocket") == []
     assert isinstance(middlewares()[0].cls(None), ReplicaLost)
+
+
+def test_adapter_loads_relayed_by_two_ingress_replicas_are_counted_once():
+    """Both ingress replicas relay LLM replica X's cumulative counts; the rendering counts each load once and keeps
+    the totals of an ingress replica that went away."""
+    clock = FakeClock()
+    board = MetricsBoard(stale_after_s=60, clock=clock)
+    a, b = ServingMetrics(), ServingMetrics()
+    a.observe_engine_stats("X", {"ad1": 3}, {})
+    b.observe_engine_stats("X", {"ad1": 4}, {"ad1": 1})
+    b.observe_engine_stats("Y", {"ad1": 2, "ad2": 1}, {})
+    board.put("r1", a.snapshot(), a.engine_totals())
+    board.put("r2", b.snapshot(), b.engine_totals())
+    samples = parsed(render_replicas(board.live(), board.engine)[0])
+    loads = {dict(labels)["adapter"]: v for (n, labels), v in samples.items() if n == "attune_adapter_loads_total"}
+    assert loads == {"ad1": 6, "ad2": 1}, "X's 4 loads once, plus Y's 2 (per-replica sums would say 9)"
+    assert samples[("attune_adapter_evictions_total", (("adapter", "ad1"),))] == 1
+    clock.now += 120  # both ingress replicas gone from the board: the LLM replicas' totals stay
+    assert parsed(render_replicas(board.live(), board.engine)[0])[
+        ("attune_adapter_loads_total", (("adapter", "ad1"),))] == 6
