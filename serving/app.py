@@ -36,8 +36,6 @@ Attune's own admission control, which should answer a burst before Serve's backp
 INGRESS_DRAIN_S = 600.0
 """How long a replaced ingress replica keeps serving its open streams (up to 1 + max_regenerations generations, and a
 regeneration may wait for the new LLM replica to start)."""
-INGRESS_REPLICAS = 2
-"""Ingress replicas when a Serve config says nothing: one can fail (or be replaced) while the other serves."""
 LLM_DRAIN_S = 300.0
 """How long a replaced LLM replica keeps generating for the requests it holds (max_tokens_cap tokens at a few tokens
 per second when a CPU engine is busy)."""
@@ -318,8 +316,9 @@ def val_safety_pairs(scorer) -> list[tuple[float, int]]:
 # takes new requests until the new one is ready, then finishes its open streams (graceful_shutdown_timeout_s).
 # Replicas share rate limits and metrics through serving.ingress_state; no session needs a particular replica (a
 # session lives in the database, a stream in the request that carries it), so Serve may send any request anywhere.
-@serve.deployment(name="AttuneIngress", num_replicas=INGRESS_REPLICAS, max_ongoing_requests=64,
-                  max_queued_requests=64,
+# One replica unless a Serve config says more (deploy/serve-*.yaml say 2): on the one-machine `attune serve` a second
+# costs ~295 MiB, and the test hooks' database faults are armed per replica.
+@serve.deployment(name="AttuneIngress", max_ongoing_requests=64, max_queued_requests=64,
                   backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S}, max_surge_percent=100,
                   graceful_shutdown_timeout_s=INGRESS_DRAIN_S, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()

@@ -98,8 +98,8 @@ class SharedRateLimiter:
             return
         self.remote_calls += 1
         try:
-            granted, retry_after = await asyncio.wait_for(self.lease((self.scope, key), self.per_minute, self.size, tokens),
-                                                          self.timeout_s)
+            lease = self.lease((self.scope, key), self.per_minute, self.size, tokens)
+            granted, retry_after = await asyncio.wait_for(lease, self.timeout_s)
         except Exception as e:
             self.fallbacks += 1
             if self.fallbacks == 1 or self.fallbacks % 1000 == 0:
