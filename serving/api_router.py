@@ -156,9 +156,10 @@ async def healthz(request: Request):
 
 
 @router.get("/metrics", **doc(None, public=True, responses={
-    200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}))
+    200: {"description": "Prometheus text format: the series of every live ingress replica, each labelled replica.",
+          "content": {"text/plain": {"schema": {"type": "string"}}}}}))
 async def metrics(request: Request):
-    body, content_type = request.app.state.service.metrics.render()
+    body, content_type = await request.app.state.service.export.render()
     return Response(body, media_type=content_type)
 
 

@@ -322,12 +322,17 @@ def val_safety_pairs(scorer) -> list[tuple[float, int]]:
 # ---------------------------------------------------------------- ingress
 # max_ongoing_requests is set from the limits in build_app. max_surge_percent=100: on a redeploy the old replica
 # takes new requests until the new one is ready, then finishes its open streams (graceful_shutdown_timeout_s).
+# Replicas share rate limits and metrics through serving.ingress_state; no session needs a particular replica (a
+# session lives in the database, a stream in the request that carries it), so Serve may send any request anywhere.
+# One replica unless a Serve config says more (deploy/serve-*.yaml say 2): on the one-machine `attune serve` a second
+# costs ~295 MiB, and the test hooks' database faults are armed per replica.
 @serve.deployment(name="AttuneIngress", max_ongoing_requests=64, max_queued_requests=64,
                   backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S}, max_surge_percent=100,
                   graceful_shutdown_timeout_s=INGRESS_DRAIN_S, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class AttuneIngress:
-    """The OpenAI-compatible API: ChatService with the database, the router and the metrics registry."""
+    """The OpenAI-compatible API: ChatService with the database, the router and this replica's metrics registry;
+    rate limits and the metrics every replica exports go through the application's IngressState actor."""
 
     def __init__(self, config: dict, llm: DeploymentHandle, scorer: DeploymentHandle, test_hooks: bool = False):
         from adapters.registry import AdapterStore
@@ -336,6 +341,7 @@ class AttuneIngress:
         from serving.crypto import load_keyring
         from serving.db import Repository
         from adapters.merge_cache import MergeCache
+        from serving.ingress_state import SharedIngress
         from serving.router import MergeGrid, PreferenceRouter
 
         _serve_logs()
@@ -355,12 +361,17 @@ class AttuneIngress:
                      cfg.merge_max_parents, cfg.engine.max_lora_rank, cfg.merge_cache_dir, cfg.merge_cache_max_count,
                      cfg.merge_cache_max_bytes)
         metrics = ServingMetrics()
+        replica = serve.get_replica_context().replica_id
+        self.shared = SharedIngress(replica.deployment_id.app_name, replica.unique_id, metrics)
         self.llm, self.scorer = llm, scorer
         self.engine = RemoteEngine(llm, metrics)
         repo = Repository(cfg.database_url, keys=load_keyring(cfg.data_key_file))
         self.db_faults = DatabaseFaults(repo.engine) if test_hooks else None
         deps = ChatDeps(repo=repo, engine=self.engine,
                         scorer=RemoteScorer(scorer), store=store, router=router, metrics=metrics,
+                        limiter=self.shared.limiter("chat", cfg.limits.requests_per_minute),
+                        admin_limiter=self.shared.limiter("admin", cfg.limits.admin_requests_per_minute),
+                        export=self.shared,
                         engine_status=self._engine_status,
                         faults=self._faults if test_hooks else None)
         self.service = ChatService(cfg, deps)
@@ -389,7 +400,7 @@ class AttuneIngress:
         seen = {**self.engine.replicas, live["replica"]: live["loaded_adapters"]}
         replicas = {r: {"loaded_adapters": a, "live": r == live["replica"]} for r, a in sorted(seen.items())}
         return {"deployments": apps, "llm": live, "llm_replicas": replicas,
-                "memory": {"ingress": process_memory(), "llm": live["memory"],
+                "memory": {"ingress": {"replica": self.shared.replica, **process_memory()}, "llm": live["memory"],
                            "scorer": (await self.scorer.status.remote())["memory"]}}
 
     def __serve_build_asgi_app__(self):

@@ -24,7 +24,7 @@ from serving.db import ChatSession, Repository
 from serving.engine import AdapterRefused, GenerationRequest, PromptTooLong, Usage
 from serving.errors import RETRY_AFTER_S, ApiError, db_call
 from serving.flagged import FlaggedSessions
-from serving.metrics import NO_ADAPTER, ServingMetrics
+from serving.metrics import NO_ADAPTER, LocalExport, MetricsExport, ServingMetrics
 from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
                               ModelCard, ModelInfo, ModelList, Usage as WireUsage, parse_chat_request)
 from serving.router import PreferenceRouter
@@ -69,6 +69,13 @@ class ScoringClient(Protocol):
         """Raises unless the scorer can score now."""
 
 
+class Limiter(Protocol):
+    """A per-key rate limit: auth.RateLimiter (one process) or rate_limits.SharedRateLimiter (every replica)."""
+
+    async def acquire(self, key) -> None:
+        """Spend one request for `key`; raises auth.RateLimited when none is left."""
+
+
 @dataclass
 class ChatDeps:
     """The collaborators of a ChatService; operator hooks are optional (None: the endpoint answers 404)."""
@@ -80,7 +87,10 @@ class ChatDeps:
     router: PreferenceRouter
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
     keys: KeyStore | None = None
-    limiter: RateLimiter | None = None
+    limiter: Limiter | None = None
+    admin_limiter: Limiter | None = None
+    export: MetricsExport | None = None
+    """What /metrics renders (None: this process's registry alone; serving.ingress_state: every ingress replica)."""
     engine_status: Callable[[], Awaitable[dict]] | None = None
     faults: Callable[[dict], Awaitable[dict]] | None = None
 
@@ -126,7 +136,9 @@ class ChatService:
         self.keys = deps.keys or KeyStore(deps.repo)
         # `is None`, not `or`: a RateLimiter with no buckets yet has len() 0 and would be falsy.
         self.limiter = deps.limiter if deps.limiter is not None else RateLimiter(config.limits.requests_per_minute)
-        self.admin_limiter = RateLimiter(config.limits.admin_requests_per_minute)
+        self.admin_limiter = (deps.admin_limiter if deps.admin_limiter is not None
+                              else RateLimiter(config.limits.admin_requests_per_minute))
+        self.export = deps.export or LocalExport(self.metrics)
         lim = config.limits
         self.admission = AdmissionGate(lim.max_in_flight, lim.max_queue, lim.queue_timeout_s)
         self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
@@ -215,7 +227,7 @@ class ChatService:
         limiter, per_minute = ((self.admin_limiter, self.config.limits.admin_requests_per_minute) if operator
                                else (self.limiter, self.config.limits.requests_per_minute))
         try:
-            limiter.check(principal.key_id)
+            await limiter.acquire(principal.key_id)
         except RateLimited as e:
             raise ApiError(429, f"{e}: this key may make {per_minute} {'admin ' if operator else ''}requests per "
                            "minute; wait for Retry-After seconds or ask the operator for a higher limit",
@@ -425,7 +437,7 @@ class ChatService:
                 "gate": {"safety_threshold": gating.gate.threshold, "threshold_source": gating.threshold_source,
                          "calibration": gating.calibration, "crisis_threshold": gating.detector.threshold,
                          "max_regenerations": gating.gate.max_regenerations,
-                         "decisions": dict(self.metrics.gate_counts)},
+                         "decisions": await self.export.gate_counts()},
                 "crisis_sessions": await db_call(self.repo.count_sessions, None, True),
                 "merges_built": self.deps.router.merges_built}
 

@@ -1,23 +1,38 @@
-"""Prometheus metrics of the chat service, in their own registry, exposed at the ingress `GET /metrics`.
+"""Prometheus metrics of the chat service, in one registry per ingress replica, exposed at the ingress `GET /metrics`:
+with several replicas each pushes `snapshot()`s to a `MetricsBoard` (serving.ingress_state) and any replica renders
+every live replica's series, labelled `replica`, so that one scrape sees them all.
 
-Labels are adapter ids, HTTP statuses and gate kinds only: never message text, session or tenant ids.
+Labels are adapter ids, HTTP statuses, gate kinds and replica ids only: never message text, session or tenant ids.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
-from typing import Mapping
+from typing import Callable, Mapping, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
 MERGE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 GATE_KINDS = ("pass", "regenerated", "fallback", "truncated", "crisis")
 NO_ADAPTER = "none"
 """Adapter label of a request rejected before it was routed."""
+REPLICA_LABEL = "replica"
+"""Added to every series of a rendering of several replicas' snapshots: the ingress replica that counted it."""
+STALE_AFTER_S = 60.0
+"""A replica that has pushed nothing for this long is gone: its series leave the rendering (four 15 s scrapes saw
+its last values)."""
+
+Snapshot = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
+"""A registry's families as plain data: (name, type, help, [(sample name, labels, value)])."""
+EngineTotals = dict[tuple[str, str, str], int]
+"""(LLM replica, "loads" or "evictions", adapter) -> that LLM replica's cumulative count, as last relayed."""
+ENGINE_FAMILIES = {"loads": "adapter_loads", "evictions": "adapter_evictions"}
 
 
 class ServingMetrics:
-    """Every series the service exports; one instance per ingress replica (Prometheus sums replicas)."""
+    """Every series the service exports; one instance per ingress replica (queries sum over the replica label)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "attune"):
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -78,5 +93,108 @@ class ServingMetrics:
                     seen[name][adapter] = int(total)
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
+        """The exposition text of this replica alone and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def snapshot(self) -> Snapshot:
+        return [(f.name, f.type, f.documentation, [(s.name, dict(s.labels), s.value) for s in f.samples])
+                for f in self.registry.collect()]
+
+    def engine_totals(self) -> EngineTotals:
+        """The LLM replicas' adapter counts this replica relayed. Every ingress replica relays some of the same
+        LLM replica's counts, so summing their adapter counters would count a load more than once: the board
+        merges these instead."""
+        return {(llm, kind, adapter): int(n) for llm, kinds in self._engine_seen.items()
+                for kind, tally in kinds.items() for adapter, n in tally.items()}
+
+
+class MetricsBoard:
+    """The latest snapshot of every ingress replica. Counters stay per replica (summing them here would make the
+    sum fall when a replica goes, which Prometheus reads as a reset); a replica silent for `stale_after_s` is dropped,
+    its series ending as a scrape target's do when it goes away."""
+
+    def __init__(self, stale_after_s: float = STALE_AFTER_S, clock: Callable[[], float] = time.monotonic):
+        self.stale_after_s, self.clock = stale_after_s, clock
+        self._latest: dict[str, tuple[float, Snapshot]] = {}
+        self.engine: EngineTotals = {}
+        """The highest count relayed per (LLM replica, kind, adapter); kept after replicas go, so totals never fall."""
+
+    def put(self, replica: str, snapshot: Snapshot, engine: EngineTotals | None = None) -> None:
+        self._latest[replica] = (self.clock(), snapshot)
+        for key, n in (engine or {}).items():
+            self.engine[key] = max(n, self.engine.get(key, 0))
+
+    def live(self) -> dict[str, Snapshot]:
+        now = self.clock()
+        for replica in [r for r, (at, _) in self._latest.items() if now - at > self.stale_after_s]:
+            del self._latest[replica]
+        return {r: snap for r, (_, snap) in self._latest.items()}
+
+
+class _Families:
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def render_replicas(snapshots: Mapping[str, Snapshot], engine: EngineTotals | None = None,
+                    prefix: str = "attune") -> tuple[bytes, str]:
+    """One exposition of every replica's series, each with label replica=<id>, and its content type. With `engine`
+    (MetricsBoard.engine), the adapter load and eviction counters are its sums over LLM replicas, unlabelled by
+    ingress replica."""
+    families: dict[str, Metric] = {}
+    merged = {f"{prefix}_{name}": kind for kind, name in ENGINE_FAMILIES.items()} if engine is not None else {}
+    for replica, snapshot in sorted(snapshots.items()):
+        for name, kind, doc, samples in snapshot:
+            if name in merged:
+                families.setdefault(name, Metric(name, doc, kind))
+                continue
+            family = families.setdefault(name, Metric(name, doc, kind))
+            for sample, labels, value in samples:
+                family.add_sample(sample, {**labels, REPLICA_LABEL: replica}, value)
+    for name, kind in merged.items():
+        totals: Tally = Tally()
+        for (_, k, adapter), n in (engine or {}).items():
+            if k == kind:
+                totals[adapter] += n
+        family = families.setdefault(name, Metric(name, f"Adapter {kind} of the LLM replicas.", "counter"))
+        for adapter, n in sorted(totals.items()):
+            family.add_sample(f"{name}_total", {"adapter": adapter}, n)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def gate_totals(snapshots: Mapping[str, Snapshot], prefix: str = "attune") -> dict[str, int]:
+    """Gate decisions by kind, summed over the replicas."""
+    out: Tally = Tally()
+    for snapshot in snapshots.values():
+        for name, _, _, samples in snapshot:
+            if name == f"{prefix}_gate_decisions":
+                for sample, labels, value in samples:
+                    if sample.endswith("_total") and value:
+                        out[labels["kind"]] += int(value)
+    return dict(out)
+
+
+class MetricsExport(Protocol):
+    """What GET /metrics and the status endpoint read: the exposition and the gate decisions of the service."""
+
+    async def render(self) -> tuple[bytes, str]: ...
+
+    async def gate_counts(self) -> dict[str, int]: ...
+
+
+class LocalExport:
+    """A single process's registry is the whole service (tests, or an ingress without shared state)."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
+
+    async def render(self) -> tuple[bytes, str]:
+        return self.metrics.render()
+
+    async def gate_counts(self) -> dict[str, int]:
+        return dict(self.metrics.gate_counts)

@@ -48,10 +48,14 @@ def exported_series() -> dict[str, set[str]]:
     """Every series name a fresh ServingMetrics registry can expose -> its label names."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from serving.metrics import ServingMetrics
+    from serving.metrics import ENGINE_FAMILIES, REPLICA_LABEL, ServingMetrics
 
     metrics = ServingMetrics()
-    labels = {m._name: set(m._labelnames) for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
+    # /metrics labels each series with the ingress replica that counted it (serving.metrics.render_replicas), but
+    # the adapter loads and evictions, which it merges over the LLM replicas.
+    merged = {f"attune_{name}" for name in ENGINE_FAMILIES.values()}
+    labels = {m._name: set(m._labelnames) | ({REPLICA_LABEL} if m._name not in merged else set())
+              for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "summary": ("", "_count", "_sum", "_created"),
                 "histogram": ("_bucket", "_count", "_sum", "_created")}
     out: dict[str, set[str]] = {}
@@ -159,6 +163,7 @@ def test_serve_cpu_fits_two_cores_with_the_tested_engine_settings():
     assert sum(b["max_replicas"] * b["num_cpus"] for b in bounds.values()) <= 2, bounds
     assert all(b["num_gpus"] == 0 for b in bounds.values())
     assert bounds["LLMServer"]["max_replicas"] == 1, "one vLLM engine per CPU machine"
+    assert bounds["AttuneIngress"]["max_replicas"] == 2, "two ingress replicas: one may fail"
     assert cfg.engine.cpu_memory_fraction == 0.04 and cfg.limits.requests_per_minute == 60
     assert cfg.engine.max_lora_rank >= shipped_max_rank()
     (application,) = schema.applications
@@ -177,8 +182,8 @@ def test_serve_gpu_puts_the_engine_on_gpus_and_autoscales_it():
     assert 0.5 <= cfg.engine.gpu_memory_utilization <= 0.95
     assert cfg.engine.max_lora_rank >= 2 * shipped_max_rank(), "room for a cat merge of two shipped adapters"
     assert cfg.limits.max_tokens_cap < cfg.engine.max_model_len
-    # The ingress keeps metrics, gate counts and rate limits in its replica: more than one would split them.
-    assert bounds["AttuneIngress"]["max_replicas"] == 1
+    # Ingress replicas share rate limits and metrics (serving/ingress_state.py): two, so that one may fail.
+    assert bounds["AttuneIngress"]["max_replicas"] >= 2
     assert schema.http_options.host == "0.0.0.0", "a cluster's proxies must listen beyond loopback"
 
 
@@ -203,6 +208,7 @@ def check_rayservice(path: Path) -> None:
     from serving.auth import ENV_KEY, ENV_OPERATOR_KEY
     from serving.app import TEST_HOOKS_ENV
     from serving.config import CONFIG_ENV, ENV_OVERRIDES
+    from serving.proxy_middleware import CALLBACK, CALLBACK_ENV
 
     doc = read_yaml(path)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
@@ -230,6 +236,8 @@ def check_rayservice(path: Path) -> None:
         attune_vars = {n for n in env if n.startswith("ATTUNE_")}
         assert attune_vars <= known_env, f"{name}: unknown setting(s) {sorted(attune_vars - known_env)}"
         assert TEST_HOOKS_ENV not in env, "test hooks must never be on in a deployment"
+        assert env.get(CALLBACK_ENV, {}).get("value") == CALLBACK, (f"{name}: set {CALLBACK_ENV}={CALLBACK} "
+                                                                     "(a lost ingress replica's requests get a 503)")
         db = env["ATTUNE_DATABASE_URL"]
         assert "secretKeyRef" in db["valueFrom"], "the database URL (with its password) comes from a Secret"
         envs.append(env)

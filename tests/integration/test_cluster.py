@@ -2,7 +2,9 @@
 with node_b), the shipped deploy/serve-cpu.yaml scaled to two LLMServer replicas with max_replicas_per_node=1, and a
 private PostgreSQL (tests/pg.py) as the database of every replica. Requests for different adapters land on both
 replicas; one replica is killed while chats run: every request succeeds or gets a retryable error, no stored
-message is lost, and Serve brings the replica back on its node (the recovery time is printed).
+message is lost, and Serve brings the replica back on its node (the recovery time is printed). The same with one of
+the two ingress replicas (one per node), whose proxy middleware (serving/proxy_middleware.py) makes the requests it
+held retryable; one /metrics scrape covers both ingress replicas.
 
 The cluster is private: its own temp dir and free ports, deployed from a subprocess (this process may hold a local
 Ray of its own), and torn down by killing the pids that carry its token in their environment, never with
@@ -29,6 +31,7 @@ import yaml
 
 from attune.paths import REPO_ROOT, REWARD_DIR, STORE_DIR
 from serving.chat import RETRY_AFTER_S
+from serving.proxy_middleware import CALLBACK, CALLBACK_ENV
 from tests.reaper import Reaper
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
@@ -36,6 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(360
 TOKEN_ENV = "ATTUNE_TEST_CLUSTER"
 DEPLOY = REPO_ROOT / "deploy" / "serve-cpu.yaml"
 REPLICA_PREFIX = "SERVE_REPLICA::attune#LLMServer#"
+INGRESS_PREFIX = "SERVE_REPLICA::attune#AttuneIngress#"
 BIN = Path(sys.executable).parent
 """`ray` and `serve` from this environment, whether or not it is activated."""
 FEELING = "I had a rough week at work and I feel completely drained."
@@ -73,6 +77,7 @@ class RayCluster:
         self.address = f"127.0.0.1:{_free_port()}"
         self.env = {**os.environ, TOKEN_ENV: self.token, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                     "RAY_USAGE_STATS_ENABLED": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
+                    CALLBACK_ENV: CALLBACK,
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         self.env.pop("RAY_ADDRESS", None)
         kill = (f"for p in /proc/[0-9]*; do grep -qzx {TOKEN_ENV}={self.token} $p/environ 2>/dev/null && "
@@ -102,13 +107,14 @@ class RayCluster:
                                f"{done.stderr[-3000:]}")
         return done.stdout
 
-    def probe(self) -> dict:
-        out = self.run([sys.executable, "-c", PROBE, self.address, REPLICA_PREFIX])
+    def probe(self, prefix: str = REPLICA_PREFIX) -> dict:
+        """Alive nodes, and the alive replicas whose actor name starts with `prefix` (under "llm")."""
+        out = self.run([sys.executable, "-c", PROBE, self.address, prefix])
         return json.loads(next(line for line in out.splitlines() if line.startswith("PROBE "))[6:])
 
-    def kill_replica(self, unique_id: str) -> None:
+    def kill_replica(self, unique_id: str, prefix: str = REPLICA_PREFIX) -> None:
         """What a crash does to a replica: its actor is killed at once, without restart by Ray (Serve replaces it)."""
-        self.run([str(BIN / "ray"), "kill-actor", f"--address={self.address}", f"--name={REPLICA_PREFIX}{unique_id}",
+        self.run([str(BIN / "ray"), "kill-actor", f"--address={self.address}", f"--name={prefix}{unique_id}",
                   "--namespace=serve", "--force", "--no-restart"])
 
     def pids(self, command: str = "") -> list[int]:
@@ -158,13 +164,13 @@ class App:
         r.raise_for_status()
         return r.json()
 
-    def llm_states(self) -> dict[str, int]:
-        """Replica state -> count of the LLMServer deployment, as Serve reports it (raises while the status
-        cannot be read, e.g. when its call reached the replica that was just killed)."""
+    def llm_states(self, deployment: str = "LLMServer") -> dict[str, int]:
+        """Replica state -> count of the deployment, as Serve reports it (raises while the status cannot be read,
+        e.g. when its call reached the replica that was just killed)."""
         engine = self.status()["engine"]
         if "deployments" not in engine:
             raise RuntimeError(f"no deployment states in the status: {engine}")
-        return engine["deployments"]["attune"]["LLMServer"]["replicas"]
+        return engine["deployments"]["attune"][deployment]["replicas"]
 
     def llm_replicas(self) -> dict[str, list[str]]:
         """LLM replica id -> adapters it holds, for every replica the ingress has heard from."""
@@ -173,7 +179,9 @@ class App:
 
 
 def _serve_config(http_port: int, data_dir: Path, database_url: str) -> dict:
-    """deploy/serve-cpu.yaml with two LLM replicas at most one per node, one scorer, a tiny engine and PostgreSQL."""
+    """deploy/serve-cpu.yaml with two LLM and two ingress replicas, at most one of each per node, one scorer, a tiny
+    engine and PostgreSQL. The rate limit is on (high enough for the test's patients), so it goes through the
+    shared bank."""
     config = yaml.safe_load(DEPLOY.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     app = config["applications"][0]
@@ -181,11 +189,12 @@ def _serve_config(http_port: int, data_dir: Path, database_url: str) -> dict:
     settings.update(store_dir=str(STORE_DIR), reward_dir=str(REWARD_DIR), data_dir=str(data_dir),
                     database_url=database_url, safety_threshold=1.0)
     settings["limits"] = {**settings.get("limits", {}), "max_tokens_cap": 64, "default_max_tokens": 16,
-                          "requests_per_minute": 0}
+                          "requests_per_minute": 6000}
     settings["engine"] = {**settings.get("engine", {}), "max_loras": 4, "max_model_len": 1024,
                           "cpu_memory_fraction": 0.02}
     deployments = {d["name"]: d for d in app["deployments"]}
     deployments["LLMServer"].update(num_replicas=2, max_replicas_per_node=1)
+    deployments["AttuneIngress"].update(num_replicas=2, max_replicas_per_node=1)
     scorer = deployments["RewardScorer"]
     scorer.pop("autoscaling_config", None)
     scorer["num_replicas"] = 1
@@ -226,6 +235,7 @@ def app(postgres, tmp_path_factory):
         app = App(url, (data_dir / "api_key").read_text().strip(), (data_dir / "operator_key").read_text().strip(),
                   database_url, cluster, time.monotonic() - started, data_dir / "data_key")
         _wait("two RUNNING LLM replicas", lambda: app.llm_states().get("RUNNING") == 2)
+        _wait("two RUNNING ingress replicas", lambda: app.llm_states("AttuneIngress").get("RUNNING") == 2)
         print(f"\ncluster app ready in {app.startup_seconds:.1f} s at {url} (Ray at {cluster.address})")
         yield app
     finally:
@@ -258,7 +268,7 @@ class Patient:
     busy: bool = False
 
     def send(self, text: str) -> Outcome:
-        from openai import APIError, APIStatusError, OpenAI
+        from openai import APIConnectionError, APIError, APIStatusError, OpenAI
 
         client = OpenAI(base_url=f"{self.app.url}/v1", api_key=self.app.api_key, max_retries=0, timeout=600)
         body = {"model": "attune", "messages": [{"role": "user", "content": text}], "max_tokens": 16,
@@ -274,10 +284,14 @@ class Patient:
             if e.status_code == 503 and e.response.headers.get("retry-after"):
                 return Outcome(text, f"retryable:{e.code}")
             raise
+        except APIConnectionError:  # the connection dropped (a replica lost mid-answer): clients retry these
+            return Outcome(text, "retryable:connection")
         except APIError as e:  # an error event after a stream began: the body carries the same codes as a 503
-            if self.stream and e.code in ("engine_unavailable", "database_unavailable"):
+            if self.stream and e.code in ("engine_unavailable", "database_unavailable", "ingress_unavailable"):
                 return Outcome(text, f"retryable:{e.code}")
             raise
+        except httpx.TransportError:  # a stream whose connection dropped while it was being read
+            return Outcome(text, "retryable:connection")
 
     def run(self, stop: threading.Event, worker: int) -> None:
         i = 0
@@ -328,7 +342,30 @@ def _messages(app: App, session_ids: list[str]) -> dict[str, list[tuple[str, str
         repo.close()
 
 
-# ---------------------------------------------------------------- the test
+def _check_stored(app: App, patients: list[Patient], before: dict) -> None:
+    """Every request succeeded or got a retryable error (anything else is fatal); every message and reply is
+    stored once: a retry reuses the stored message. Prints the counts."""
+    assert [p.fatal for p in patients] == [None] * len(patients)
+    outcomes = [o for p in patients for o in p.outcomes]
+    retried = [o.status for o in outcomes if o.status != "ok"]
+    after = _messages(app, [p.session_id for p in patients])
+    for p in patients:
+        new = after[p.session_id][len(before[p.session_id]):]
+        assert after[p.session_id][:len(before[p.session_id])] == before[p.session_id]
+        texts = list(dict.fromkeys(o.text for o in p.outcomes))
+        replies = [o.reply for o in p.outcomes if o.status == "ok"]
+        if p.stream:  # a reply cut off mid-stream is kept (gate "interrupted"); its retry is a new turn
+            assert {c for r, c, _ in new if r == "user"} == set(texts)
+            assert [c for r, c, g in new if r == "assistant" and g != "interrupted"] == replies
+        else:  # a retry reuses the stored message: one user message and one reply per text
+            assert [(r, c) for r, c, _ in new] == [x for t, rep in zip(texts, replies) for x in
+                                                   (("user", t), ("assistant", rep))]
+    print(f"{len(outcomes)} requests: {len(outcomes) - len(retried)} ok, {len(retried)} retryable errors "
+          f"({len(retried) / max(1, len(outcomes)):.1%}: {sorted(set(retried))}); messages stored "
+          f"{sum(map(len, before.values()))} -> {sum(map(len, after.values()))}")
+
+
+# ---------------------------------------------------------------- the tests
 def test_two_replicas_on_two_nodes_survive_losing_one(app):
     probe = app.cluster.probe()
     assert len(probe["nodes"]) == 2, probe
@@ -380,25 +417,7 @@ def test_two_replicas_on_two_nodes_survive_losing_one(app):
         t.join(timeout=900)
     assert not any(t.is_alive() for t in threads), "a patient's request never returned"
 
-    # Every request succeeded or got a retryable error (anything else is fatal); messages and replies are all stored.
-    assert [p.fatal for p in patients] == [None] * len(patients)
-    outcomes = [o for p in patients for o in p.outcomes]
-    retried = [o.status for o in outcomes if o.status != "ok"]
-    after = _messages(app, ids)
-    for p in patients:
-        new = after[p.session_id][len(before[p.session_id]):]
-        assert after[p.session_id][:len(before[p.session_id])] == before[p.session_id]
-        texts = list(dict.fromkeys(o.text for o in p.outcomes))
-        replies = [o.reply for o in p.outcomes if o.status == "ok"]
-        if p.stream:  # a reply cut off mid-stream is kept (gate "interrupted"); its retry is a new turn
-            assert {c for r, c, _ in new if r == "user"} == set(texts)
-            assert [c for r, c, g in new if r == "assistant" and g != "interrupted"] == replies
-        else:  # a retry reuses the stored message: one user message and one reply per text
-            assert [(r, c) for r, c, _ in new] == [x for t, rep in zip(texts, replies) for x in
-                                                   (("user", t), ("assistant", rep))]
-    print(f"{len(outcomes)} requests: {len(outcomes) - len(retried)} ok, {len(retried)} retryable errors "
-          f"({sorted(set(retried))}); messages stored {sum(map(len, before.values()))} -> "
-          f"{sum(map(len, after.values()))}")
+    _check_stored(app, patients, before)
 
     # The replacement runs on the victim's node and serves: a new adapter goes to the replica holding fewest.
     probe = app.cluster.probe()
@@ -423,3 +442,85 @@ def test_two_replicas_on_two_nodes_survive_losing_one(app):
 
     _wait("the killed replica's engine gone and the replacement's running", engines_settled, timeout_s=60, every_s=1.0)
     print(f"replacement replica {new_id} on the killed replica's node serves; recovery {recovery_s:.1f} s")
+
+
+def _metrics_replicas(app: App) -> dict[str, float]:
+    """Ingress replica id -> its chat completions, for every replica one scrape of GET /metrics carries."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{app.url}/metrics", timeout=30)
+    r.raise_for_status()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            if "replica" in sample.labels:
+                out.setdefault(sample.labels["replica"], 0.0)
+                if sample.name == "attune_requests_total":
+                    out[sample.labels["replica"]] += sample.value
+    return out
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def test_losing_an_ingress_replica_under_load_loses_no_message(app):
+    """Two ingress replicas on two nodes; one scrape of /metrics covers both; one is killed while patients chat:
+    every failed request is retryable (503 with Retry-After from the proxy middleware, a stream's error event, or a
+    dropped connection), no stored message is lost or stored twice, and Serve starts a replacement."""
+    probe = app.cluster.probe(INGRESS_PREFIX)
+    ingress = {rid: info["node"] for rid, info in probe["llm"].items()}
+    assert len(ingress) == 2 and len(set(ingress.values())) == 2, f"ingress replicas not one per node: {probe}"
+    # The cluster is on this host: each replica's resident memory from /proc; the one the status endpoint
+    # reaches (Serve's proxy prefers the replica on its own node, the head) reports the same process.
+    mem = app.status()["engine"]["memory"]["ingress"]
+    pids = {rid: info["pid"] for rid, info in probe["llm"].items()}
+    assert pids[mem["replica"]] == mem["pid"]
+    print(f"\ningress replica RSS: {', '.join(f'{r} {_rss_mib(p):.0f} MiB' for r, p in sorted(pids.items()))}; "
+          f"status of {mem['replica']}: {mem['rss_bytes'] / 2**20:.0f} MiB")
+    _wait("every ingress replica in one /metrics scrape", lambda: set(_metrics_replicas(app)) >= set(ingress),
+          timeout_s=60, every_s=1.0)
+    assert all(set(_metrics_replicas(app)) >= set(ingress) for _ in range(6)), "a scrape missed a replica"
+
+    # The victim is the replica that carries the traffic: the one on the proxy's node (the head, node_a).
+    victim = next(r for r, n in ingress.items() if "node_a" in probe["nodes"][n])
+    assert victim == mem["replica"], "the proxy's own node's replica answers"
+    survivor = next(r for r in ingress if r != victim)
+    sessions = _sessions(app, 4)
+    streamer = sessions[0][0]
+    patients = [Patient(app, sid, adapter, stream=sid == streamer) for sid, adapter in sessions]
+    before = _messages(app, [p.session_id for p in patients])
+    stop = threading.Event()
+    threads = [threading.Thread(target=p.run, args=(stop, 100 + w), daemon=True) for w, p in enumerate(patients)]
+    for t in threads:
+        t.start()
+    _wait("every patient served twice under load",
+          lambda: all(sum(o.status == "ok" for o in p.outcomes) >= 2 for p in patients)
+          or any(p.fatal for p in patients),
+          every_s=0.5)
+    busy_at_kill = sum(p.busy for p in patients)
+    survivor_before = _metrics_replicas(app)[survivor]
+    app.cluster.kill_replica(victim, INGRESS_PREFIX)
+    killed = time.monotonic()
+    _wait("two RUNNING ingress replicas again, the victim replaced",
+          lambda: app.llm_states("AttuneIngress").get("RUNNING") == 2
+          and victim not in app.cluster.probe(INGRESS_PREFIX)["llm"], every_s=1.0)
+    recovery_s = time.monotonic() - killed
+    time.sleep(10)  # patients go on through the replacement
+    stop.set()
+    for t in threads:
+        t.join(timeout=900)
+    assert not any(t.is_alive() for t in threads), "a patient's request never returned"
+    print(f"killed ingress replica {victim} with {busy_at_kill} patients' requests in flight; 2 RUNNING again "
+          f"after {recovery_s:.1f} s")
+    _check_stored(app, patients, before)
+
+    now = set(app.cluster.probe(INGRESS_PREFIX)["llm"])
+    assert len(now) == 2 and victim not in now and survivor in now
+    _wait("the replacement in /metrics", lambda: set(_metrics_replicas(app)) >= now, timeout_s=60, every_s=1.0)
+    served = _metrics_replicas(app)
+    assert served[survivor] > survivor_before, "the surviving replica took over the patients"
+    print(f"chat completions counted per ingress replica (one scrape): {served}")

@@ -102,7 +102,9 @@ def test_scorer_failure_fails_closed_and_health_reports_it(server):
 
 def _scorer_errors(server) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=60).text
-    return float(re.search(r"^attune_scorer_errors_total (\S+)$", text, re.M).group(1))
+    found = re.findall(r"^attune_scorer_errors_total\{replica=\"[^\"]+\"\} (\S+)$", text, re.M)
+    assert found, "no attune_scorer_errors_total series"
+    return sum(map(float, found))  # one series per ingress replica
 
 
 @pytest.mark.integration

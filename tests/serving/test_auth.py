@@ -150,3 +150,37 @@ def test_rate_limiter_is_thread_safe():
     finally:
         sys.setswitchinterval(old)
     assert len(allowed) == 400
+
+
+def test_the_full_hash_is_compared_here_in_constant_time_never_by_the_database(keys, monkeypatch):
+    """The database matches only a prefix of the hash; every candidate's stored hash is compared with the presented
+    key's hash by hmac.compare_digest. A row that shares the prefix but not the hash is refused."""
+    import hmac
+
+    from sqlalchemy import event
+
+    from serving import auth
+
+    key = keys.create_key("clinic-a")
+    digest = hash_key(key)
+    twin = digest[:auth.LOOKUP_CHARS] + ("0" if digest[-1] != "0" else "1") * (64 - auth.LOOKUP_CHARS)
+    keys.repo.ensure_tenant("mallory")
+    keys.repo.put_api_key("mallory", twin, "operator", "twin")
+    sent, compared = [], []
+    event.listen(keys.repo.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, params, context, many: sent.append(repr(params)))
+    real = hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+
+    who = keys.authenticate(key)
+    assert who.tenant_id == "clinic-a" and who.role == "patient-app"
+    assert sorted(compared) == sorted([(digest, digest), (twin, digest)])
+    assert sent and not any(digest in p or twin in p for p in sent), "the database saw a full hash"
+
+    compared.clear()
+    with pytest.raises(AuthError):  # a key whose hash matches only the twin's prefix
+        keys.authenticate(new_key())
+    keys.repo.revoke_api_keys("clinic-a", "")
+    with pytest.raises(AuthError):
+        keys.authenticate(key)
+    assert compared == [(twin, digest)]

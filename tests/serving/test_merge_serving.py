@@ -109,8 +109,19 @@ def test_merges_leave_the_signed_store_and_its_signature_untouched(store, tiny_l
     assert record.parent_files == {p: store.entry(p).files for p in ("autonomy", "empathy")}
 
 
-def test_the_ingress_starts_with_merge_policy_on_a_signed_store(store, keys, tmp_path):
+def test_the_ingress_starts_with_merge_policy_on_a_signed_store(store, keys, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import serving.app
+    import serving.ingress_state
     from serving.app import AttuneIngress
+    from serving.auth import RateLimiter
+
+    # Outside Serve: no replica context and no shared-state actor; the replica's own limiters stand in.
+    replica = SimpleNamespace(deployment_id=SimpleNamespace(app_name="attune"), unique_id="r1")
+    monkeypatch.setattr(serving.app.serve, "get_replica_context", lambda: SimpleNamespace(replica_id=replica))
+    monkeypatch.setattr(serving.ingress_state, "SharedIngress",
+                        lambda app, rid, metrics: SimpleNamespace(replica=rid, limiter=lambda s, n: RateLimiter(n)))
 
     cls = AttuneIngress.func_or_class.__mro__[1]
     ingress = object.__new__(cls)

@@ -1,0 +1,65 @@
+"""A middleware for Serve's HTTP proxy (not for the app): when the ingress replica serving a request dies, Serve's proxy
+answers a bare 500 (or, mid-stream, just stops). This turns that into what a client knows to retry: a 503 with
+Retry-After and an OpenAI error body, or, in a stream already begun, a final OpenAI error event and [DONE]. The
+patient's message is kept by the retry (a repeated unanswered message is not stored twice).
+
+The proxy is Serve's own actor, so the app cannot install this: set, on every Ray node (before `ray start`),
+  RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.proxy_middleware:middlewares
+Imports only starlette and json: it runs in the proxy process of every node.
+"""
+from __future__ import annotations
+
+import json
+
+from starlette.middleware import Middleware
+
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+CALLBACK = "serving.proxy_middleware:middlewares"
+RETRY_AFTER_S = 5
+"""As serving.errors.RETRY_AFTER_S (not imported: that would load the app's modules into the proxy)."""
+CODE = "ingress_unavailable"
+MESSAGE = ("the server handling this request stopped before it answered; retry after {s} s (with session_id, a message "
+           "already saved is not saved twice)")
+
+
+def error_body() -> bytes:
+    return json.dumps({"error": {"message": MESSAGE.format(s=RETRY_AFTER_S), "type": "server_error", "param": None,
+                                 "code": CODE}}).encode()
+
+
+class ReplicaLost:
+    """Pure ASGI middleware: watches the response the proxy relays and completes one the replica left unfinished."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "done": False, "sse": False}
+
+        async def relay(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["sse"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                   for k, v in message.get("headers", []))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["done"] = True
+            await send(message)
+
+        await self.app(scope, receive, relay)
+        if state["done"]:
+            return
+        if not state["started"]:
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"retry-after", str(RETRY_AFTER_S).encode())]})
+            await send({"type": "http.response.body", "body": error_body()})
+        elif state["sse"]:
+            await send({"type": "http.response.body", "body": b"data: " + error_body() + b"\n\ndata: [DONE]\n\n"})
+        # Any other response begun and cut off: the server closes the connection, which clients retry.
+
+
+def middlewares() -> list[Middleware]:
+    """The callback Serve's proxy calls (see the module docstring)."""
+    return [Middleware(ReplicaLost)]
