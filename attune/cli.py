@@ -249,6 +249,13 @@ def serve(config: str | None = None, host: str = "127.0.0.1", port: int = 8000, 
     import os
     import time
 
+    from attune.compat import refuse_adapterhub
+
+    try:
+        refuse_adapterhub()
+    except ImportError as e:
+        print(f"attune serve: refused: {e}", file=sys.stderr)
+        return 2
     from serving.config import CONFIG_ENV
 
     if config:
