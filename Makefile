@@ -1,5 +1,6 @@
 # Two commands for a new user: `make demo` (install, then the API and the patient UI with built-in defaults) and
-# `make test`.
+# `make test`. The demo's private Ray gets token auth with a random token per start (RAY_AUTH_MODE unset);
+# Ctrl-C stops everything it started and exits 0.
 VENV ?= $(HOME)/.cache/attune-venv
 export ATTUNE_VENV := $(VENV)
 export HF_HUB_OFFLINE := 1
@@ -17,4 +18,4 @@ test-fast: install
 	$(ACT) python -m pytest -q -m "not slow and not integration" tests
 
 demo: install
-	$(ACT) attune adapters verify && $(ACT) RAY_AUTH_MODE=disabled attune serve --ui
+	$(ACT) attune adapters verify && $(ACT) attune serve --ui

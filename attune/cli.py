@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from attune import adapter_commands, data_keys, operators, research, store_signing
+from attune.local_service import serve
 
 if TYPE_CHECKING:
     import httpx
@@ -105,69 +106,6 @@ def eval_safety(url: str | None = None, api_key: str | None = None, operator_key
     return 0
 
 
-def _start_ui(api_url: str, api_key: str, host: str, port: int):
-    """`attune ui` as a child process (the key travels in its environment, not on its command line); returns it
-    once the page answers, or None with the reason printed."""
-    import os
-    import subprocess
-    import time
-    import urllib.request
-
-    child = subprocess.Popen([sys.executable, "-m", "attune.cli", "ui", "--api-url", api_url, "--host", host,
-                              "--port", str(port)], env={**os.environ, "ATTUNE_API_KEY": api_key})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/", timeout=5):
-                return child
-        except OSError:
-            time.sleep(1.0)
-    print(f"attune serve: the patient UI did not start on {host}:{port} (exit code {child.poll()}); the API keeps "
-          "running", file=sys.stderr)
-    child.kill()
-    return None
-
-
-def serve(config: str | None = None, host: str = "127.0.0.1", port: int = 8000, data_dir: str | None = None,
-          ui: bool = False, ui_port: int = 7860) -> int:
-    """Start the chat API (Ray Serve: vLLM with the adapters, the reward model, SQLite) on localhost until Ctrl-C;
-    with --ui also the patient web app in front of it."""
-    import os
-    import time
-
-    from serving.config import CONFIG_ENV
-
-    if config:
-        os.environ[CONFIG_ENV] = config
-    if data_dir:
-        os.environ["ATTUNE_DATA_DIR"] = data_dir
-    from serving import app
-    from serving.auth import OPERATOR_KEY_FILE
-
-    started = time.perf_counter()
-    cfg = app.load_config(app.AppArgs())
-    api_key, key_file = app.ensure_local_tenant(cfg)
-    page = None
-    try:
-        url = app.start_local({"ensure_local_tenant": False}, host=host, port=port)
-        app.wait_ready(url)
-        print(f"Attune is ready at {url}/v1 (OpenAI-compatible) after {time.perf_counter() - started:.0f} s")
-        print(f"  API key: {'$ATTUNE_API_KEY' if key_file is None else key_file}; operator key: "
-              f"{cfg.data_dir / OPERATOR_KEY_FILE if not os.environ.get('ATTUNE_OPERATOR_KEY') else '$ATTUNE_OPERATOR_KEY'}")
-        print(f"  health: {url}/healthz   metrics: {url}/metrics   Ctrl-C stops the service")
-        if ui:
-            page = _start_ui(url, api_key, host, ui_port)
-            if page is not None:
-                print(f"Patient UI at http://{host}:{ui_port}/ after {time.perf_counter() - started:.0f} s", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        if page is not None:
-            page.terminate()
-            page.wait(timeout=30)
-        app.stop_local()
 
 
 class StatusError(RuntimeError):
@@ -394,7 +332,9 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--port", type=int, default=8000, help="HTTP port (default 8000)"),
         arg("--data-dir", help="folder for the database and key files (default: $ATTUNE_HOME/serve)"),
         arg("--ui", action="store_true", help="also start the patient web app (`attune ui`) with the local key"),
-        arg("--ui-port", type=int, default=7860, help="port of the patient web app (default 7860)")]),
+        arg("--ui-port", type=int, default=7860, help="port of the patient web app (default 7860)"),
+        arg("--ssl-certfile", help="serve the API over HTTPS with this PEM certificate (chain); needs --ssl-keyfile"),
+        arg("--ssl-keyfile", help="the PEM private key of --ssl-certfile")]),
     ("bench", "serve"): (bench_serve, [
         arg("--url", default="http://127.0.0.1:8000", help="base URL of the running service (default %(default)s)"),
         arg("--api-key", help="patient-app key, only to check that it cannot send attune_options "

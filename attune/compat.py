@@ -26,3 +26,9 @@ def import_adapters() -> ModuleType:
     import adapters
 
     return check_adapters_package(adapters)
+
+
+def refuse_adapterhub() -> None:
+    """The guard `attune train`, `attune serve` and the Serve replicas run before anything else: raise ImportError
+    (saying how to fix it) if `import adapters` is not Attune's store or PyPI's AdapterHub is installed beside it."""
+    import_adapters().ensure_attune_adapters()

@@ -2,3 +2,6 @@
 
 Knows adapters and the reward model only through `adapters` and `alignment.reward`.
 """
+from attune.compat import refuse_adapterhub
+
+refuse_adapterhub()  # every replica imports this package first: refuse AdapterHub's `adapters` with a clear message

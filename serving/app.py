@@ -437,22 +437,49 @@ def ensure_local_tenant(cfg: ServeConfig) -> tuple[str, Path | None]:
 
 
 def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-                num_cpus: int | None = None, address: str = "local") -> str:
+                num_cpus: int | None = None, address: str = "local", ssl_certfile: str | None = None,
+                ssl_keyfile: str | None = None) -> str:
     """Start a private Ray instance on this machine (no dashboard; `address="local"` never joins a cluster that
-    `ray start` left running), run the app on host:port, and return its base URL. Pass a cluster's address to
-    deploy there instead. Returns once every replica has started; `wait_ready` then waits for GET /healthz."""
+    `ray start` left running), run the app on host:port (HTTPS with `ssl_certfile`/`ssl_keyfile`), and return its
+    base URL. Pass a cluster's address to deploy there instead. Returns once every replica has started; `wait_ready`
+    then waits for GET /healthz.
+
+    The private instance has token auth (Ray listens on every interface, whatever the app's host): unless
+    RAY_AUTH_MODE is set, Ray turns it on for a new local instance, here with a random token for this run kept in
+    the environment its processes inherit ($RAY_AUTH_TOKEN, never written to ~/.ray). Its processes are started
+    with SIGINT ignored, so a Ctrl-C reaches only the caller, which then stops them in order (`stop_local`); a
+    SIGTERM handler of the caller's (a Python function) stays in place."""
+    import secrets
+    import signal
+    import threading
+
     import ray
 
     from attune.paths import REPO_ROOT
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     if address == "local":
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
+        if os.environ.get("RAY_AUTH_MODE") is None:
+            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level, main = notice.level, threading.current_thread() is threading.main_thread()
+        notice.setLevel(logging.ERROR)  # "token auth is enabled" is what we want, not news
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
+        finally:
+            notice.setLevel(level)
+            if main:
+                signal.signal(signal.SIGINT, sigint)
+                if callable(sigterm):  # Ray's driver installs a SIGTERM handler that aborts (status 134)
+                    signal.signal(signal.SIGTERM, sigterm)
     else:
         ray.init(address=address, ignore_reinit_error=True)
-    serve.start(http_options={"host": host, "port": port})
+    tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if ssl_certfile or ssl_keyfile else {}
+    serve.start(http_options={"host": host, "port": port, **tls})
     serve.run(build_app(args), name="attune", route_prefix="/")
-    return f"http://{host}:{port}"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 def wait_ready(url: str, timeout_s: float = 900.0) -> None:
@@ -475,8 +502,14 @@ def wait_ready(url: str, timeout_s: float = 900.0) -> None:
     raise TimeoutError(f"{url}/healthz not ready after {timeout_s:.0f} s: {last}")
 
 
-def stop_local() -> None:
+def stop_local(graceful: bool = True) -> None:
+    """Delete the app and stop Serve (replicas finish the requests they hold), then stop the Ray processes this
+    process started (none when it joined a cluster: `ray.shutdown` only disconnects from one). `graceful=False`
+    skips Serve's drain: Ray's processes, replicas included, are stopped at once."""
     import ray
 
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        if graceful and ray.is_initialized():
+            serve.shutdown()
+    finally:
+        ray.shutdown()

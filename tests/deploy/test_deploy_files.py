@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Callable
@@ -253,6 +254,113 @@ def check_rayservice(path: Path) -> None:
     capacity = sum(g["maxReplicas"] * gpus_per_pod[g["groupName"]] for g in cluster["workerGroupSpecs"])
     assert cluster["enableInTreeAutoscaling"] is True, "Serve autoscaling needs the Ray autoscaler to add GPU pods"
     assert llm["max_replicas"] * llm["num_gpus"] <= capacity, "the GPU groups cannot hold LLMServer's max_replicas"
+    check_ray_token_auth(path, cluster, groups)
+
+
+RAY_TOKEN_KEY = "auth_token"
+"""The key KubeRay's authOptions.secretName Secret must hold."""
+
+
+def secrets_created(text: str) -> dict[str, set[str]]:
+    """Secret name -> keys, from the `kubectl create secret generic NAME --from-literal=KEY=...` lines of a header."""
+    found: dict[str, set[str]] = {}
+    for name, rest in re.findall(r"kubectl create secret generic ([\w.-]+)(.*)", text):
+        found[name] = set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", rest))
+    return found
+
+
+def check_ray_token_auth(path: Path, cluster: dict, groups: list[tuple[str, dict]]) -> None:
+    """Ray token auth on every pod, its token from a Secret the header tells the operator to create; the dashboard on
+    a ClusterIP service only; pods labelled for networkpolicy.yaml."""
+    auth = cluster.get("authOptions") or {}
+    assert auth.get("mode") == "token", f"{path.name}: rayClusterConfig.authOptions.mode must be token"
+    secret = auth.get("secretName")
+    assert secret, f"{path.name}: authOptions.secretName: the token comes from a Secret of ours"
+    created = secrets_created(path.read_text(encoding="utf-8"))
+    assert RAY_TOKEN_KEY in created.get(secret, set()), (
+        f"{path.name}: the header must create Secret {secret} with key {RAY_TOKEN_KEY} (`kubectl create secret ...`)")
+    head = cluster["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", "the head service (dashboard 8265) stays internal"
+    for name, group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "RAY_AUTH_MODE" not in env and "RAY_AUTH_TOKEN" not in env, (
+            f"{name}: leave RAY_AUTH_MODE/RAY_AUTH_TOKEN to authOptions (a literal token or 'disabled' must not be here)")
+        assert "value" not in env.get("RAY_AUTH_TOKEN_PATH", {}), f"{name}: no token path of its own"
+        labels = group["template"].get("metadata", {}).get("labels", {})
+        assert labels.get("app.kubernetes.io/name") == "attune", f"{name}: networkpolicy.yaml selects pods by label"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert not any("hostPort" in p for p in container["ports"]), f"{name}: no host ports"
+        if name == "head":
+            assert ports.get("dashboard") == DASHBOARD_PORT
+
+
+def test_token_auth_check_catches_a_disabled_cluster(tmp_path):
+    doc = read_yaml(DEPLOY / "kuberay" / "rayservice.yaml")
+    header = "".join(line for line in (DEPLOY / "kuberay" / "rayservice.yaml").read_text().splitlines(True)
+                     if line.startswith("#"))
+    bad = tmp_path / "rayservice.yaml"
+    cases = [
+        (lambda d: d["spec"]["rayClusterConfig"].pop("authOptions"), "authOptions.mode"),
+        (lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"].update(serviceType="LoadBalancer"), "ClusterIP"),
+        (lambda d: [g["template"]["spec"]["containers"][0]["env"].append({"name": "RAY_AUTH_MODE", "value": "disabled"})
+                    for g in [d["spec"]["rayClusterConfig"]["headGroupSpec"],
+                              *d["spec"]["rayClusterConfig"]["workerGroupSpecs"]]], "RAY_AUTH_MODE"),
+        (lambda d: d["spec"]["rayClusterConfig"]["authOptions"].update(secretName="other"), "create Secret other"),
+    ]
+    for change, message in cases:
+        d = json.loads(json.dumps(doc))
+        change(d)
+        bad.write_text(header + yaml.safe_dump(d))
+        with pytest.raises(AssertionError, match=message):
+            check_rayservice(bad)
+
+
+# ------------------------------------------------------------------ NetworkPolicy
+DASHBOARD_PORT = 8265
+
+
+def admits(rule: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") == port for p in ports)
+
+
+def check_networkpolicy(path: Path) -> None:
+    """Selects every Ray pod of rayservice.yaml; the dashboard port is open only to Attune's own pods and one named
+    namespace (the KubeRay operator's); nothing admits everyone to every port."""
+    doc = read_yaml(path)
+    assert doc["apiVersion"] == "networking.k8s.io/v1" and doc["kind"] == "NetworkPolicy"
+    spec = doc["spec"]
+    assert "Ingress" in spec["policyTypes"]
+    selector = spec["podSelector"]["matchLabels"]
+    cluster = read_yaml(DEPLOY / "kuberay" / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        labels = group["template"].get("metadata", {}).get("labels", {})
+        assert selector.items() <= labels.items(), f"{path.name}: does not select every Ray pod ({labels})"
+    for rule in spec["ingress"]:
+        sources = rule.get("from")
+        assert sources, f"{path.name}: a rule without `from` admits every source: {rule}"
+        assert not any("ipBlock" in src for src in sources), f"{path.name}: no ipBlock sources"
+        if not admits(rule, DASHBOARD_PORT):
+            continue
+        for src in sources:
+            own = src.get("podSelector", {}).get("matchLabels") == selector and "namespaceSelector" not in src
+            names = src.get("namespaceSelector", {}).get("matchLabels", {})
+            one_namespace = set(names) == {"kubernetes.io/metadata.name"} and "podSelector" not in src
+            assert own or one_namespace, f"{path.name}: the dashboard ({DASHBOARD_PORT}) is open to {src}"
+    assert any(admits(r, DASHBOARD_PORT) and any("namespaceSelector" in s for s in r["from"])
+               for r in spec["ingress"]), f"{path.name}: the KubeRay operator's namespace must reach the dashboard"
+
+
+def test_networkpolicy_check_catches_an_open_dashboard(tmp_path):
+    doc = read_yaml(DEPLOY / "kuberay" / "networkpolicy.yaml")
+    bad = tmp_path / "networkpolicy.yaml"
+    for rule in ({"from": [{"namespaceSelector": {}}]},
+                 {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]},
+                 {"ports": [{"protocol": "TCP", "port": 8000}]}):
+        bad.write_text(yaml.safe_dump({**doc, "spec": {**doc["spec"], "ingress": [*doc["spec"]["ingress"], rule]}}))
+        with pytest.raises(AssertionError, match="dashboard|admits every source"):
+            check_networkpolicy(bad)
 
 
 # ------------------------------------------------------------------ Dockerfiles
@@ -310,6 +418,30 @@ def check_dockerfile(path: Path) -> None:
     assert commands, f"{path.name}: never runs attune"
     for words in commands:
         assert words[:1] in COMMANDS or words in COMMANDS, f"{path.name}: `attune {' '.join(words)}` is no command"
+    env = dict(item.split("=", 1) for k, a in steps if k == "ENV" for item in shlex.split(a))
+    assert env.get("RAY_AUTH_MODE", "token") == "token", f"{path.name}: Ray token auth must not be turned off"
+    assert "RAY_AUTH_TOKEN" not in env, f"{path.name}: no token in an image"
+    if "FROM rayproject/ray" in " ".join(f"{k} {a}" for k, a in steps):
+        assert env.get("RAY_AUTH_MODE") == "token", f"{path.name}: a Ray node image sets RAY_AUTH_MODE=token"
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("Dockerfile.cpu", ("HF_HUB_OFFLINE=1 \\", "HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled \\"), "must not be turned off"),
+    ("Dockerfile.gpu", ("    RAY_AUTH_MODE=token\n", "    RAY_AUTH_MODE=disabled\n"), "must not be turned off"),
+    ("Dockerfile.gpu", ("    RAY_AUTH_MODE=token\n", "    RAY_AUTH_TOKEN=abc\n"), "no token in an image"),
+])
+def test_dockerfile_check_catches_ray_auth_off(tmp_path, name, change, message):
+    text = (DEPLOY / "docker" / name).read_text()
+    assert change[0] in text
+    bad = tmp_path / name
+    bad.write_text(text.replace(change[0], change[1], 1))
+    with pytest.raises(AssertionError, match=message):
+        check_dockerfile(bad)
+
+
+def test_makefile_demo_keeps_ray_token_auth():
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert "RAY_AUTH_MODE=disabled" not in makefile and "attune serve --ui" in makefile
 
 
 def test_dockerfile_check_catches_a_missing_extra(tmp_path):
@@ -401,6 +533,7 @@ def check_serve_config(path: Path) -> None:
 CHECKERS: dict[str, Callable[[Path], None]] = {
     "serve-*.yaml": check_serve_config,
     "kuberay/rayservice.yaml": check_rayservice,
+    "kuberay/networkpolicy.yaml": check_networkpolicy,
     "docker/Dockerfile.*": check_dockerfile,
     "prometheus/prometheus.yml": check_prometheus_config,
     "prometheus/alerts.yml": check_alert_rules,
@@ -417,7 +550,8 @@ def checker_for(rel: str) -> Callable[[Path], None]:
 
 
 def test_every_deploy_file_has_a_checker():
-    assert {"serve-cpu.yaml", "serve-gpu.yaml", "kuberay/rayservice.yaml", "docker/Dockerfile.cpu",
+    assert {"serve-cpu.yaml", "serve-gpu.yaml", "kuberay/rayservice.yaml", "kuberay/networkpolicy.yaml",
+            "docker/Dockerfile.cpu",
             "docker/Dockerfile.gpu", "prometheus/prometheus.yml", "prometheus/alerts.yml",
             "grafana/attune-dashboard.json"} <= set(FILES)
     for rel in FILES:
