@@ -457,7 +457,11 @@ def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int 
 
     from attune.paths import REPO_ROOT
 
+    from serving.proxy_middleware import CALLBACK, CALLBACK_ENV
+
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # The proxy turns a lost ingress replica's bare 500 into a retryable 503 (read when Ray starts the proxy).
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     if address == "local":
         if os.environ.get("RAY_AUTH_MODE") is None:
             os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
