@@ -221,7 +221,9 @@ def check_rayservice(path: Path) -> None:
     cluster = spec["rayClusterConfig"]
     assert cluster["rayVersion"] == pin("ray[serve]", "serve") == ray.__version__
     groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
-    known_env = set(ENV_OVERRIDES) | {CONFIG_ENV, ENV_KEY, ENV_OPERATOR_KEY, "ATTUNE_HOME"}
+    from serving.crypto import ENV_KEY as DATA_KEY_ENV, ENV_KEY_FILE as DATA_KEY_FILE_ENV
+
+    known_env = set(ENV_OVERRIDES) | {CONFIG_ENV, ENV_KEY, ENV_OPERATOR_KEY, "ATTUNE_HOME", DATA_KEY_ENV, DATA_KEY_FILE_ENV}
     images, envs, gpus_per_pod = set(), [], {}
     serve_port = embedded["http_options"]["port"]
     for name, group in groups:
@@ -241,6 +243,8 @@ def check_rayservice(path: Path) -> None:
                                                                      "(a lost ingress replica's requests get a 503)")
         db = env["ATTUNE_DATABASE_URL"]
         assert "secretKeyRef" in db["valueFrom"], "the database URL (with its password) comes from a Secret"
+        assert "secretKeyRef" in env.get("ATTUNE_DATA_KEY", {}).get("valueFrom", {}), (
+            f"{name}: ATTUNE_DATA_KEY from a Secret (each pod would otherwise make its own data key)")
         envs.append(env)
         if name != "head":
             assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
