@@ -130,100 +130,105 @@ def test_llm_replicas_scale_out_under_load_and_back_when_it_drops(autoscaled):
     def failed() -> list[Outcome | str]:
         return [o for v in visitors for o in v.outcomes if o.status != "ok"] + [v.fatal for v in visitors if v.fatal]
 
-    # ---- scale up: six patients at once; Serve starts a second engine on the other node.
-    load_started = time.monotonic()
-    talking = [v.start(w) for w, v in enumerate(visitors[:LOAD_PATIENTS])]
-    marks: dict[str, float] = {}
+    try:
+        # ---- scale up: six patients at once; Serve starts a second engine on the other node.
+        load_started = time.monotonic()
+        talking = [v.start(w) for w, v in enumerate(visitors[:LOAD_PATIENTS])]
+        marks: dict[str, float] = {}
 
-    def two_running():
-        states = _states(app)
-        if sum(states.values()) > 1:
-            marks.setdefault("decided", time.monotonic() - load_started)
-        return states.get("RUNNING", 0) >= 2 or failed()
+        def two_running():
+            states = _states(app)
+            if sum(states.values()) > 1:
+                marks.setdefault("decided", time.monotonic() - load_started)
+            return states.get("RUNNING", 0) >= 2 or failed()
 
-    _wait("a second RUNNING LLM replica under load", two_running, timeout_s=PHASE_S, every_s=1.0)
-    assert not failed(), f"requests failed while the second replica started: {failed()}"
-    running_s = time.monotonic() - load_started
-    probe = app.cluster.probe()
-    assert len(probe["llm"]) == 2, probe
-    (second,) = set(probe["llm"]) - {first}
-    assert probe["llm"][second]["node"] != probe["llm"][first]["node"], f"both engines on one node: {probe}"
+        _wait("a second RUNNING LLM replica under load", two_running, timeout_s=PHASE_S, every_s=1.0)
+        assert not failed(), f"requests failed while the second replica started: {failed()}"
+        running_s = time.monotonic() - load_started
+        probe = app.cluster.probe()
+        assert len(probe["llm"]) == 2, probe
+        (second,) = set(probe["llm"]) - {first}
+        assert probe["llm"][second]["node"] != probe["llm"][first]["node"], f"both engines on one node: {probe}"
 
-    # A new session's adapter goes to the replica holding fewest adapters: the new one. The router may not know it
-    # yet when the first new patient arrives, so new patients join the load until the new replica has served one
-    # (holds an adapter: a status call may reach a replica that has served nothing).
-    joined = []
-    while not app.llm_replicas().get(second):
-        assert len(joined) < len(spare) and not failed(), (
-            f"the new LLM replica {second} served none of {len(joined)} new patients: {app.llm_replicas()}; "
-            f"failed: {failed()}")
-        newcomer = visitors[LOAD_PATIENTS + len(joined)].start(LOAD_PATIENTS + len(joined))
-        joined.append(newcomer)
-        talking.append(newcomer)
-        _wait(f"a reply to the new patient on {newcomer.adapter}", lambda: newcomer.outcomes or newcomer.fatal,
-              timeout_s=PHASE_S, every_s=0.5)
-    serving_s = time.monotonic() - load_started
-    print(f"\nscale-up: {LOAD_PATIENTS} patients from t=0; second LLM replica started after "
-          f"{marks.get('decided', running_s):.1f} s, RUNNING after {running_s:.1f} s on the other node, serving a new "
-          f"patient after {serving_s:.1f} s ({len(joined)} new patient(s))")
+        # A new session's adapter goes to the replica holding fewest adapters: the new one. The router may not know it
+        # yet when the first new patient arrives, so new patients join the load until the new replica has served one
+        # (holds an adapter: a status call may reach a replica that has served nothing).
+        joined = []
+        while not app.llm_replicas().get(second):
+            assert len(joined) < len(spare) and not failed(), (
+                f"the new LLM replica {second} served none of {len(joined)} new patients: {app.llm_replicas()}; "
+                f"failed: {failed()}")
+            newcomer = visitors[LOAD_PATIENTS + len(joined)].start(LOAD_PATIENTS + len(joined))
+            joined.append(newcomer)
+            talking.append(newcomer)
+            _wait(f"a reply to the new patient on {newcomer.adapter}", lambda: newcomer.outcomes or newcomer.fatal,
+                  timeout_s=PHASE_S, every_s=0.5)
+        serving_s = time.monotonic() - load_started
+        print(f"\nscale-up: {LOAD_PATIENTS} patients from t=0; second LLM replica started after "
+              f"{marks.get('decided', running_s):.1f} s, RUNNING after {running_s:.1f} s on the other node, "
+              f"serving a new patient after {serving_s:.1f} s ({len(joined)} new patient(s))")
 
-    # ---- scale down: the load drops to one patient on each replica, pausing between turns.
-    held = app.llm_replicas()
-    on_second = next(v for v in joined if v.adapter in held[second])
-    on_first = next(v for v in talking[:LOAD_PATIENTS] if v.adapter in held.get(first, []) and v is not on_second)
-    trickle = [on_first, on_second]
-    for v in trickle:
-        v.pause_s = TRICKLE_PAUSE_S
-    for v in talking:
-        if v not in trickle:
+        # ---- scale down: the load drops to one patient on each replica, pausing between turns.
+        held = app.llm_replicas()
+        on_second = next(v for v in joined if v.adapter in held[second])
+        on_first = next(v for v in talking[:LOAD_PATIENTS] if v.adapter in held.get(first, []) and v is not on_second)
+        trickle = [on_first, on_second]
+        for v in trickle:
+            v.pause_s = TRICKLE_PAUSE_S
+        for v in talking:
+            if v not in trickle:
+                v.stop.set()
+        dropped = time.monotonic()
+        engines_at_drop = len(app.cluster.pids("VLLM::EngineCore"))
+        stopping: dict = {}
+
+        def one_replica():
+            states = _states(app)
+            if "STOPPING" in states and not stopping:
+                stopping.update(after_s=time.monotonic() - dropped, in_flight=sum(v.busy for v in trickle))
+            return states == {"RUNNING": 1} or failed()
+
+        # Polled every 2 s: each poll is a status call to an LLM replica, which Serve counts as an ongoing request.
+        _wait("one LLM replica again after the load dropped", one_replica, timeout_s=PHASE_S, every_s=2.0)
+        down_s = time.monotonic() - dropped
+        assert not failed(), f"requests failed while a replica was removed: {failed()}"
+        probe = app.cluster.probe()
+        assert len(probe["llm"]) == 1, probe
+        (kept,) = probe["llm"]
+        assert kept in (first, second), probe
+        removed = second if kept == first else first
+
+        def one_engine():
+            engines = app.cluster.pids("VLLM::EngineCore")
+            if len(engines) != 1:
+                raise AssertionError(f"vLLM engine processes: {engines}")
+            return True
+
+        _wait("the removed replica's vLLM engine process gone", one_engine, timeout_s=120, every_s=1.0)
+
+        # Both remaining patients, also the one whose adapter was on the removed replica, get replies from the kept one.
+        answered = {id(v): v.ok() for v in trickle}
+        _wait("a reply to each remaining patient after the scale-down",
+              lambda: all(v.ok() > answered[id(v)] for v in trickle) or failed(), timeout_s=PHASE_S, every_s=0.5)
+        orphan = on_second if removed == second else on_first
+        assert orphan.adapter in app.llm_replicas()[kept], (orphan.adapter, app.llm_replicas())
+        for v in trickle:
             v.stop.set()
-    dropped = time.monotonic()
-    engines_at_drop = len(app.cluster.pids("VLLM::EngineCore"))
-    stopping: dict = {}
+        for v in talking:
+            v.thread.join(timeout=900)
+        assert not any(v.thread.is_alive() for v in talking), "a patient's request never returned"
 
-    def one_replica():
-        states = _states(app)
-        if "STOPPING" in states and not stopping:
-            stopping.update(after_s=time.monotonic() - dropped, in_flight=sum(v.busy for v in trickle))
-        return states == {"RUNNING": 1} or failed()
-
-    # Polled every 2 s: each poll is a status call to an LLM replica, which Serve counts as an ongoing request.
-    _wait("one LLM replica again after the load dropped", one_replica, timeout_s=PHASE_S, every_s=2.0)
-    down_s = time.monotonic() - dropped
-    assert not failed(), f"requests failed while a replica was removed: {failed()}"
-    probe = app.cluster.probe()
-    assert len(probe["llm"]) == 1, probe
-    (kept,) = probe["llm"]
-    assert kept in (first, second), probe
-    removed = second if kept == first else first
-
-    def one_engine():
-        engines = app.cluster.pids("VLLM::EngineCore")
-        if len(engines) != 1:
-            raise AssertionError(f"vLLM engine processes: {engines}")
-        return True
-
-    _wait("the removed replica's vLLM engine process gone", one_engine, timeout_s=120, every_s=1.0)
-
-    # Both remaining patients, also the one whose adapter was on the removed replica, are answered by the replica kept.
-    answered = {id(v): v.ok() for v in trickle}
-    _wait("a reply to each remaining patient after the scale-down",
-          lambda: all(v.ok() > answered[id(v)] for v in trickle) or failed(), timeout_s=PHASE_S, every_s=0.5)
-    orphan = on_second if removed == second else on_first
-    assert orphan.adapter in app.llm_replicas()[kept], (orphan.adapter, app.llm_replicas())
-    for v in trickle:
-        v.stop.set()
-    for v in talking:
-        v.thread.join(timeout=900)
-    assert not any(v.thread.is_alive() for v in talking), "a patient's request never returned"
-
-    outcomes = [o for v in visitors for o in v.outcomes]
-    gates = Counter(o.attune["gate"] for o in outcomes if o.attune)
-    print(f"scale-down: load dropped to 2 patients pausing {TRICKLE_PAUSE_S:.0f} s between turns; replica "
-          f"{removed} STOPPING after {stopping.get('after_s', float('nan')):.1f} s with "
-          f"{stopping.get('in_flight', '?')} of their requests in flight; 1 LLM replica after {down_s:.1f} s; "
-          f"vLLM engine processes {engines_at_drop} -> 1")
-    print(f"requests: {len(outcomes)}, ok {sum(o.status == 'ok' for o in outcomes)}, failed {len(failed())} "
-          f"({sum(v.stream for v in visitors if v.outcomes)} streaming patients; gate of non-streamed: {dict(gates)})")
-    assert not failed(), f"requests failed: {failed()}"
-    assert len(outcomes) > LOAD_PATIENTS
+        outcomes = [o for v in visitors for o in v.outcomes]
+        gates = Counter(o.attune["gate"] for o in outcomes if o.attune)
+        print(f"scale-down: load dropped to 2 patients pausing {TRICKLE_PAUSE_S:.0f} s between turns; replica "
+              f"{removed} STOPPING after {stopping.get('after_s', float('nan')):.1f} s with "
+              f"{stopping.get('in_flight', '?')} of the 2 patients' requests in flight; 1 LLM replica after "
+              f"{down_s:.1f} s; vLLM engine processes {engines_at_drop} -> 1")
+        print(f"requests: {len(outcomes)}, ok {sum(o.status == 'ok' for o in outcomes)}, failed {len(failed())} "
+              f"({sum(v.stream for v in visitors if v.outcomes)} streaming patients; gates of the others: "
+              f"{dict(gates)})")
+        assert not failed(), f"requests failed: {failed()}"
+        assert len(outcomes) > LOAD_PATIENTS
+    finally:  # no patient keeps talking to a cluster that is being torn down
+        for v in visitors:
+            v.stop.set()
