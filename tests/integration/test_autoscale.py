@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -112,6 +113,17 @@ class Visitor(Patient):
         return sum(o.status == "ok" for o in self.outcomes)
 
 
+def _commands(cluster: RayCluster) -> dict[str, int]:
+    """How many of the cluster's processes run each command (its first 40 characters)."""
+    found: Counter = Counter()
+    for pid in cluster.pids():
+        try:
+            found[Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:40].decode(errors="replace")] += 1
+        except OSError:
+            pass
+    return dict(found)
+
+
 def _states(app: App) -> dict[str, int]:
     return {state: n for state, n in app.llm_states().items() if n}
 
@@ -179,7 +191,7 @@ def test_llm_replicas_scale_out_under_load_and_back_when_it_drops(autoscaled):
             if v not in trickle:
                 v.stop.set()
         dropped = time.monotonic()
-        engines_at_drop = len(app.cluster.pids("VLLM::EngineCore"))
+        engines_at_drop = set(app.cluster.pids("VLLM::EngineCore"))
         stopping: dict = {}
 
         def one_replica():
@@ -198,18 +210,20 @@ def test_llm_replicas_scale_out_under_load_and_back_when_it_drops(autoscaled):
         assert kept in (first, second), probe
         removed = second if kept == first else first
 
-        def one_engine():
-            engines = app.cluster.pids("VLLM::EngineCore")
-            if len(engines) != 1:
-                raise AssertionError(f"vLLM engine processes: {engines}")
-            return True
-
-        _wait("the removed replica's vLLM engine process gone", one_engine, timeout_s=120, every_s=1.0)
-
         # Both remaining patients, also the one whose adapter was on the removed replica, get replies from the kept one.
         answered = {id(v): v.ok() for v in trickle}
         _wait("a reply to each remaining patient after the scale-down",
               lambda: all(v.ok() > answered[id(v)] for v in trickle) or failed(), timeout_s=PHASE_S, every_s=0.5)
+        assert not failed(), f"requests failed after a replica was removed: {failed()}"
+
+        def one_engine():
+            engines = set(app.cluster.pids("VLLM::EngineCore"))
+            if len(engines) != 1 or not engines <= engines_at_drop:
+                raise AssertionError(f"vLLM engine processes at the drop {sorted(engines_at_drop)}, now "
+                                     f"{sorted(engines)}; the cluster's processes: {_commands(app.cluster)}")
+            return True
+
+        _wait("the removed replica's vLLM engine process gone", one_engine, timeout_s=120, every_s=1.0)
         orphan = on_second if removed == second else on_first
         assert orphan.adapter in app.llm_replicas()[kept], (orphan.adapter, app.llm_replicas())
         for v in trickle:
@@ -223,7 +237,7 @@ def test_llm_replicas_scale_out_under_load_and_back_when_it_drops(autoscaled):
         print(f"scale-down: load dropped to 2 patients pausing {TRICKLE_PAUSE_S:.0f} s between turns; replica "
               f"{removed} STOPPING after {stopping.get('after_s', float('nan')):.1f} s with "
               f"{stopping.get('in_flight', '?')} of the 2 patients' requests in flight; 1 LLM replica after "
-              f"{down_s:.1f} s; vLLM engine processes {engines_at_drop} -> 1")
+              f"{down_s:.1f} s; vLLM engine processes {len(engines_at_drop)} -> 1")
         print(f"requests: {len(outcomes)}, ok {sum(o.status == 'ok' for o in outcomes)}, failed {len(failed())} "
               f"({sum(v.stream for v in visitors if v.outcomes)} streaming patients; gates of the others: "
               f"{dict(gates)})")
