@@ -188,6 +188,29 @@ def test_serve_gpu_puts_the_engine_on_gpus_and_autoscales_it():
     assert schema.http_options.host == "0.0.0.0", "a cluster's proxies must listen beyond loopback"
 
 
+def test_serve_cpu_autoscale_scales_one_engine_per_node_between_one_and_two():
+    """The config tests/integration/test_autoscale.py runs on two 2-CPU nodes: serve-cpu.yaml's settings (but a
+    smaller KV cache per engine), LLMServer autoscaling 1-2 with one engine per node."""
+    schema, cfg = load_serve_config(DEPLOY / "serve-cpu-autoscale.yaml")
+    bounds = deployment_bounds(schema)
+    assert sum(b["max_replicas"] * b["num_cpus"] for b in bounds.values()) <= 2 * 2, bounds
+    assert all(b["num_gpus"] == 0 for b in bounds.values())
+    (application,) = schema.applications
+    llm = next(d for d in application.deployments if d.name == "LLMServer")
+    auto = llm.model_dump(exclude_unset=True)["autoscaling_config"]
+    assert llm.num_replicas == "auto" and llm.max_replicas_per_node == 1
+    assert (auto["min_replicas"], auto.get("initial_replicas", 1), auto["max_replicas"]) == (1, 1, 2)
+    assert auto["look_back_period_s"] > auto["metrics_interval_s"], "the look-back window must hold reports"
+    assert auto["downscale_delay_s"] > auto["upscale_delay_s"], "stopping an engine must wait longer than starting"
+    assert auto["target_ongoing_requests"] < llm.max_ongoing_requests
+    assert bounds["AttuneIngress"]["max_replicas"] == bounds["RewardScorer"]["max_replicas"] == 1
+    shipped = load_serve_config(DEPLOY / "serve-cpu.yaml")[1]
+    assert cfg.model_dump(exclude={"engine"}) == shipped.model_dump(exclude={"engine"})
+    assert cfg.engine.model_dump(exclude={"cpu_memory_fraction"}) == shipped.engine.model_dump(
+        exclude={"cpu_memory_fraction"})
+    assert cfg.engine.cpu_memory_fraction * 2 <= shipped.engine.cpu_memory_fraction, "two engines share memory"
+
+
 def test_bad_deployment_options_are_caught_by_the_loader(tmp_path):
     data = read_yaml(DEPLOY / "serve-gpu.yaml")
     data["applications"][0]["deployments"][1]["autoscaling_config"]["min_replicas"] = 9
