@@ -118,19 +118,33 @@ class RayCluster:
                   "--namespace=serve", "--force", "--no-restart"])
 
     def pids(self, command: str = "") -> list[int]:
-        """Every live process this cluster started (they all inherited its token), or those whose command line
-        starts with `command`."""
-        mark, found = f"{TOKEN_ENV}={self.token}".encode(), []
+        """Every live process this cluster started, or those whose command line starts with `command`: those that
+        inherited its token, and their descendants (a child that rewrote its environment still belongs here)."""
+        mark, marked, parent, cmdlines = f"{TOKEN_ENV}={self.token}".encode(), set(), {}, {}
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
                     env = Path(f"/proc/{entry}/environ").read_bytes()
-                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                except OSError:
+                    cmdlines[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    state, ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+                except (OSError, ValueError):
                     continue
-                if mark in env.split(b"\0") and cmdline.startswith(command.encode()):
-                    found.append(int(entry))
-        return found
+                if state == "Z":
+                    continue
+                parent[int(entry)] = int(ppid)
+                if mark in env.split(b"\0"):
+                    marked.add(int(entry))
+
+        def ours(pid: int) -> bool:
+            for _ in range(64):
+                if pid in marked:
+                    return True
+                if pid not in parent:
+                    return False
+                pid = parent[pid]
+            return False
+
+        return sorted(pid for pid in parent if ours(pid) and cmdlines[pid].startswith(command.encode()))
 
     def stop(self) -> None:
         for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
