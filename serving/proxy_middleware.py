@@ -27,8 +27,19 @@ def error_body() -> bytes:
                                  "code": CODE}}).encode()
 
 
+RETRIED = {("POST", "/v1/chat/completions")}
+"""Requests the proxy sends once more, to another replica, when the first died before answering: a chat completion
+(with session_id, the retry answers the message already stored instead of storing it twice; without, the first
+attempt's session, if it got that far, keeps its unanswered message) and any GET or HEAD. Nothing else is repeated
+(a second session or feedback row would be a side effect the client never asked for)."""
+MAX_BUFFERED = 4 * 2**20
+"""A request body larger than this is never retried (the API refuses far smaller chat requests anyway)."""
+
+
 class ReplicaLost:
-    """Pure ASGI middleware: watches the response the proxy relays and completes one the replica left unfinished."""
+    """Pure ASGI middleware: watches the response the proxy relays and completes one the replica left unfinished;
+    a retryable request (RETRIED) that got no answer at all is first sent once more, so a lost replica costs the
+    patient nothing when another is up."""
 
     def __init__(self, app):
         self.app = app
@@ -47,7 +58,13 @@ class ReplicaLost:
                 state["done"] = True
             await send(message)
 
-        await self.app(scope, receive, relay)
+        method = scope.get("method", "GET")
+        retryable = method in ("GET", "HEAD") or (method, scope.get("path", "")) in RETRIED
+        messages, whole = await _buffer(receive) if retryable else ([], False)
+        for _ in range(2 if whole else 1):
+            await self.app(scope, _replay(messages, receive), relay)
+            if state["done"] or state["started"]:
+                break
         if state["done"]:
             return
         if not state["started"]:
@@ -58,6 +75,32 @@ class ReplicaLost:
         elif state["sse"]:
             await send({"type": "http.response.body", "body": b"data: " + error_body() + b"\n\ndata: [DONE]\n\n"})
         # Any other response begun and cut off: the server closes the connection, which clients retry.
+
+
+async def _buffer(receive) -> tuple[list[dict], bool]:
+    """The request's messages read ahead, and whether they hold its whole body (False: too large, or the client
+    went away; such a request is passed on once, these messages first)."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, False
+        size += len(message.get("body", b""))
+        if size > MAX_BUFFERED:
+            return messages, False
+        if not message.get("more_body", False):
+            return messages, True
+
+
+def _replay(messages: list[dict], receive):
+    """A receive() that gives the messages read ahead, in order, then waits on the client's connection."""
+    queue = list(messages)
+
+    async def replayed():
+        return queue.pop(0) if queue else await receive()
+
+    return replayed
 
 
 def middlewares() -> list[Middleware]:

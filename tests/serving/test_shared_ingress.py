@@ -243,3 +243,50 @@ def test_adapter_loads_relayed_by_two_ingress_replicas_are_counted_once():
     clock.now += 120  # both ingress replicas gone from the board: the LLM replicas' totals stay
     assert parsed(render_replicas(board.live(), board.engine)[0])[
         ("attune_adapter_loads_total", (("adapter", "ad1"),))] == 6
+
+
+def _lost_once():
+    """An inner app whose first call dies before answering (a lost replica) and whose second answers the body."""
+    calls = []
+
+    async def inner(scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message["body"], message.get("more_body", False)
+        calls.append(body)
+        if len(calls) == 1:
+            return None
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"answered " + body})
+
+    return inner, calls
+
+
+def _call(inner, method: str, path: str) -> list[dict]:
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    parts = [{"type": "http.request", "body": b'{"messages": ', "more_body": True},
+             {"type": "http.request", "body": b"[]}", "more_body": False}]
+
+    async def receive():
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    asyncio.run(middlewares()[0].cls(inner)({"type": "http", "method": method, "path": path}, receive, send))
+    return sent
+
+
+def test_a_chat_completion_whose_replica_died_is_sent_once_more_with_its_whole_body():
+    inner, calls = _lost_once()
+    start, body = _call(inner, "POST", "/v1/chat/completions")
+    assert calls == [b'{"messages": []}'] * 2, "the second attempt reads the same body"
+    assert start["status"] == 200 and body["body"] == b'answered {"messages": []}'
+
+
+def test_other_posts_are_not_repeated_and_get_the_retryable_503():
+    inner, calls = _lost_once()
+    start, body = _call(inner, "POST", "/v1/sessions")
+    assert len(calls) == 1 and start["status"] == 503 and json.loads(body["body"])["error"]["code"] == CODE
