@@ -160,6 +160,17 @@ def _read_or_create_secret(path: Path) -> str:
     return key
 
 
+def evict_buckets(buckets: OrderedDict, max_keys: int, now: float, full_after: float) -> None:
+    """Drop the least recently used buckets (key -> (tokens, last used)) beyond `max_keys`, and those idle long
+    enough to be full again (forgetting them changes nothing)."""
+    while buckets:
+        oldest, (_, last) = next(iter(buckets.items()))
+        if len(buckets) > max_keys or now - last >= full_after:
+            del buckets[oldest]
+        else:
+            break
+
+
 class RateLimiter:
     """Per-key token bucket: bursts up to `requests_per_minute`, refilled evenly; 0 disables it.
 
@@ -197,13 +208,7 @@ class RateLimiter:
         self.check(key)
 
     def _evict(self, now: float) -> None:
-        full_after = self.capacity / self.rate
-        while self._buckets:
-            oldest, (_, last) = next(iter(self._buckets.items()))
-            if len(self._buckets) > self.max_keys or now - last >= full_after:
-                del self._buckets[oldest]
-            else:
-                break
+        evict_buckets(self._buckets, self.max_keys, now, self.capacity / self.rate)
 
     def __len__(self) -> int:
         return len(self._buckets)

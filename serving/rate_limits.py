@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from typing import Awaitable, Callable, Hashable
 
-from serving.auth import RateLimited, RateLimiter
+from serving.auth import RateLimited, RateLimiter, evict_buckets
 
 log = logging.getLogger("attune.limits")
 LEASE_TTL_S = 2.0
@@ -54,12 +54,7 @@ class TokenBank:
         return granted, 0.0
 
     def _evict(self, now: float, full_after: float) -> None:
-        while self._buckets:
-            oldest, (_, last) = next(iter(self._buckets.items()))
-            if len(self._buckets) > self.max_keys or now - last >= full_after:
-                del self._buckets[oldest]
-            else:
-                break
+        evict_buckets(self._buckets, self.max_keys, now, full_after)
 
     def __len__(self) -> int:
         return len(self._buckets)
