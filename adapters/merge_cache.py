@@ -25,11 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from adapters.integrity import IntegrityError, hash_folder, list_files, verify
 from adapters.manifest import AdapterManifest, format_errors
 from adapters.registry import AdapterStore, UnknownAdapter, lora_spec_from_config, read_lora_config
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on POSIX: single-process locking only
-    fcntl = None
+from attune.locks import path_lock
 
 __all__ = ["MERGE_ID", "MergeCache", "MergeEvicted", "MergeRecord", "MergeTooLarge", "merge_fingerprint", "merge_id"]
 
@@ -91,17 +87,9 @@ class MergeCache:
         """Merges this object evicted (other processes count their own)."""
 
     # ------------------------------------------------------------ index
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+        return path_lock(self.root / ".lock")
 
     def _read(self) -> dict[str, MergeRecord]:
         path = self.root / INDEX_FILE

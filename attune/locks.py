@@ -15,10 +15,9 @@ except ImportError:  # pragma: no cover - not on POSIX: single-process locking o
 
 
 @contextlib.contextmanager
-def file_lock(prefix: str, key: str) -> Iterator[None]:
-    """Hold an exclusive lock named by `prefix` and a hash of `key` until the block exits."""
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"{prefix}-{digest}.lock", "a") as f:
+def path_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the file at `path` (created if missing) until the block exits."""
+    with open(path, "a") as f:
         if fcntl is not None:
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -26,3 +25,9 @@ def file_lock(prefix: str, key: str) -> Iterator[None]:
         finally:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def file_lock(prefix: str, key: str) -> contextlib.AbstractContextManager[None]:
+    """Hold an exclusive lock named by `prefix` and a hash of `key` (a file in the temp folder)."""
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return path_lock(Path(tempfile.gettempdir()) / f"{prefix}-{digest}.lock")
