@@ -30,3 +30,19 @@ def entry(adapter_id: str, recipe: str = "modpo", weights: dict | None = None, *
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "adapter_config.json").read_text())
+
+
+def make_store(root: Path, ids=("warm", "calm")):
+    """A store of folders with the two files of a PEFT LoRA (the bytes need not be real weights), one per id."""
+    from adapters.registry import AdapterStore
+
+    store = AdapterStore(root)
+    for adapter_id in ids:
+        folder = root.parent / f"src-{adapter_id}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+        (folder / "adapter_model.safetensors").write_bytes(adapter_id.encode() * 16)
+        store.add(folder, {"id": adapter_id, "recipe": "modpo", "weights": {o: 1 / 6 for o in OBJECTIVES},
+                           "base_model": "test", "data_hash": "sha256:test"})
+    return store

@@ -16,19 +16,7 @@ from adapters.signing import (SignatureError, SigningKeyError, generate_key_pair
                               load_public_key)
 from alignment.objectives import OBJECTIVES
 from attune import cli
-
-
-def make_store(root: Path, ids=("warm", "calm")) -> AdapterStore:
-    store = AdapterStore(root)
-    for adapter_id in ids:
-        folder = root.parent / f"src-{adapter_id}"
-        folder.mkdir()
-        (folder / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
-        (folder / "adapter_model.safetensors").write_bytes(adapter_id.encode() * 16)
-        store.add(folder, {"id": adapter_id, "recipe": "modpo", "weights": {o: 1 / 6 for o in OBJECTIVES},
-                           "base_model": "test", "data_hash": "sha256:test"})
-    return store
+from lora_helpers import make_store
 
 
 @pytest.fixture

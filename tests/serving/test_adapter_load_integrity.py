@@ -5,14 +5,13 @@ not list, each with a message that says what differs."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 
 import pytest
 
 from adapters.integrity import IntegrityError
 from adapters.registry import AdapterStore, UnknownAdapter
-from alignment.objectives import OBJECTIVES
+from tests.adapters.lora_helpers import make_store
 
 
 def load(store: AdapterStore, adapter_id: str) -> str:
@@ -23,16 +22,7 @@ def load(store: AdapterStore, adapter_id: str) -> str:
 @pytest.fixture
 def store(tmp_path) -> AdapterStore:
     """Two registered folders with the two files of a PEFT LoRA (the bytes need not be real weights here)."""
-    store = AdapterStore(tmp_path / "store")
-    for adapter_id in ("warm", "calm"):
-        folder = tmp_path / adapter_id
-        folder.mkdir()
-        (folder / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
-        (folder / "adapter_model.safetensors").write_bytes(adapter_id.encode() * 16)
-        store.add(folder, {"id": adapter_id, "recipe": "modpo", "weights": {o: 1 / 6 for o in OBJECTIVES},
-                           "base_model": "test", "data_hash": "sha256:test"})
-    return store
+    return make_store(tmp_path / "store")
 
 
 def test_a_file_changed_after_its_checksum_was_recorded_is_refused_at_the_next_load(store):
