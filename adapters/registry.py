@@ -97,12 +97,30 @@ class AdapterStore:
         return self.root / MANIFEST_FILE
 
     def manifest(self) -> StoreManifest:
-        """The manifest, after checking its signature when the store has a public key."""
+        """The manifest (a copy the caller may change), after checking its signature when the store has a public
+        key."""
+        return self._read().model_copy(deep=True)
+
+    def _read(self) -> StoreManifest:
+        """The manifest as last read, shared and never changed: checked and parsed again only when the file's bytes
+        changed (the ingress reads it on every chat turn; the signature check and parsing cost ~1 ms, the read
+        ~0.01 ms)."""
+        try:
+            raw = self.manifest_path.read_bytes()
+        except OSError:
+            raw = None
+        cached = self.__dict__.get("_cache")
+        if raw is not None and cached is not None and cached[0] == raw:
+            return cached[1]
         if self.public_key is None:
-            return load_manifest(self.manifest_path)
-        data = read_manifest_data(self.manifest_path)
-        verify_data(data, self.public_key, self.root, self.public_key_path)
-        return parse_manifest(data, str(self.manifest_path))
+            m = load_manifest(self.manifest_path)
+        else:
+            data = read_manifest_data(self.manifest_path)
+            verify_data(data, self.public_key, self.root, self.public_key_path)
+            m = parse_manifest(data, str(self.manifest_path))
+        if raw is not None:
+            self._cache = (raw, m)
+        return m
 
     def verify_signature(self) -> ManifestSignature:
         """The manifest's signature, checked with the store's public key; SignatureError saying what is wrong."""
@@ -132,7 +150,7 @@ class AdapterStore:
         return sorted(self.manifest().adapters, key=lambda a: a.id)
 
     def ids(self) -> list[str]:
-        return [a.id for a in self.list()]
+        return sorted(a.id for a in self._read().adapters)
 
     def entry(self, adapter_id: str) -> AdapterManifest:
         """The manifest entry for `adapter_id`, without checking its files."""
