@@ -20,8 +20,8 @@ import yaml
 
 from attune.paths import REPO_ROOT, REWARD_DIR, STORE_DIR
 from serving.chat import RETRY_AFTER_S
-from tests.integration.test_cluster import (BIN, FEELING, READY_S, App, Outcome, Patient, RayCluster, _free_port,
-                                            _sessions, _wait)
+from tests.integration.test_cluster import (BIN, FEELING, READY_S, App, Outcome, Patient, RayCluster, _alive,
+                                            _free_port, _sessions, _wait)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
@@ -113,17 +113,6 @@ class Visitor(Patient):
         return sum(o.status == "ok" for o in self.outcomes)
 
 
-def _commands(cluster: RayCluster) -> dict[str, int]:
-    """How many of the cluster's processes run each command (its first 40 characters)."""
-    found: Counter = Counter()
-    for pid in cluster.pids():
-        try:
-            found[Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:40].decode(errors="replace")] += 1
-        except OSError:
-            pass
-    return dict(found)
-
-
 def _states(app: App) -> dict[str, int]:
     return {state: n for state, n in app.llm_states().items() if n}
 
@@ -191,7 +180,10 @@ def test_llm_replicas_scale_out_under_load_and_back_when_it_drops(autoscaled):
             if v not in trickle:
                 v.stop.set()
         dropped = time.monotonic()
-        engines_at_drop = set(app.cluster.pids("VLLM::EngineCore"))
+        actors = {rid: info["pid"] for rid, info in app.cluster.probe()["llm"].items()}
+        engines_at_drop = app.cluster.engines(actors)
+        assert sorted(map(len, engines_at_drop.values())) == [1, 1], (
+            f"vLLM engines per replica at the drop: {engines_at_drop}; {app.cluster.describe()}")
         stopping: dict = {}
 
         def one_replica():
@@ -217,10 +209,11 @@ def test_llm_replicas_scale_out_under_load_and_back_when_it_drops(autoscaled):
         assert not failed(), f"requests failed after a replica was removed: {failed()}"
 
         def one_engine():
-            engines = set(app.cluster.pids("VLLM::EngineCore"))
-            if len(engines) != 1 or not engines <= engines_at_drop:
-                raise AssertionError(f"vLLM engine processes at the drop {sorted(engines_at_drop)}, now "
-                                     f"{sorted(engines)}; the cluster's processes: {_commands(app.cluster)}")
+            left = [pid for pid in engines_at_drop[removed] if _alive(pid)]
+            now = app.cluster.engines({kept: actors[kept]})
+            if left or now[kept] != engines_at_drop[kept]:
+                raise AssertionError(f"vLLM engines at the drop {engines_at_drop}, now {now[kept]} under the kept "
+                                     f"replica and {left} under the removed one; {app.cluster.describe()}")
             return True
 
         _wait("the removed replica's vLLM engine process gone", one_engine, timeout_s=120, every_s=1.0)
@@ -237,7 +230,7 @@ def test_llm_replicas_scale_out_under_load_and_back_when_it_drops(autoscaled):
         print(f"scale-down: load dropped to 2 patients pausing {TRICKLE_PAUSE_S:.0f} s between turns; replica "
               f"{removed} STOPPING after {stopping.get('after_s', float('nan')):.1f} s with "
               f"{stopping.get('in_flight', '?')} of the 2 patients' requests in flight; 1 LLM replica after "
-              f"{down_s:.1f} s; vLLM engine processes {len(engines_at_drop)} -> 1")
+              f"{down_s:.1f} s; vLLM engine processes 2 -> 1")
         print(f"requests: {len(outcomes)}, ok {sum(o.status == 'ok' for o in outcomes)}, failed {len(failed())} "
               f"({sum(v.stream for v in visitors if v.outcomes)} streaming patients; gates of the others: "
               f"{dict(gates)})")

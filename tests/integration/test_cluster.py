@@ -66,6 +66,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class _Proc:
+    ppid: int
+    cmdline: bytes
+    env: bytes = b""
+
+
+def _processes(with_env: bool = False) -> dict[int, _Proc]:
+    """pid -> parent, command line (NULs as spaces) and, if asked, environment of every live non-zombie process
+    this user can read."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            state, ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            env = Path(f"/proc/{entry}/environ").read_bytes() if with_env else b""
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            table[int(entry)] = _Proc(int(ppid), cmdline, env)
+    return table
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its parent does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _ancestor_in(table: dict[int, _Proc], pid: int, roots: set[int]) -> int | None:
+    """The first of `roots` among `pid` and its ancestors, or None."""
+    for _ in range(64):
+        if pid in roots:
+            return pid
+        if pid not in table:
+            return None
+        pid = table[pid].ppid
+    return None
+
+
 class RayCluster:
     """A head and a worker node started with `ray start` on 127.0.0.1, each on its own free ports. vLLM's threads are
     left unbound (one per engine): its automatic binding would pin every engine on this host, ours and any other
@@ -120,31 +164,40 @@ class RayCluster:
     def pids(self, command: str = "") -> list[int]:
         """Every live process this cluster started, or those whose command line starts with `command`: those that
         inherited its token, and their descendants (a child that rewrote its environment still belongs here)."""
-        mark, marked, parent, cmdlines = f"{TOKEN_ENV}={self.token}".encode(), set(), {}, {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    env = Path(f"/proc/{entry}/environ").read_bytes()
-                    cmdlines[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
-                    state, ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
-                except (OSError, ValueError):
-                    continue
-                if state == "Z":
-                    continue
-                parent[int(entry)] = int(ppid)
-                if mark in env.split(b"\0"):
-                    marked.add(int(entry))
+        mark = f"{TOKEN_ENV}={self.token}".encode()
+        table = _processes(with_env=True)
+        marked = {pid for pid, p in table.items() if mark in p.env.split(b"\0")}
+        return sorted(pid for pid, p in table.items()
+                      if p.cmdline.startswith(command.encode()) and _ancestor_in(table, pid, marked))
 
-        def ours(pid: int) -> bool:
-            for _ in range(64):
-                if pid in marked:
-                    return True
-                if pid not in parent:
-                    return False
-                pid = parent[pid]
-            return False
+    @staticmethod
+    def engines(actor_pids: dict[str, int], command: str = "VLLM::EngineCore") -> dict[str, set[int]]:
+        """Replica id -> the live vLLM engine processes below that replica's actor process (vLLM spawns its engine
+        core from the replica). Found by parentage alone: an engine never reads as another replica's."""
+        table = _processes()
+        found: dict[str, set[int]] = {rid: set() for rid in actor_pids}
+        owner = {pid: rid for rid, pid in actor_pids.items()}
+        for pid, p in table.items():
+            if p.cmdline.startswith(command.encode()):
+                top = _ancestor_in(table, pid, set(owner))
+                if top:
+                    found[owner[top]].add(pid)
+        return found
 
-        return sorted(pid for pid in parent if ours(pid) and cmdlines[pid].startswith(command.encode()))
+    @staticmethod
+    def describe(command: str = "VLLM::EngineCore") -> str:
+        """Every live process on this host running `command`, with its chain of parents: what a failed engine check
+        prints, so that the cause can be read from the CI log."""
+        table = _processes()
+        lines = []
+        for pid, p in sorted(table.items()):
+            if p.cmdline.startswith(command.encode()):
+                chain, up = [], p.ppid
+                while up in table and len(chain) < 8:
+                    chain.append(f"{up}:{table[up].cmdline[:40].decode(errors='replace')}")
+                    up = table[up].ppid
+                lines.append(f"{pid} <- " + " <- ".join(chain))
+        return "; ".join(lines) or f"no {command} process on this host"
 
     def stop(self) -> None:
         for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
@@ -417,8 +470,10 @@ def test_two_replicas_on_two_nodes_survive_losing_one(app):
           lambda: all(any(o.status == "ok" for o in p.outcomes) for p in patients) or any(p.fatal for p in patients),
           every_s=0.5)
     busy_at_kill = sum(p.busy for p in patients)
-    engines_before = set(app.cluster.pids("VLLM::EngineCore"))
-    assert len(engines_before) == 2, f"vLLM engine processes before the kill: {engines_before}"
+    actors = {rid: info["pid"] for rid, info in probe["llm"].items()}
+    engines_before = app.cluster.engines(actors)
+    assert all(len(e) == 1 for e in engines_before.values()), (
+        f"vLLM engine processes per replica before the kill: {engines_before}; {app.cluster.describe()}")
     app.cluster.kill_replica(victim)
     killed = time.monotonic()
     _wait("Serve noticing the lost replica", lambda: app.llm_states().get("RUNNING", 0) < 2, every_s=0.5)
@@ -445,13 +500,14 @@ def test_two_replicas_on_two_nodes_survive_losing_one(app):
         if new_id in app.llm_replicas():
             break
     assert new_id in app.llm_replicas(), f"the replacement replica {new_id} served nothing: {app.llm_replicas()}"
-    # The killed replica's engine is gone and the replacement has its own: one engine from before, one new. Polled:
-    # /proc can miss a process for a moment while another starts or exits on a loaded machine.
+    # The killed replica's engine went with it (no orphan holding its memory), the survivor's is the one from before,
+    # and the replacement runs its own. Polled: an engine core notices its parent's death within a few seconds.
     def engines_settled():
-        now = set(app.cluster.pids("VLLM::EngineCore"))
-        kept, new = now & engines_before, now - engines_before
-        if len(kept) != 1 or len(new) != 1:  # _wait reports the last exception when time runs out
-            raise AssertionError(f"engines before the kill {sorted(engines_before)}, now {sorted(now)}")
+        now = app.cluster.engines({survivor: actors[survivor], new_id: probe["llm"][new_id]["pid"]})
+        orphans = [pid for pid in engines_before[victim] if _alive(pid)]
+        if orphans or now[survivor] != engines_before[survivor] or len(now[new_id]) != 1:
+            raise AssertionError(f"engines before the kill {engines_before}, now {now}, the victim's left running "
+                                 f"{orphans}; {app.cluster.describe()}")
         return True
 
     _wait("the killed replica's engine gone and the replacement's running", engines_settled, timeout_s=60, every_s=1.0)
