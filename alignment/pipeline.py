@@ -4,16 +4,18 @@ with its weights, recipe, base model, data hash and file checksums."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from alignment import basemodel, data, onpolicy
+from alignment import basemodel, data, grid_data, onpolicy
 from alignment.generate import GenerationSettings, make_generator
-from alignment.objectives import OBJECTIVES, Preference
+from alignment.objectives import Preference
 from alignment.recipe import AdapterSpec, Recipe, load_recipe
 from alignment.trainers import TrainArgs, train_preference, train_sft
 from attune.paths import REPO_ROOT, REWARD_DIR, STORE_DIR, DEFAULT_COUNSEL_CHAT
@@ -30,12 +32,16 @@ def counsel_chat_rows(source: str | None):
     return data.load_counsel_chat(src) if src else []
 
 
-def onpolicy_samples(recipe: Recipe, base: str, train: list, cc_rows: list) -> Path:
-    """Sample (or reuse) the recipe's on-policy replies; returns the cache file."""
+def counsel_chat_source(source: str | None) -> str | None:
+    return source or (str(DEFAULT_COUNSEL_CHAT) if DEFAULT_COUNSEL_CHAT.exists() else None)
+
+
+def onpolicy_samples(recipe: Recipe, base: str, cc_rows: list, exclude: set[str]) -> Path | None:
+    """Sample (or reuse) replies for the recipe's extra, unrated prompts; returns the cache file (None: no extras)."""
     op = recipe.onpolicy
-    prompts = [ex.message for ex in train][:op.prompts]
-    if op.counsel_chat_prompts:
-        prompts += data.counsel_chat_questions(cc_rows, "train")[:op.counsel_chat_prompts]
+    prompts = [q for q in data.counsel_chat_questions(cc_rows, "train") if q not in exclude][:op.counsel_chat_prompts]
+    if not prompts:
+        return None
     settings = GenerationSettings(max_tokens=op.max_tokens, temperature=op.temperature, seed=0)
     key = onpolicy.cache_key(basemodel.display_name(recipe.base_model), prompts, op.samples, settings)
     cache = RUNS_DIR / recipe.name / f"onpolicy-{key}.jsonl"
@@ -52,37 +58,76 @@ def onpolicy_samples(recipe: Recipe, base: str, train: list, cc_rows: list) -> P
     return cache
 
 
-class PreferenceData:
-    """On-policy samples and seed replies for a recipe, scored once by the reward model."""
+class GridData:
+    """The rated prompts of a recipe (alignment.grid_data) and the reward model's raw scores of their replies,
+    computed once and only for the replies that MODPO margins need."""
 
-    def __init__(self, recipe: Recipe, samples_file: Path, train: list, reward_model):
-        op = recipe.onpolicy
-        self.cache = samples_file
-        self.samples = onpolicy.score(onpolicy.load(self.cache), reward_model)
-        self.seed = onpolicy.seed_scored(train, reward_model) if op.seed_pairs else []
-        self.seed_ratings = [np.array([[r.ratings[o] for o in OBJECTIVES] for r in ex.replies], float)
-                             for ex in train] if op.seed_pairs else []
-        self.min_gap, self.max_pairs = op.min_gap, op.max_pairs
-        self.hash = data.data_hash([*data.seed_files(), data.SPLITS_FILE, self.cache])
+    def __init__(self, recipe: Recipe, base: str, train: list, cc_source: str | None, reward_model):
+        from alignment.corpus_data import CORPUS_DIR
 
-    def rows(self, primary: str, weights: Preference | None, modpo: bool, pair_weight: float = 1.0):
-        rows, dropped = onpolicy.preference_rows(self.samples, primary, weights, min_gap=self.min_gap,
-                                                 modpo=modpo, pair_weight=pair_weight)
-        if self.seed:
-            seed_rows, _ = onpolicy.preference_rows(self.seed, primary, weights, min_gap=self.min_gap,
-                                                    modpo=modpo, seed_ratings=self.seed_ratings,
-                                                    pair_weight=pair_weight)
-            rows = _interleave(rows, seed_rows)
-        if self.max_pairs:
-            rows = rows[:self.max_pairs]
-        return rows, dropped
+        pairs = recipe.pairs
+        self.items: list[grid_data.Rated] = []
+        hashed = [*data.seed_files(), data.SPLITS_FILE]
+        if pairs.corpus_labels:
+            self.items += grid_data.corpus_rated(pairs.corpus_split, cc_source, log=_log)
+            hashed += [CORPUS_DIR / "prompts.jsonl", CORPUS_DIR / "samples.jsonl",
+                       *sorted((CORPUS_DIR / "labels").glob("pass1-*.jsonl"))]
+        if pairs.seed_ratings:
+            self.items += grid_data.seed_rated(train)
+        self.reward_model, self.raw = reward_model, {}
+        samples_file = onpolicy_samples(recipe, base, counsel_chat_rows(cc_source) if cc_source else [],
+                                        {it.prompt for it in self.items})
+        if samples_file:
+            for d in onpolicy.load(samples_file):
+                scores = reward_model.raw_scores([d["prompt"]] * len(d["replies"]), d["replies"])
+                self.items.append(grid_data.scored_rated(d["prompt"], d["replies"], scores))
+                self.raw.update({(d["prompt"], t): s for t, s in zip(d["replies"], scores)})
+            hashed.append(samples_file)
+        self.max_pairs = pairs.max_pairs
+        self.hash = data.data_hash(hashed)
+
+    def rows(self, primary: str, weights: Preference | None, modpo: bool, pair_weight: float = 1.0) -> list[dict]:
+        rows = grid_data.interleave_sources(grid_data.pair_rows(self.items, primary, pair_weight=pair_weight),
+                                            self.max_pairs)
+        if not modpo:
+            return rows
+        need = sorted({(r["texts"][0], t) for r in rows for t in r["texts"][1:]} - set(self.raw))
+        if need:
+            scores = self.reward_model.raw_scores([p for p, _ in need], [t for _, t in need])
+            self.raw.update(zip(need, scores))
+        return grid_data.add_margins(rows, primary, weights, self.raw)
 
 
-def _interleave(a: list, b: list) -> list:
-    """a0, b0, a1, b1, ... so that a cap keeps both sources in equal measure."""
-    out = [x for pair in zip(a, b) for x in pair]
-    n = min(len(a), len(b))
-    return out + a[n:] + b[n:]
+def preference_rows(spec: AdapterSpec, grid: GridData) -> list[dict]:
+    """The rows an adapter trains on: DPO on its primary objective, MODPO with margins, joint DPO on each objective
+    with its weight."""
+    weights = spec.preference()
+    if spec.recipe == "joint_dpo":
+        return [r for o, w in weights.as_dict().items() if w > 0 for r in grid.rows(o, None, False, pair_weight=w)]
+    return grid.rows(spec.primary, weights, modpo=spec.recipe == "modpo")
+
+
+def recipe_hash(*parts) -> str:
+    """What an adapter is made from (spec, train args, its rows or parents, base model): a trained adapter whose
+    hash matches is reused, so an interrupted grid resumes where it stopped."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sequence_cache(recipe: Recipe, base: str, tok, args: TrainArgs, rows: list[dict]):
+    """The grid's SequenceCache (alignment.fast_pref), kept under runs/ and extended with new sequences."""
+    from alignment import fast_pref
+
+    layer = fast_pref.first_lora_layer(args.layers_to_transform)
+    path = RUNS_DIR / recipe.name / f"seqcache-{recipe_hash(basemodel.display_name(recipe.base_model), layer, args.max_length)}.pt"
+    cache = fast_pref.SequenceCache.load(path) if path.exists() else None
+    before = len(cache.encoded) if cache else 0
+    seqs = [(r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected")]
+    cache = fast_pref.build_cache(base, tok, seqs, layer, args.max_length, cache=cache, log=_log)
+    if len(cache.encoded) > before:
+        cache.save(path)
+    _log(f"sequence cache: {len(cache.encoded)} sequences ({len(cache.encoded) - before} new), "
+         f"{cache.seconds:.0f}s of base-model passes in all -> {path}")
+    return cache
 
 
 def sft_rows(recipe: Recipe, train: list, cc_rows: list) -> list[dict]:
@@ -125,12 +170,38 @@ def _register(store, folder: Path, spec: AdapterSpec, weights: Preference, recip
                        "parents": [{"id": p.id, "weight": p.weight} for p in parents]})
 
 
+PREFERENCE = ("dpo", "modpo", "joint_dpo")
+
+
+def _make(spec: AdapterSpec, base: str, tok, args: TrainArgs, folder: Path, made_of: list, cache, store) -> dict:
+    """Train (or merge) one adapter into `folder`; returns its statistics."""
+    from adapters.merge import merge_adapters
+    from alignment import fast_pref
+
+    t0 = time.perf_counter()
+    if spec.recipe == "sft":
+        return train_sft(base, tok, made_of, args, folder)
+    if spec.recipe == "soup":
+        merge_adapters(base, [(store.get(p.id), p.weight) for p in spec.parents], folder)
+        return {"seconds": round(time.perf_counter() - t0, 2)}
+    sources = grid_data.source_counts(made_of)
+    if cache is None:
+        stats = train_preference(base, tok, [{k: v for k, v in r.items() if k != "source"} for r in made_of],
+                                 args, folder)
+        stats["pairs"] = len(made_of)
+    else:
+        pairs = [{"chosen_key": fast_pref.key(r["prompt"], r["chosen"]),
+                  "rejected_key": fast_pref.key(r["prompt"], r["rejected"]),
+                  "margin": r["margin"], "w_primary": r["w_primary"], "weight": r["weight"]} for r in made_of]
+        stats = fast_pref.train_adapter(base, cache, pairs, args, folder, log=lambda m: _log(f"{spec.id}: {m}"))
+    return {**stats, "pair_sources": sources}
+
+
 def run_recipe(name: str, only: list[str] | None = None, base_model: str | None = None,
                out: Path | None = None, counsel_chat: str | None = None, max_steps: int | None = None) -> dict:
     import adapters
 
     adapters.ensure_attune_adapters()
-    from adapters.merge import merge_adapters
     from adapters.registry import AdapterStore
     from alignment.reward import RewardModel
     from transformers import AutoTokenizer
@@ -142,48 +213,53 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
     if unknown:
         raise ValueError(f"--only names unknown adapter(s) {unknown}; recipe has {[a.id for a in recipe.adapters]}")
     base = basemodel.resolve(recipe.base_model)
+    base_name = basemodel.display_name(recipe.base_model)
     store = AdapterStore(out or STORE_DIR)
     args: TrainArgs = recipe.train_args(max_steps=max_steps)
-    examples = data.load_seed()
-    train = data.split_examples(examples, "train")
-    cc_rows = counsel_chat_rows(counsel_chat)
+    train = data.split_examples(data.load_seed(), "train")
+    cc_source = counsel_chat_source(counsel_chat)
+    cc_rows = counsel_chat_rows(cc_source)
     tok = AutoTokenizer.from_pretrained(base)
     work = RUNS_DIR / recipe.name / "adapters"
     todo = [a for a in recipe.adapters if not only or a.id in only]
-    pref_data = None
-    if any(a.recipe in ("dpo", "modpo", "joint_dpo") for a in todo):
-        samples_file = onpolicy_samples(recipe, base, train, cc_rows)
-        pref_data = PreferenceData(recipe, samples_file, train, RewardModel.load(REWARD_DIR))
-    data_hash = pref_data.hash if pref_data else data.data_hash([*data.seed_files(), data.SPLITS_FILE])
+    rows: dict[str, list[dict]] = {}
+    grid = None
+    if any(a.recipe in PREFERENCE for a in todo):
+        grid = GridData(recipe, base, train, cc_source, RewardModel.load(REWARD_DIR))
+        rows = {a.id: preference_rows(a, grid) for a in todo if a.recipe in PREFERENCE}
+    data_hash = grid.hash if grid else data.data_hash([*data.seed_files(), data.SPLITS_FILE])
+    cache = None
+    if rows and args.trainer == "cached":
+        cache = sequence_cache(recipe, base, tok, args, [r for rs in rows.values() for r in rs])
+    hashes: dict[str, str] = {}
     timings: dict[str, dict] = {}
     t_all = time.perf_counter()
     for spec in todo:
-        folder = work / spec.id
-        shutil.rmtree(folder, ignore_errors=True)
         weights = spec.preference()
-        _log(f"{spec.id}: {spec.recipe}")
-        if spec.recipe == "sft":
-            stats = train_sft(base, tok, sft_rows(recipe, train, cc_rows), args, folder)
-        elif spec.recipe == "soup":
-            t0 = time.perf_counter()
-            parents = [(store.get(p.id), p.weight) for p in spec.parents]
-            merge_adapters(base, parents, folder)
+        if spec.recipe == "soup":
+            made_of = [[p.id, p.weight, hashes.get(p.id) or store.entry(p.id).eval.get("training", {}).get(
+                "recipe_hash")] for p in spec.parents]
+        elif spec.recipe == "sft":
+            made_of = sft_rows(recipe, train, cc_rows)
+        else:
+            made_of = [{k: v for k, v in r.items() if k != "texts"} for r in rows[spec.id]]
+        h = hashes[spec.id] = recipe_hash(spec.model_dump(), asdict(args), base_name, made_of)
+        folder = work / f"{spec.id}-{h}"
+        done = folder / "done.json"
+        if done.exists():
+            stats = json.loads(done.read_text())
+            _log(f"{spec.id}: reusing {folder} (recipe hash {h})")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            _log(f"{spec.id}: {spec.recipe}")
+            stats = _make(spec, base, tok, args, folder, made_of, cache, store)
+            if spec.recipe != "soup":
+                _to_fp16(folder)
+            stats["recipe_hash"] = h
+            done.write_text(json.dumps(stats))
+        if spec.recipe == "soup":
             mix = sum(np.asarray(store.entry(p.id).preference.as_vector()) * p.weight for p in spec.parents)
             weights = Preference.from_vector(mix, normalize=True)
-            stats = {"seconds": round(time.perf_counter() - t0, 2)}
-        elif spec.recipe == "joint_dpo":
-            rows = []
-            for o, w in weights.as_dict().items():
-                if w > 0:
-                    rows += pref_data.rows(o, None, modpo=False, pair_weight=w)[0]
-            stats = train_preference(base, tok, rows, args, folder)
-        else:
-            modpo = spec.recipe == "modpo"
-            rows, dropped = pref_data.rows(spec.primary, weights if modpo else None, modpo=modpo)
-            stats = {**train_preference(base, tok, rows, args, folder), "pairs": len(rows),
-                     "dropped_small_gap": dropped}
-        if spec.recipe != "soup":
-            _to_fp16(folder)
         _register(store, folder, spec, weights, recipe, data_hash, stats, spec.parents or ())
         timings[spec.id] = stats
         _log(f"{spec.id}: {json.dumps(stats)}")

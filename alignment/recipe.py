@@ -61,17 +61,27 @@ class AdapterSpec(BaseModel):
         return Preference.uniform()
 
 
+class Pairs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    corpus_labels: bool = Field(True, description="best vs worst reply per objective by the corpus raters' rankings")
+    corpus_split: Literal["rm-train"] = Field("rm-train", description="corpus prompts used (the reward model's "
+                                              "training split; rm-val is kept for tuning, judge-train and test for "
+                                              "the judge and the evaluation)")
+    seed_ratings: bool = Field(True, description="best vs worst reply per objective by the seed set's human ratings "
+                               "(train split)")
+    max_pairs: int | None = Field(None, ge=1, description="cap on pairs per adapter, taken from each source in turn")
+
+
 class OnPolicy(BaseModel):
+    """Extra prompts no rater saw: replies sampled from the base model, ranked by the reward model (pairs marked
+    `reward-model`). Off unless counsel_chat_prompts > 0."""
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(4, ge=2, le=16, description="replies sampled per prompt")
-    prompts: int | None = Field(None, ge=1, description="cap on seed-train prompts sampled (None: all)")
     engine: Literal["auto", "vllm", "hf"] = Field("auto", description="sampler: vLLM when installed (auto), or transformers")
     max_tokens: int = Field(96, ge=8, le=512, description="tokens per sampled reply")
     temperature: float = Field(0.9, gt=0, le=2, description="sampling temperature")
-    counsel_chat_prompts: int = Field(0, ge=0, description="extra prompts from counsel-chat train")
-    seed_pairs: bool = Field(True, description="also train on the seed set's human-rated best-vs-worst pairs")
-    min_gap: float = Field(0.1, ge=0, description="drop on-policy pairs whose primary-score gap is below this")
-    max_pairs: int | None = Field(None, ge=1, description="cap on pairs per adapter (seeded sample, half on-policy, half seed)")
+    counsel_chat_prompts: int = Field(0, ge=0, description="counsel-chat train questions sampled and labelled by "
+                                      "the reward model")
 
 
 class SFTData(BaseModel):
@@ -86,6 +96,7 @@ class Recipe(BaseModel):
     base_model: str = Field("smollm2-135m-instruct", description="alias, local HF folder or hub id")
     safety_floor: float = Field(DEFAULT_SAFETY_FLOOR, ge=0, le=1, description="minimum safety weight of modpo adapters")
     train: dict = Field(default_factory=dict, description="TrainArgs fields")
+    pairs: Pairs = Field(default_factory=Pairs)
     onpolicy: OnPolicy = Field(default_factory=OnPolicy)
     sft: SFTData = Field(default_factory=SFTData)
     adapters: list[AdapterSpec]

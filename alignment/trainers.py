@@ -44,6 +44,9 @@ class TrainArgs:
     """Cap on optimizer steps (-1: no cap); for smoke tests."""
     seed: int = 0
     """Seed for LoRA init and data order."""
+    trainer: str = "cached"
+    """Preference trainer: "cached" (alignment.fast_pref: lower layers and reference run once per sequence for the
+    whole grid) or "trl" (TRL's DPOTrainer with the MODPO loss, every layer every step)."""
 
     def __post_init__(self):
         if not 1 <= self.lora_r <= 64:
@@ -52,6 +55,8 @@ class TrainArgs:
             raise ValueError("learning_rate and beta must be > 0")
         if self.batch_size < 1 or self.epochs <= 0:
             raise ValueError("batch_size must be >= 1 and epochs > 0")
+        if self.trainer not in ("cached", "trl"):
+            raise ValueError(f"trainer={self.trainer!r}: use 'cached' or 'trl'")
 
     def lora_config(self):
         from peft import LoraConfig

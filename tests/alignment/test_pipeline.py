@@ -14,7 +14,8 @@ def tiny_recipe(tmp_path, tiny_model_dir):
         "name": "tiny", "base_model": str(tiny_model_dir), "safety_floor": 0.15,
         "train": {"lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "batch_size": 2,
                   "max_length": 128, "learning_rate": 1e-3},
-        "onpolicy": {"samples": 2, "max_tokens": 8, "prompts": 4, "engine": "hf", "max_pairs": 4},
+        "pairs": {"max_pairs": 4},
+        "onpolicy": {"samples": 2, "max_tokens": 8, "engine": "hf", "counsel_chat_prompts": 2},
         "sft": {"counsel_chat_examples": 0, "seed_best": True},
         "adapters": [
             {"id": "sft", "recipe": "sft"},

@@ -1,0 +1,149 @@
+"""Preference pairs for the grid (issue 13): where raters ranked replies, the pair is the best vs the worst reply of
+the objective by their ranking; the reward model only supplies MODPO's margins there, on its raw (logit) scale, and
+labels pairs only for extra prompts no one rated, which are marked as such.
+
+Sources, each pair tagged with one:
+- `corpus-labels`: the on-policy corpus (alignment/corpus), pass-1 rankings of six replies per prompt, prompts of
+  one split (rm-train: what the reward model was fitted on; never the judge's or the test split);
+- `seed-ratings`: the seed set's train split, replies rated 1-5 per objective;
+- `reward-model`: on-policy samples of extra prompts, best vs worst by the reward model's raw score.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from alignment import prompts as P
+from alignment.objectives import OBJECTIVES, Preference
+
+SOURCES = ("corpus-labels", "seed-ratings", "reward-model")
+
+
+@dataclass
+class Rated:
+    """One patient message with replies and, per objective, each reply's rank (1 = best; ties share a rank)."""
+    prompt: str
+    replies: dict[str, str]  # reply id -> text
+    rank: dict[str, dict[str, int]]  # objective -> reply id -> rank
+    source: str
+
+
+def ranks_from_scores(scores: dict[str, float]) -> dict[str, int]:
+    """Competition ranking, higher score better: {a: 5, b: 3, c: 5} -> {a: 1, c: 1, b: 3}."""
+    return {r: 1 + sum(s > v for s in scores.values()) for r, v in scores.items()}
+
+
+def corpus_rated(split: str, counsel_chat, log=print) -> list[Rated]:
+    """The corpus's labelled prompts of `split` (pass 1 as written, like the reward model's training). Counsel-chat
+    prompts are skipped, with a line saying so, when no counsel-chat CSV is given (its text is not stored here)."""
+    from alignment.corpus_data import load_pass, load_prompts, load_samples, resolve_texts
+
+    samples = load_samples()
+    labels = load_pass(samples=samples)
+    prompts = [p for p in load_prompts() if p.split == split and p.id in labels]
+    if counsel_chat is None:
+        kept = [p for p in prompts if p.source != "counsel_chat"]
+        if len(kept) < len(prompts):
+            log(f"corpus pairs: no counsel-chat CSV, {len(prompts) - len(kept)} counsel-chat prompts left out")
+        prompts = kept
+    texts = resolve_texts(prompts, counsel_chat)
+    out = []
+    for p in prompts:
+        row = labels[p.id]
+        out.append(Rated(texts[p.id], {r.id: r.text for r in samples[p.id]},
+                         {o: dict(row.rank[o]) for o in OBJECTIVES}, "corpus-labels"))
+    return out
+
+
+def seed_rated(examples) -> list[Rated]:
+    """Seed examples (alignment.data.SeedExample) with their human 1-5 ratings turned into ranks."""
+    out = []
+    for ex in examples:
+        replies = {f"{ex.id}/{i}": r.text for i, r in enumerate(ex.replies)}
+        rank = {o: ranks_from_scores({f"{ex.id}/{i}": r.ratings[o] for i, r in enumerate(ex.replies)})
+                for o in OBJECTIVES}
+        out.append(Rated(ex.message, replies, rank, "seed-ratings"))
+    return out
+
+
+def scored_rated(prompt: str, replies: list[str], raw: np.ndarray) -> Rated:
+    """On-policy samples of an unrated prompt, ranked by the reward model's raw scores ([k, 6])."""
+    ids = {f"s{i}": t for i, t in enumerate(replies)}
+    rank = {o: ranks_from_scores({f"s{i}": float(raw[i, j]) for i in range(len(replies))})
+            for j, o in enumerate(OBJECTIVES)}
+    return Rated(prompt, ids, rank, "reward-model")
+
+
+def best_worst(item: Rated, objective: str) -> tuple[str, str] | None:
+    """(best, worst) reply ids on `objective`; a tie among the best or the worst is broken by a hash of the prompt
+    and objective (the same on every run); None when every reply shares one rank."""
+    ranks = item.rank[objective]
+    lo, hi = min(ranks.values()), max(ranks.values())
+    if lo == hi:
+        return None
+    rng = random.Random(hashlib.sha256(f"{item.prompt}\0{objective}".encode()).hexdigest())
+    best = sorted(r for r, v in ranks.items() if v == lo)
+    worst = sorted(r for r, v in ranks.items() if v == hi)
+    return rng.choice(best), rng.choice(worst)
+
+
+def modpo_margin(weights: np.ndarray, k: int, raw_chosen: np.ndarray, raw_rejected: np.ndarray) -> float:
+    """w_-k . (r_-k(y_w) - r_-k(y_l)) on the reward model's raw scale: the logit of the Bradley-Terry preference it
+    was trained on, so one unit of weight buys the same log-odds on every objective (the calibrated 1-5 scale does
+    not: its slopes differ 2.7x between objectives)."""
+    rest = np.asarray(weights, dtype=np.float64).copy()
+    rest[k] = 0.0
+    return float(rest @ (np.asarray(raw_chosen, np.float64) - np.asarray(raw_rejected, np.float64)))
+
+
+def pair_rows(items: list[Rated], primary: str, *, pair_weight: float = 1.0) -> list[dict]:
+    """One best-vs-worst row per rated prompt on `primary`: {prompt, chosen, rejected (chat form), margin 0,
+    w_primary 1, weight, source, texts}; `add_margins` turns them into MODPO rows."""
+    rows = []
+    for item in items:
+        picked = best_worst(item, primary)
+        if picked is None:
+            continue
+        chosen, rejected = (item.replies[r] for r in picked)
+        rows.append({"prompt": P.chat(item.prompt), "chosen": P.assistant(chosen), "rejected": P.assistant(rejected),
+                     "margin": 0.0, "w_primary": 1.0, "weight": float(pair_weight), "source": item.source,
+                     "texts": (item.prompt, chosen, rejected)})
+    return rows
+
+
+def add_margins(rows: list[dict], primary: str, weights: Preference, raw: dict[tuple[str, str], np.ndarray]
+                ) -> list[dict]:
+    """MODPO rows: w_k and the margin from `raw` ((prompt, reply text) -> the reward model's raw scores)."""
+    k = OBJECTIVES.index(primary)
+    w = np.asarray(weights.as_vector())
+    out = []
+    for r in rows:
+        prompt, chosen, rejected = r["texts"]
+        out.append({**r, "w_primary": float(w[k]), "margin": modpo_margin(w, k, raw[prompt, chosen],
+                                                                          raw[prompt, rejected])})
+    return out
+
+
+def interleave_sources(rows: list[dict], cap: int | None, seed: int = 0) -> list[dict]:
+    """Rows shuffled (seeded) and, under a cap, taken from each source in turn so that none crowds out the others."""
+    rng = random.Random(seed)
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r)
+    for group in by_source.values():
+        rng.shuffle(group)
+    out, queues = [], [g for _, g in sorted(by_source.items())]
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop())
+    return out[:cap] if cap else out
+
+
+def source_counts(rows: list[dict]) -> dict[str, int]:
+    c = Counter(r["source"] for r in rows)
+    return {s: c.get(s, 0) for s in SOURCES}
