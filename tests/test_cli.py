@@ -12,7 +12,7 @@ def test_every_command_parses_and_maps_to_its_function():
         ns = parser.parse_args(list(path))
         assert ns._fn is fn
         params = set(inspect.signature(fn).parameters)
-        dests = {k for k in vars(ns) if k not in ("_fn", "command", "subcommand")}
+        dests = {k for k in vars(ns) if k not in ("_fn", *cli._NAV)}
         assert dests == params, f"{' '.join(path)}: flags {dests} != parameters {params}"
 
 
