@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from attune import adapter_commands, data_keys, operators, research, store_signing
+from attune import adapter_commands, data_keys, operators, panel_commands, research, store_signing
 from attune.local_service import serve
 
 if TYPE_CHECKING:
@@ -385,6 +385,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
     ("flagged", "ack"): (operators.flagged_ack, [_SESSION, *_OPERATOR]),
     ("flagged", "show"): (operators.flagged_show, [_SESSION, *_OPERATOR]),
     **data_keys.commands(arg),
+    **panel_commands.commands(arg),
 }
 
 
