@@ -36,7 +36,7 @@ def panel_export(replies: str | None = None, panel_dir: str | None = None, promp
 
 def panel_score(panel_dir: str | None = None, judge: str | None = None, rated_by: str | None = None,
                 check: bool = False) -> int:
-    """Unblind the panel's ratings: win rates vs base with 95% intervals beside the judge's; panel.{json,md}."""
+    """Unblind the panel's ratings: win rates vs base with bootstrap intervals beside the judge's; panel.{json,md}."""
     from alignment.data import DataError
     from attune.paths import REPORTS_DIR
     from evals.panel import PANEL_DIR, load_ratings, score_panel, write_report

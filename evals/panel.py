@@ -107,6 +107,8 @@ def export_panel(replies_file: Path, panel_dir: Path, rows: dict[str, str], *, n
     sheets, so that one sheet never shows the same base reply twice (it would give base away)."""
     if "base" not in rows:
         raise ValueError("rows must include 'base', the reference of every pair")
+    if n_prompts < 1 or sheet_size < 1:
+        raise ValueError(f"--prompts and --sheet-size must be at least 1 (got {n_prompts} and {sheet_size})")
     data = _parse(EvalReplies, replies_file)
     ids = [r.id for r in data]
     if len(set(ids)) != len(ids):
@@ -309,9 +311,9 @@ def markdown(result: dict, rated_by: str | None, judge_file: str | None) -> str:
     meta, agreement = result["meta"], result["agreement"]
     raters = "; ".join(f"`{name}` ({r['ratings']} ratings, {', '.join(r['sheets'])})"
                        for name, r in meta["raters"].items()) or "none yet"
+    how = rated_by.rstrip(". ") + "." if rated_by else "Not stated (pass --rated-by to `attune eval panel score`)."
     lines = ["# Blind panel: each paper row's method vs base", "",
-             f"**How the ratings were made.** {rated_by or 'Not stated (pass --rated-by to `attune eval panel score`).'}"
-             f" Raters: {raters}. Every rating follows `{GUIDELINES}` (version {meta['guideline_version']}) and was "
+             f"**How the ratings were made.** {how} Raters: {raters}. Every rating follows `{GUIDELINES}` (version {meta['guideline_version']}) and was "
              "written by a rater reading the pair blind: a sheet shows the patient's message and two replies under "
              "A and B, the method's side drawn at random per pair (half A, half B within each row), random opaque "
              "pair ids, shuffled order, no model names; each prompt's pairs sit on different sheets; the key stays "
@@ -330,10 +332,11 @@ def markdown(result: dict, rated_by: str | None, judge_file: str | None) -> str:
         lines.append(f"| {row} | `{r['model']}` | {r['rated_pairs']} | " + " | ".join(cells) + " |")
     base = next((r for r in result["rows"].values() if r["model"] == "base"), None)
     if base:
-        lines += ["", "The Base row pairs base's reply with itself (identical texts), so both its win rates are 50 by "
-                  "construction for the panel and the judge; it checks the raters instead: a careful rater answers "
-                  f"tie. Tie share on it: empathy {_pct(base['empathy']['tie_share'])}%, safety "
-                  f"{_pct(base['safety']['tie_share'])}%."]
+        lines += ["", "The Base row pairs base's reply with itself (identical texts): the judge's win rate is 50 by "
+                  "construction and the panel's is 50 in expectation whatever the raters answer (the sides are "
+                  "random), so its agreement is all but certain and the goal rests on the five method rows. It checks "
+                  "the raters instead: a careful rater answers tie. Tie share on it: empathy "
+                  f"{_pct(base['empathy']['tie_share'])}%, safety {_pct(base['safety']['tie_share'])}%."]
     lines += ["", "## Agreement with the judge", ""]
     if agreement is None:
         lines.append("No judge figures (reports/alignment.json not found); run `attune eval` first.")

@@ -110,6 +110,8 @@ def test_prompts_come_from_test_like_sources_first(replies, tmp_path):
 def test_too_few_prompts_or_a_missing_model_is_an_error(replies, tmp_path):
     with pytest.raises(DataError, match="only 14 prompts"):
         export(replies, tmp_path / "p", n_prompts=60)
+    with pytest.raises(ValueError, match="at least 1"):
+        export(replies, tmp_path / "p", sheet_size=0)
     rows = [json.loads(line) for line in replies.read_text().splitlines()]
     for r in rows:
         del r["replies"]["joint-dpo-empathy-safety"]
