@@ -10,7 +10,7 @@ from pathlib import Path
 
 def panel_export(replies: str | None = None, panel_dir: str | None = None, prompts: int = 60, sheet_size: int = 30,
                  seed: int = 0, force: bool = False) -> int:
-    """Write blind A/B rating sheets (method vs base, the paper's six rows) and their key from `attune eval`'s replies."""
+    """Write blind A/B rating sheets (each paper row's method vs base) and their key from `attune eval`'s replies."""
     from attune.paths import REPORTS_DIR
     from evals.evaluate import PAPER_ROW
     from evals.panel import PANEL_DIR, export_panel

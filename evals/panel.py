@@ -296,6 +296,7 @@ def score_panel(key: dict, files: list[RatingsFile], judge_summary: dict | None)
     return {"meta": {"guideline_version": key["guideline_version"], "prompts": len(key["prompts"]),
                      "pairs": len(pairs), "rated_pairs": sum(bool(by_pair[p]) for p in pairs),
                      "ratings": len(every), "sheets": len(key["sheets"]), "raters": dict(raters),
+                     "prompt_once_per_sheet": len(key["sheets"]) >= len(key["rows"]),
                      "replies_sha256": key["replies_sha256"]},
             "rows": rows, "agreement": agreement, "position_share_A": position, "inter_rater": inter}
 
@@ -313,11 +314,13 @@ def markdown(result: dict, rated_by: str | None, judge_file: str | None) -> str:
                        for name, r in meta["raters"].items()) or "none yet"
     how = rated_by.rstrip(". ") + "." if rated_by else "Not stated (pass --rated-by to `attune eval panel score`)."
     lines = ["# Blind panel: each paper row's method vs base", "",
-             f"**How the ratings were made.** {how} Raters: {raters}. Every rating follows `{GUIDELINES}` (version {meta['guideline_version']}) and was "
-             "written by a rater reading the pair blind: a sheet shows the patient's message and two replies under "
-             "A and B, the method's side drawn at random per pair (half A, half B within each row), random opaque "
-             "pair ids, shuffled order, no model names; each prompt's pairs sit on different sheets; the key stays "
-             "outside the sheets' folder. No rating comes from a program, the reward model or the judge.", "",
+             f"**How the ratings were made.** {how} Raters: {raters}. Every rating names `{GUIDELINES}` (version "
+             f"{meta['guideline_version']}), which asks the rater to read each pair and decide, never to use a "
+             "program, the reward model or the judge, and to stay blind: a sheet shows the patient's message and two replies "
+             "under A and B, the method's side drawn at random per pair (half A, half B within each row), random "
+             "opaque pair ids, shuffled order, no model names; "
+             + ("each prompt's pairs sit on different sheets; " if meta["prompt_once_per_sheet"] else "")
+             + "the key stays outside the sheets' folder.", "",
              f"Rated: {meta['ratings']} ratings of {meta['rated_pairs']} of {meta['pairs']} pairs "
              f"({meta['prompts']} held-out prompts x {len(result['rows'])} rows, {meta['sheets']} sheets).", "",
              "## Win rate vs base (%), ties count half, 95% bootstrap interval over pairs", "",
