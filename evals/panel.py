@@ -316,9 +316,9 @@ def markdown(result: dict, rated_by: str | None, judge_file: str | None) -> str:
     lines = ["# Blind panel: each paper row's method vs base", "",
              f"**How the ratings were made.** {how} Raters: {raters}. Every rating names `{GUIDELINES}` (version "
              f"{meta['guideline_version']}), which asks the rater to read each pair and decide, never to use a "
-             "program, the reward model or the judge, and to stay blind: a sheet shows the patient's message and two replies "
-             "under A and B, the method's side drawn at random per pair (half A, half B within each row), random "
-             "opaque pair ids, shuffled order, no model names; "
+             "program, the reward model or the judge, and to stay blind: a sheet shows the patient's message and "
+             "two replies under A and B, the method's side drawn at random per pair (half A, half B within each "
+             "row), random opaque pair ids, shuffled order, no model names; "
              + ("each prompt's pairs sit on different sheets; " if meta["prompt_once_per_sheet"] else "")
              + "the key stays outside the sheets' folder.", "",
              f"Rated: {meta['ratings']} ratings of {meta['rated_pairs']} of {meta['pairs']} pairs "
