@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from attune import adapter_commands, data_keys, operators, research, store_signing
+from attune import adapter_commands, data_keys, operators, panel_commands, research, store_signing
 from attune.local_service import serve
 
 if TYPE_CHECKING:
@@ -385,7 +385,12 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
     ("flagged", "ack"): (operators.flagged_ack, [_SESSION, *_OPERATOR]),
     ("flagged", "show"): (operators.flagged_show, [_SESSION, *_OPERATOR]),
     **data_keys.commands(arg),
+    **panel_commands.commands(arg),
 }
+
+
+# The namespace names of the chosen command at each depth (`attune eval panel export`): not flags.
+_NAV = ("command", "subcommand", "action")
 
 
 class _SubcommandsOf(argparse._SubParsersAction):
@@ -403,34 +408,42 @@ class _SubcommandsOf(argparse._SubParsersAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> argparse._SubParsersAction:
+    dest = _NAV[len(path)]
+    if not path:
+        return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
+    if path in COMMANDS:
+        return parser.add_subparsers(dest=dest, metavar="SUBCOMMAND", action=_SubcommandsOf,
+                                     help=f"optional; `attune {' '.join(path)} SUBCOMMAND --help` for its flags")
+    return parser.add_subparsers(dest=dest, required=True, metavar="SUBCOMMAND")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attune", description=__doc__.split("\n")[0])
-    groups: dict[str, argparse._SubParsersAction] = {}
-    alone: dict[str, argparse.ArgumentParser] = {}
-    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {(): parser}
+    children: dict[tuple[str, ...], argparse._SubParsersAction] = {}
     for path, (fn, args) in COMMANDS.items():
-        doc = (fn.__doc__ or "").strip().split("\n")[0]
-        if len(path) == 1:
-            sub = alone[path[0]] = top.add_parser(path[0], help=doc, description=doc)
-        else:
-            if path[0] in alone and path[0] not in groups:
-                groups[path[0]] = alone[path[0]].add_subparsers(
-                    dest="subcommand", metavar="SUBCOMMAND", action=_SubcommandsOf,
-                    help=f"optional; `attune {path[0]} SUBCOMMAND --help` for its flags")
-            if path[0] not in groups:
-                g = top.add_parser(path[0], help=f"{path[0]} commands")
-                groups[path[0]] = g.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-            sub = groups[path[0]].add_parser(path[1], help=doc, description=doc)
+        for depth in range(1, len(path) + 1):
+            node, parent = path[:depth], path[:depth - 1]
+            if node in parsers:
+                continue
+            if parent not in children:
+                children[parent] = _subcommands(parsers[parent], parent)
+            if node in COMMANDS:
+                doc = (COMMANDS[node][0].__doc__ or "").strip().split("\n")[0]
+                parsers[node] = children[parent].add_parser(node[-1], help=doc, description=doc)
+            else:
+                parsers[node] = children[parent].add_parser(node[-1], help=f"{' '.join(node)} commands")
         for a in args:
-            sub.add_argument(*a.flags, **a.kwargs)
-        sub.set_defaults(_fn=fn)
+            parsers[path].add_argument(*a.flags, **a.kwargs)
+        parsers[path].set_defaults(_fn=fn)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     fn = ns._fn
-    kwargs = {k: v for k, v in vars(ns).items() if k not in ("_fn", "command", "subcommand")}
+    kwargs = {k: v for k, v in vars(ns).items() if k not in ("_fn", *_NAV)}
     return int(fn(**kwargs) or 0)
 
 
