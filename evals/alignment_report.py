@@ -77,7 +77,7 @@ def markdown(report: dict) -> str:
     head = "| model | " + " | ".join(obj) + " |"
     rule = "|---" * (len(obj) + 1) + "|"
     lines = ["# Alignment evaluation", "",
-             f"{meta['n_prompts']} held-out prompts ({meta['sources']}; de-duplicated by text, "
+             f"{meta['n_prompts']} held-out prompts ({meta['sources']}; the full set is de-duplicated by text: "
              f"{meta.get('duplicates_dropped', 0)} duplicate(s) dropped); judge: `{meta['judge']}` "
              f"(trained on a different split and seed; agrees with the training reward model on "
              f"{meta.get('judge_agreement', 'n/a')} of test pairs). Greedy decoding, {meta['max_tokens']} tokens. "
