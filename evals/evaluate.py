@@ -18,9 +18,7 @@ from alignment.objectives import OBJECTIVES
 from alignment.recipe import load_recipe
 from attune.paths import JUDGE_DIR, REPORTS_DIR, REWARD_DIR, STORE_DIR
 from evals import plots, reply_cache, stats
-from evals.alignment_report import PAPER, PAPER_ROW, markdown, paper_table  # noqa: F401  (PAPER_ROW: re-export)
-
-TIE = stats.TIE
+from evals.alignment_report import PAPER, markdown, paper_table
 
 
 def _key(text: str) -> str:
@@ -59,7 +57,8 @@ def heldout_prompts(counsel_chat: str | None, limit: int | None = None, meta: di
     if meta is not None:
         seed_train = set(data.load_splits()["train"])
         meta["duplicates_dropped"] = len(out) - len(items)
-        meta["corpus_test_skipped_no_counsel_chat"] = sum(p.source == "counsel_chat" and p.id not in texts for p in test)
+        meta["corpus_test_skipped_no_counsel_chat"] = sum(p.source == "counsel_chat" and p.id not in texts
+                                                          for p in test)
         meta["corpus_test_from_seed_train"] = sum(p.source == "seed" and p.ref in seed_train for p in test)
     return items[:limit] if limit else items
 

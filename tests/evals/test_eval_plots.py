@@ -6,12 +6,11 @@ import numpy as np
 
 from alignment.objectives import OBJECTIVES
 from evals import plots, stats
+from evals.alignment_report import PAPER
 
 NAMES = ["base", "sft", "dpo-empathy", "dpo-safety", "joint-dpo-empathy-safety", "soup-empathy-safety",
          "modpo-empathy-safety", "modpo-balanced", "modpo-empathy", "modpo-safety", "modpo-listening",
          "modpo-change", "modpo-rapport", "modpo-autonomy"]
-PAPER = {"Base": (11.5, 39.6), "SFT": (20.9, 44.8), "DPO-Empathy": (93.6, 47.8), "DPO Soup": (52.5, 58.4),
-         "Joint-Loss DPO": (70.8, 62.7), "MODPO": (77.6, 62.6)}
 
 
 def _crowded_points():
