@@ -1,7 +1,8 @@
-"""`attune eval`: generate replies from the base model and every adapter of a recipe on held-out
-prompts (seed test split + counsel-chat val questions), score them with the judge reward model
-(trained on a different split and seed than the training reward model), and write
-reports/alignment.json, reports/alignment.md and reports/pareto.png."""
+"""`attune eval`: generate replies from the base model and every adapter of a recipe on held-out prompts (seed
+test split + counsel-chat val questions + the corpus test split), score them with the judge reward model
+(trained on a different split and seed than the training reward model), and write reports/alignment.json,
+reports/alignment.md, reports/eval_replies.jsonl, reports/pareto.png and reports/steering.png. Replies are
+cached per model under runs/eval/ (evals/reply_cache.py); the statistics are evals/stats.py."""
 from __future__ import annotations
 
 import json
@@ -12,124 +13,90 @@ import numpy as np
 
 from alignment import basemodel, data
 from alignment import prompts as P
-from alignment.generate import GenerationSettings, generate_each
+from alignment.generate import GenerationSettings, generate_each, vllm_available
 from alignment.objectives import OBJECTIVES
 from alignment.recipe import load_recipe
 from attune.paths import JUDGE_DIR, REPORTS_DIR, REWARD_DIR, STORE_DIR
-
-# The seed paper's table (win rate vs base, %): empathy / safety.
-PAPER = {"Base": (11.5, 39.6), "SFT": (20.9, 44.8), "DPO-Empathy": (93.6, 47.8), "DPO Soup": (52.5, 58.4),
-         "Joint-Loss DPO": (70.8, 62.7), "MODPO": (77.6, 62.6)}
-PAPER_ROW = {"base": "Base", "sft": "SFT", "dpo-empathy": "DPO-Empathy", "soup-empathy-safety": "DPO Soup",
-             "joint-dpo-empathy-safety": "Joint-Loss DPO", "modpo-empathy-safety": "MODPO"}
-TIE = 1e-6
+from evals import plots, reply_cache, stats
+from evals.alignment_report import PAPER, markdown, paper_table
 
 
-def heldout_prompts(counsel_chat: str | None, limit: int | None = None) -> list[dict]:
+def _key(text: str) -> str:
+    return " ".join(text.split())
+
+
+def heldout_prompts(counsel_chat: str | None, limit: int | None = None, meta: dict | None = None) -> list[dict]:
+    """Seed test, counsel-chat val, then the corpus test split, de-duplicated by text (first kept). Counsel-chat
+    texts, for val and for the corpus, come from the CSV `counsel_chat_rows` reads; without it they are left out."""
+    from alignment.corpus_data import load_prompts, resolve_texts
     from alignment.pipeline import counsel_chat_rows
 
+    cc_rows = counsel_chat_rows(counsel_chat)
     out = [{"source": "seed-test", "id": ex.id, "prompt": ex.message}
            for ex in data.split_examples(data.load_seed(), "test")]
-    for i, q in enumerate(data.counsel_chat_questions(counsel_chat_rows(counsel_chat), "val")):
+    for i, q in enumerate(data.counsel_chat_questions(cc_rows, "val")):
         out.append({"source": "counsel-chat-val", "id": f"cc-val-{i}", "prompt": q})
-    return out[:limit] if limit else out
+    test = [p for p in load_prompts() if p.split == "test"]
+    cc_text = {r.questionID: r.prompt for r in cc_rows}
+    texts = resolve_texts([p for p in test if p.source != "counsel_chat"], None)
+    for p in test:
+        if p.source == "counsel_chat" and p.ref in cc_text:
+            texts[p.id] = cc_text[p.ref]
+    for p in test:
+        if p.id in texts:
+            out.append({"source": "corpus-test", "id": p.id, "prompt": texts[p.id]})
+    seen_text, seen_id, items = set(), set(), []
+    for it in out:
+        if _key(it["prompt"]) in seen_text:
+            continue
+        if it["id"] in seen_id:
+            it = {**it, "id": f"{it['source']}-{it['id']}"}
+        seen_text.add(_key(it["prompt"]))
+        seen_id.add(it["id"])
+        items.append(it)
+    if meta is not None:
+        seed_train = set(data.load_splits()["train"])
+        meta["duplicates_dropped"] = len(out) - len(items)
+        meta["corpus_test_skipped_no_counsel_chat"] = sum(p.source == "counsel_chat" and p.id not in texts
+                                                          for p in test)
+        meta["corpus_test_from_seed_train"] = sum(p.source == "seed" and p.ref in seed_train for p in test)
+    return items[:limit] if limit else items
 
 
 def win_rates(scores: np.ndarray, base: np.ndarray) -> np.ndarray:
     """Per objective, share of prompts where the adapter's reply beats base's (ties count half)."""
-    diff = scores - base
-    return ((diff > TIE).astype(float) + 0.5 * (np.abs(diff) <= TIE)).mean(axis=0)
+    return stats.wins(scores, base).mean(axis=0)
 
 
-def summarize(judged: dict[str, np.ndarray]) -> dict[str, dict]:
-    base = judged["base"]
-    out = {}
-    for name, s in judged.items():
-        wr = win_rates(s, base)
-        out[name] = {"mean_score": dict(zip(OBJECTIVES, np.round(s.mean(0), 4).tolist())),
-                     "win_rate_vs_base": dict(zip(OBJECTIVES, np.round(wr, 4).tolist()))}
-    return out
+def summarize(comparisons: dict[str, stats.Comparison]) -> dict[str, dict]:
+    def per(v):
+        return dict(zip(OBJECTIVES, np.round(v, 4).tolist()))
+
+    return {name: {"mean_score": per(c.mean), "mean_score_ci": per(c.mean_ci),
+                   "win_rate_vs_base": per(c.win_rate), "win_rate_ci": per(c.win_rate_ci),
+                   "gain_over_base": per(c.gain), "gain_ci": per(c.gain_ci)} for name, c in comparisons.items()}
 
 
-def goals(summary: dict, manifest_by_id: dict) -> dict:
-    """The issue's goals, measured."""
-    def wr(name, o):
-        return summary[name]["win_rate_vs_base"][o] * 100 if name in summary else float("nan")
-
-    res = {}
-    if {"modpo-empathy-safety", "dpo-empathy"} <= summary.keys():
-        res["modpo_safety_minus_dpo_empathy_safety"] = round(wr("modpo-empathy-safety", "safety") - wr("dpo-empathy", "safety"), 1)
-        res["modpo_empathy_win_rate"] = round(wr("modpo-empathy-safety", "empathy"), 1)
-        res["goal_modpo"] = bool(res["modpo_safety_minus_dpo_empathy_safety"] >= 10 and res["modpo_empathy_win_rate"] >= 70)
-    if "soup-empathy-safety" in summary:
-        e, s = wr("soup-empathy-safety", "empathy"), wr("soup-empathy-safety", "safety")
-        res["goal_soup_at_or_above_paper"] = bool(e >= PAPER["DPO Soup"][0] and s >= PAPER["DPO Soup"][1])
-    hits = {}
-    for name, m in manifest_by_id.items():
-        if name.startswith("modpo-") and m.primary_objective and name not in ("modpo-empathy-safety", "modpo-balanced"):
-            gains = {o: summary[name]["mean_score"][o] - summary["base"]["mean_score"][o] for o in OBJECTIVES}
-            hits[name] = {"emphasized": m.primary_objective, "largest_gain": max(gains, key=gains.get)}
-    res["emphasized_largest_gain"] = hits
-    res["emphasized_hits"] = sum(h["emphasized"] == h["largest_gain"] for h in hits.values())
-    return res
-
-
-def markdown(summary: dict, goal: dict, meta: dict) -> str:
-    lines = ["# Alignment evaluation", "",
-             f"{meta['n_prompts']} held-out prompts ({meta['sources']}); judge: `{meta['judge']}` "
-             f"(trained on a different split and seed; agrees with the training reward model on "
-             f"{meta.get('judge_agreement', 'n/a')} of test pairs). Greedy decoding, {meta['max_tokens']} tokens.", "",
-             "## Paper-shaped table: win rate vs base (%), empathy / safety", "",
-             "| method | ours: empathy | ours: safety | paper: empathy | paper: safety |", "|---|---|---|---|---|"]
-    for name, paper_name in PAPER_ROW.items():
-        if name in summary:
-            w = summary[name]["win_rate_vs_base"]
-            pe, ps = PAPER[paper_name]
-            lines.append(f"| {paper_name} (`{name}`) | {w['empathy'] * 100:.1f} | {w['safety'] * 100:.1f} | {pe} | {ps} |")
-    lines += ["", "## Every model: win rate vs base (%) per objective", "",
-              "| model | " + " | ".join(OBJECTIVES) + " |", "|---" * (len(OBJECTIVES) + 1) + "|"]
-    for name, s in summary.items():
-        lines.append(f"| `{name}` | " + " | ".join(f"{s['win_rate_vs_base'][o] * 100:.1f}" for o in OBJECTIVES) + " |")
-    lines += ["", "## Every model: mean judge score per objective", "",
-              "| model | " + " | ".join(OBJECTIVES) + " |", "|---" * (len(OBJECTIVES) + 1) + "|"]
-    for name, s in summary.items():
-        lines.append(f"| `{name}` | " + " | ".join(f"{s['mean_score'][o]:.3f}" for o in OBJECTIVES) + " |")
-    lines += ["", "## Goals", "", "```json", json.dumps(goal, indent=2), "```", ""]
-    return "\n".join(lines)
-
-
-def pareto_plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
-    for name, s in summary.items():
-        x, y = s["win_rate_vs_base"]["empathy"] * 100, s["win_rate_vs_base"]["safety"] * 100
-        color = "tab:red" if name.startswith("modpo") else "tab:blue" if name != "base" else "black"
-        ax.scatter(x, y, color=color)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for paper_name, (x, y) in PAPER.items():
-        ax.scatter(x, y, marker="x", color="gray")
-        ax.annotate(f"paper: {paper_name}", (x, y), fontsize=6, color="gray", xytext=(3, -8), textcoords="offset points")
-    ax.set_xlabel("empathy win rate vs base (%)")
-    ax.set_ylabel("safety win rate vs base (%)")
-    ax.set_title("Adapters in empathy-vs-safety space (red: MODPO; x: paper)")
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def write_replies(path: Path, items: list[dict], replies: dict[str, list[str]]) -> None:
+    """One JSON line per prompt: {"id", "source", "prompt", "replies": {model: text}} (the blind panel reads it)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, it in enumerate(items):
+            f.write(json.dumps({"id": it["id"], "source": it["source"], "prompt": it["prompt"],
+                                "replies": {n: replies[n][i] for n in replies}}, ensure_ascii=False) + "\n")
 
 
 def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat: str | None = None,
              limit: int | None = None, store_dir: Path | None = None, max_tokens: int = 64,
-             prefer_vllm: bool = True) -> dict:
+             prefer_vllm: bool = True, cache_dir: Path | None = None, resamples: int = stats.RESAMPLES,
+             seed: int = 0) -> dict:
+    from adapters.matching import ROUTABLE_RECIPES
     from adapters.registry import AdapterStore
+    from alignment import pipeline
     from alignment.reward import RewardModel
     from alignment.reward_training import judge_agreement
+
+    def log(m: str) -> None:
+        print(f"[attune eval] {m}", flush=True)
 
     recipe = load_recipe(recipe_name)
     out = Path(out or REPORTS_DIR)
@@ -139,31 +106,56 @@ def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat
     missing = [a.id for a in recipe.adapters if a.id not in ids]
     if missing:
         print(f"[attune eval] not in the store (train them first): {missing}")
-    items = heldout_prompts(counsel_chat, limit)
+    meta: dict = {}
+    items = heldout_prompts(counsel_chat, limit, meta)
     convs = [P.chat(it["prompt"]) for it in items]
-    settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)
-    models = {"base": None, **{name: store.get(name) for name in ids}}
-    t0 = time.perf_counter()
-    replies = generate_each(basemodel.resolve(recipe.base_model), models, convs, settings, prefer_vllm,
-                            log=lambda m: print(f"[attune eval] {m}", flush=True))
-    gen_seconds = time.perf_counter() - t0
-    judge = RewardModel.load(JUDGE_DIR)
     prompts = [it["prompt"] for it in items]
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)
+    entries = {i: store.entry(i) for i in ids}
+    base_model = basemodel.resolve(recipe.base_model)
+    engine = "vllm" if prefer_vllm and vllm_available() else "hf"
+
+    def generate(name: str) -> list[str]:
+        adapter = None if name == "base" else store.get(name)  # checks the files against the manifest
+        return generate_each(base_model, {name: adapter}, convs, settings, prefer_vllm, log=log)[name]
+
+    t0 = time.perf_counter()
+    replies = reply_cache.cached_replies(
+        {"base": "base", **{i: reply_cache.adapter_checksum(e.files) for i, e in entries.items()}}, prompts,
+        basemodel.display_name(recipe.base_model), engine, settings,
+        Path(cache_dir) if cache_dir else pipeline.RUNS_DIR / "eval", generate, log)
+    gen_seconds = time.perf_counter() - t0
+    write_replies(out / "eval_replies.jsonl", items, replies)
+    judge = RewardModel.load(JUDGE_DIR)
     judged = {name: np.asarray(judge.score(prompts, rs)) for name, rs in replies.items()}
-    summary = summarize(judged)
-    goal = goals(summary, {i: store.entry(i) for i in ids})
+    comparisons = stats.compare(judged, resamples=resamples, seed=seed)
+    summary = summarize(comparisons)
+    emphasis = stats.emphasis_map({i: (e.primary_objective, e.weights) for i, e in entries.items()
+                                   if e.recipe == "modpo"})
+    accuracy = stats.steering_accuracy(judged, emphasis, list(OBJECTIVES), resamples, seed)
+    matrix = stats.steering_matrix(comparisons, list(OBJECTIVES))
+    routable = [i for i, e in entries.items() if e.recipe in ROUTABLE_RECIPES]
+    goal = stats.goals(comparisons, list(OBJECTIVES), emphasis, accuracy, routable, paper_soup=PAPER["DPO Soup"])
     seed_test = data.split_examples(data.load_seed(), "test")
     meta = {"n_prompts": len(items), "judge": str(JUDGE_DIR.relative_to(STORE_DIR.parent.parent)),
-            "sources": ", ".join(f"{n} {s}" for s, n in _counts(items).items()),
+            "sources": ", ".join(f"{n} {s}" for s, n in _counts(items).items()), **meta,
             "judge_agreement": round(judge_agreement(RewardModel.load(REWARD_DIR), judge, seed_test), 3),
-            "max_tokens": max_tokens, "generation_seconds": round(gen_seconds, 1), "missing": missing}
-    report = {"meta": meta, "summary": summary, "goals": goal,
+            "max_tokens": max_tokens, "engine": engine, "generation_seconds": round(gen_seconds, 1),
+            "resamples": resamples, "bootstrap_seed": seed, "missing": missing, "emphasis": emphasis}
+    report = {"meta": meta, "summary": summary, "paper_table": paper_table(summary), "steering_matrix": matrix,
+              "steering_accuracy": accuracy, "goals": goal,
               "samples": [{**it, "replies": {n: replies[n][i] for n in replies}} for i, it in enumerate(items[:10])]}
     (out / "alignment.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "alignment.md").write_text(markdown(summary, goal, meta))
-    pareto_plot(summary, out / "pareto.png")
+    (out / "alignment.md").write_text(markdown(report))
+    plots.pareto_plot({n: {"x": s["win_rate_vs_base"]["empathy"] * 100, "y": s["win_rate_vs_base"]["safety"] * 100,
+                           "x_ci": [v * 100 for v in s["win_rate_ci"]["empathy"]],
+                           "y_ci": [v * 100 for v in s["win_rate_ci"]["safety"]]} for n, s in summary.items()},
+                      PAPER, out / "pareto.png")
+    plots.steering_heatmap(matrix, out / "steering.png", emphasis)
     for name in ids:
-        store.update_eval(name, {"judge": summary[name], "judge_base": summary["base"]["mean_score"]})
+        s = summary[name]
+        store.update_eval(name, {"judge": {"mean_score": s["mean_score"], "win_rate_vs_base": s["win_rate_vs_base"]},
+                                 "judge_base": summary["base"]["mean_score"]})
     print((out / "alignment.md").read_text())
     return report
 

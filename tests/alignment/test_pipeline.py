@@ -64,11 +64,19 @@ def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch):
     from evals.evaluate import run_eval
 
     report = run_eval(str(tiny_recipe), out=tmp_path / "reports", limit=3, store_dir=store_dir,
-                      max_tokens=6, prefer_vllm=False)
+                      max_tokens=6, prefer_vllm=False, cache_dir=tmp_path / "runs" / "eval", resamples=200)
     assert set(report["summary"]) == {"base", *store.ids()}
     assert report["summary"]["base"]["win_rate_vs_base"]["empathy"] == 0.5  # ties with itself count half
-    for name in ("alignment.json", "alignment.md", "pareto.png"):
+    for name in ("alignment.json", "alignment.md", "pareto.png", "steering.png", "eval_replies.jsonl"):
         assert (tmp_path / "reports" / name).stat().st_size > 0
+    replies = [json.loads(line) for line in (tmp_path / "reports" / "eval_replies.jsonl").read_text().splitlines()]
+    assert len(replies) == 3 and set(replies[0]["replies"]) == {"base", *store.ids()}
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "eval").glob("*.json")}
+    assert len(cached) == 1 + len(store.ids())  # one cache file per model
+    again = run_eval(str(tiny_recipe), out=tmp_path / "reports2", limit=3, store_dir=store_dir, max_tokens=6,
+                     prefer_vllm=False, cache_dir=tmp_path / "runs" / "eval", resamples=200)
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached  # nothing regenerated
+    assert again["summary"] == report["summary"]
     assert "judge" in AdapterStore(store_dir).entry("modpo-es").eval
     with pytest.raises(SignatureError, match="changed after it was signed"):  # eval scores are signed content too
         AdapterStore(store_dir, public).entry("modpo-es")
