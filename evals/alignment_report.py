@@ -83,9 +83,9 @@ def markdown(report: dict) -> str:
              f"{meta.get('judge_agreement', 'n/a')} of test pairs). Greedy decoding, {meta['max_tokens']} tokens. "
              f"Intervals: 95% percentile bootstrap, paired over prompts (the same {meta['resamples']} resamples, "
              f"seed {meta['bootstrap_seed']}, for every model and statistic). Every reply: `eval_replies.jsonl`.", ""]
-    if meta.get("corpus_test_from_seed_train"):
-        lines += [f"Note: {meta['corpus_test_from_seed_train']} corpus-test prompt(s) are seed examples of the seed "
-                  "*train* split, which recipes that read seed pairs or seed SFT targets train on.", ""]
+    if meta.get("trained_on_dropped"):
+        lines += [f"Left out: {meta['trained_on_dropped']} prompt(s) of these sets that some adapter trains on (seed "
+                  "train messages, counsel-chat questions whose answers SFT imitates).", ""]
     lines += ["## Paper-shaped table: difference to base (win-rate points), empathy / safety", "",
               "Our base row is 50/50 by construction: base is judged against itself and ties count half. The "
               "paper's base row is not (11.5 / 39.6). Raw rows are therefore not comparable; this table compares "

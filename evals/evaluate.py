@@ -25,9 +25,11 @@ def _key(text: str) -> str:
     return " ".join(text.split())
 
 
-def heldout_prompts(counsel_chat: str | None, limit: int | None = None, meta: dict | None = None) -> list[dict]:
-    """Seed test, counsel-chat val, then the corpus test split, de-duplicated by text (first kept). Counsel-chat
-    texts, for val and for the corpus, come from the CSV `counsel_chat_rows` reads; without it they are left out."""
+def heldout_prompts(counsel_chat: str | None, limit: int | None = None, meta: dict | None = None,
+                    exclude: set[str] = frozenset()) -> list[dict]:
+    """Seed test, counsel-chat val, then the corpus test split, de-duplicated by text (first kept), without the
+    messages in `exclude` (what a recipe trains on). Counsel-chat texts, for val and for the corpus, come from the
+    CSV `counsel_chat_rows` reads; without it they are left out."""
     from alignment.corpus_data import load_prompts, resolve_texts
     from alignment.pipeline import counsel_chat_rows
 
@@ -46,8 +48,9 @@ def heldout_prompts(counsel_chat: str | None, limit: int | None = None, meta: di
         if p.id in texts:
             out.append({"source": "corpus-test", "id": p.id, "prompt": texts[p.id]})
     seen_text, seen_id, items = set(), set(), []
+    trained = {_key(t) for t in exclude}
     for it in out:
-        if _key(it["prompt"]) in seen_text:
+        if _key(it["prompt"]) in seen_text or _key(it["prompt"]) in trained:
             continue
         if it["id"] in seen_id:
             it = {**it, "id": f"{it['source']}-{it['id']}"}
@@ -55,12 +58,22 @@ def heldout_prompts(counsel_chat: str | None, limit: int | None = None, meta: di
         seen_id.add(it["id"])
         items.append(it)
     if meta is not None:
-        seed_train = set(data.load_splits()["train"])
-        meta["duplicates_dropped"] = len(out) - len(items)
+        meta["duplicates_dropped"] = sum(_key(it["prompt"]) not in trained for it in out) - len(items)
+        meta["trained_on_dropped"] = sum(_key(it["prompt"]) in trained for it in out)
         meta["corpus_test_skipped_no_counsel_chat"] = sum(p.source == "counsel_chat" and p.id not in texts
                                                           for p in test)
-        meta["corpus_test_from_seed_train"] = sum(p.source == "seed" and p.ref in seed_train for p in test)
     return items[:limit] if limit else items
+
+
+def training_messages(recipe, counsel_chat: str | None) -> set[str]:
+    """Patient messages some adapter of `recipe` trains on outside the corpus's rm-train split: the seed train
+    split (SFT's best replies, seed-rated pairs) and the counsel-chat questions whose answers SFT imitates. The
+    corpus test split shares some of them; they are not held out for those adapters, so they leave the eval."""
+    from alignment.pipeline import counsel_chat_rows, sft_rows
+
+    train = data.split_examples(data.load_seed(), "train")
+    rows = sft_rows(recipe, train, counsel_chat_rows(counsel_chat))
+    return {ex.message for ex in train} | {r["prompt"][-1]["content"] for r in rows}
 
 
 def win_rates(scores: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -107,7 +120,7 @@ def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat
     if missing:
         print(f"[attune eval] not in the store (train them first): {missing}")
     meta: dict = {}
-    items = heldout_prompts(counsel_chat, limit, meta)
+    items = heldout_prompts(counsel_chat, limit, meta, exclude=training_messages(recipe, counsel_chat))
     convs = [P.chat(it["prompt"]) for it in items]
     prompts = [it["prompt"] for it in items]
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)

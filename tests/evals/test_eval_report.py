@@ -30,6 +30,11 @@ def test_heldout_prompts_are_seed_test_counsel_chat_val_and_corpus_test_without_
     trained = {" ".join(resolved[p.id].split()) for p in corpus if p.split != "test"}
     assert trained.isdisjoint(texts)  # nothing the reward model, the judge or tuning saw
     assert heldout_prompts(str(COUNSEL_CHAT), limit=5) == items[:5]
+    corpus_text = next(it["prompt"] for it in items if it["source"] == "corpus-test")
+    less: dict = {}
+    fewer = heldout_prompts(str(COUNSEL_CHAT), meta=less, exclude={"  " + corpus_text})  # whitespace is not news
+    assert corpus_text not in [it["prompt"] for it in fewer] and len(fewer) == len(items) - 1
+    assert less["trained_on_dropped"] == 1 and less["duplicates_dropped"] == meta["duplicates_dropped"]
 
 
 def _judged(n=80, seed=0):
