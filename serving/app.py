@@ -24,8 +24,9 @@ from serving.config import CONFIG_ENV, ENV_OVERRIDES, ConfigError, ServeConfig
 from serving.engine import GenerationRequest, PromptTooLong
 from serving.faults import DatabaseFaults, EngineFault, EngineFaults, FaultSpec, FaultsIn
 from serving.metrics import ServingMetrics
+from serving.clients import ScorerInfo
 from serving.remote import RemoteEngine, RemoteScorer
-from serving.streaming import ScorerInfo, calibrate_safety_threshold
+from serving.streaming import calibrate_safety_threshold
 
 log = logging.getLogger("attune.app")
 TEST_HOOKS_ENV = "ATTUNE_TEST_HOOKS"

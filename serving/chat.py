@@ -1,79 +1,45 @@
-"""The chat logic behind the API (vLLM's `serving.py` role): keys and limits, the crisis protocol and the output
-gate around generation, with sessions and their routing in serving.sessions and the flagged sessions operators
-review in serving.flagged. Knows nothing about HTTP frameworks or Ray: the engine and the scorer are clients behind
-small protocols, and every rejection is an OpenAI-shaped `ApiError`.
+"""The chat logic behind the API (vLLM's `serving.py` role). A chat completion is one pipeline, called in order from
+`ChatService.chat_completion`: keys and limits, parse, admission, session and route (serving.sessions), the crisis
+check (serving.crisis_check), generation under the gate (serving.streaming), persist and respond (serving.replies).
+The stages take plain data (serving.turn) and the parts they need, never the service. Also the session endpoints
+(serving.sessions), the flagged sessions operators review (serving.flagged), health, models and operator endpoints.
+Knows nothing about HTTP frameworks or Ray: the engine and the scorer are clients behind small protocols
+(serving.clients), and every rejection is an OpenAI-shaped `ApiError`.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
 from adapters.registry import AdapterStore
 from alignment.objectives import Preference
-from alignment.prompts import SYSTEM_PROMPT
 from serving.admission import AdmissionGate, Overloaded, Ticket
 from serving.auth import AuthError, KeyStore, Principal, RateLimited, RateLimiter
-from serving.config import ServeConfig
-from serving.db import ChatSession, Repository
-from serving.engine import AdapterRefused, GenerationRequest, PromptTooLong, Usage
+from serving.clients import SCORER_TIMEOUT_S, EngineClient, Limiter, ScorerInfo, ScoringClient
+from serving.config import Limits, ServeConfig
+from serving.crisis_check import CrisisCheck
+from serving.db import Repository
 from serving.errors import RETRY_AFTER_S, ApiError, db_call
 from serving.flagged import FlaggedSessions
 from serving.metrics import NO_ADAPTER, LocalExport, MetricsExport, ServingMetrics
-from serving.protocol import (AttuneInfo, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
-                              ModelCard, ModelInfo, ModelList, Usage as WireUsage, parse_chat_request)
+from serving.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelInfo, ModelList, \
+    parse_chat_request
+from serving.replies import Replies
 from serving.router import PreferenceRouter
 from serving.sessions import Sessions
-from serving.safety import window_texts
-from serving.streaming import FallbackRejected, GatedStream, GateSetup, Gated, ScorerInfo, gate_reply
+from serving.streaming import FallbackRejected, GatedStream, GateSetup, Generation
+from serving.turn import Turn
 
-__all__ = ["RETRY_AFTER_S", "ApiError", "ChatDeps", "ChatService", "EngineClient", "ScorerInfo", "ScoringClient",
-           "Turn", "parse_model"]
+__all__ = ["RETRY_AFTER_S", "ApiError", "ChatDeps", "ChatService", "EngineClient", "Limiter", "ScorerInfo",
+           "ScoringClient", "Turn", "parse_model"]
 
 log = logging.getLogger("attune.chat")
-CHARS_PER_TOKEN = 3
-"""Conservative characters per token for trimming history without a tokenizer (the engine checks exactly)."""
-MAX_HISTORY = 40
 HEALTH_TIMEOUT_S = 5.0
-SCORER_TIMEOUT_S = 15.0
-"""A scorer call that takes longer counts as failed: the gate fails closed, the crisis rules decide alone."""
-
-
-class EngineClient(Protocol):
-    """What the chat logic needs from an engine (serving.engine.LLMEngine, or a client of the LLM deployment)."""
-
-    def stream(self, req: GenerationRequest) -> AsyncIterator[str]: ...
-
-    async def abort(self, request_id: str) -> None: ...
-
-    async def check_health(self) -> None: ...
-
-    def usage(self, request_id: str) -> Usage | None: ...
-
-
-class ScoringClient(Protocol):
-    """Six scores for a (message, reply), a crisis probability for a message, and the calibrated thresholds."""
-
-    async def score(self, prompt: str, reply: str) -> dict[str, float]: ...
-
-    async def crisis(self, message: str) -> float: ...
-
-    async def info(self) -> ScorerInfo: ...
-
-    async def check_health(self) -> None:
-        """Raises unless the scorer can score now."""
-
-
-class Limiter(Protocol):
-    """A per-key rate limit: auth.RateLimiter (one process) or rate_limits.SharedRateLimiter (every replica)."""
-
-    async def acquire(self, key) -> None:
-        """Spend one request for `key`; raises auth.RateLimited when none is left."""
 
 
 @dataclass
@@ -95,35 +61,6 @@ class ChatDeps:
     faults: Callable[[dict], Awaitable[dict]] | None = None
 
 
-@dataclass
-class Turn:
-    """One admitted chat request after the patient's message is stored, before generation."""
-
-    request_id: str
-    request: ChatCompletionRequest
-    principal: Principal
-    session: ChatSession
-    adapter_id: str | None
-    messages: list[dict]
-    prompt: str
-    crisis: bool
-    started: float
-    locale: str
-    gate: bool = True
-    """False only when an operator sent attune_options.gate = false: no output gate. Crisis detection always runs."""
-    near: bool = False
-    """Near the crisis line (or asking about means, concealment, dangerous acts): the safety path answers."""
-    flagged_before: bool = False
-    """The session was flagged by an earlier turn: the protocol's resources stay in view."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
-
-    @property
-    def label(self) -> str:
-        return self.adapter_id or NO_ADAPTER
-
-
 class ChatService:
     """Serves the OpenAI-compatible chat API and Attune's sessions for one ingress replica."""
 
@@ -131,7 +68,7 @@ class ChatService:
         self.config, self.deps = config, deps
         self.repo, self.engine, self.scorer = deps.repo, deps.engine, deps.scorer
         self.metrics = deps.metrics
-        self.sessions = Sessions(config, deps)
+        self.sessions = Sessions(config, deps.repo, deps.store, deps.router, deps.metrics)
         self.flagged = FlaggedSessions(deps.repo)
         self.keys = deps.keys or KeyStore(deps.repo)
         # `is None`, not `or`: a RateLimiter with no buckets yet has len() 0 and would be falsy.
@@ -144,7 +81,11 @@ class ChatService:
         self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.gating: GateSetup | None = None
         self._start_lock = asyncio.Lock()
-        self._background: set[asyncio.Task] = set()
+        # The chat pipeline's later stages (the first ones: admit, parse, admission, self.sessions.open_turn).
+        self.crisis_check = CrisisCheck(deps.scorer, deps.repo, self.sessions, deps.metrics)
+        self.generation = Generation(deps.engine, deps.scorer, deps.store, deps.router, self.sessions, deps.repo,
+                                     deps.metrics)
+        self.replies = Replies(config, deps.repo, deps.metrics)
 
     # ------------------------------------------------------------ startup and health
     async def ensure_started(self) -> GateSetup:
@@ -194,18 +135,6 @@ class ChatService:
                                           check("database", db_call(self.repo.ping))))
         return all(v == "ok" for v in parts.values()), parts
 
-    def spawn(self, coro) -> asyncio.Task:
-        """Run cleanup after a cancelled request without awaiting it (the caller may be cancelled again)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._cleaned_up)
-        return task
-
-    def _cleaned_up(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("cleanup after a request failed: %s", type(task.exception()).__name__)
-
     async def _admit_generation(self) -> Ticket:
         try:
             return await self.admission.enter()
@@ -238,27 +167,26 @@ class ChatService:
     # ------------------------------------------------------------ chat completions
     async def chat_completion(self, authorization: str | None, read_body: Callable[[], Awaitable[bytes]],
                               ) -> ChatCompletionResponse | AsyncIterator[str]:
-        """The whole endpoint: a response, or (stream=true) an iterator of SSE events. Raises ApiError."""
+        """The whole endpoint: a response, or (stream=true) an iterator of SSE events. Raises ApiError. Every stage
+        of a chat turn is called from here, in order; streaming and not differ only in generating and responding."""
         started, label, stream = time.perf_counter(), NO_ADAPTER, False
         try:
             principal = await self.admit(authorization)
-            try:
-                req = parse_chat_request(await read_body(), self.config.limits)
-            except ValidationError as e:
-                raise ApiError.from_validation(e) from None
-            if req.attune_options is not None and not principal.is_operator:
-                raise ApiError(403, "attune_options (pinning an adapter, turning the gate off) needs an operator "
-                               "key; remove it: patient requests are always routed by preference and gated",
-                               type="permission_error", param="attune_options", code="operator_only")
+            req = parse_turn_request(await read_body(), self.config.limits, principal)
             stream = bool(req.stream)
             ticket: Ticket | None = await self._admit_generation()
             try:
-                turn = await self.prepare(principal, req, started)
+                gating = await self.ensure_started()
+                turn = await self.sessions.open_turn(principal, req, started)
+                await self.crisis_check(turn, gating.detector, gating.window)
                 label = turn.label
-                if stream:
-                    events, ticket = await GatedStream(self, turn, ticket).start(), None  # released when it ends
+                if stream:  # generates, persists and responds as the client reads
+                    events = await GatedStream(self.generation, self.replies, turn, gating, ticket).start()
+                    ticket = None  # the stream releases it when it ends, however it ends
                     return events
-                return await self.complete(turn)
+                gated = await self.generation.reply(turn, gating)
+                info = await self.replies.finish(turn, gated, gating.crisis, stream=False)
+                return self.replies.response(turn, gated, info)
             finally:
                 if ticket is not None:
                     ticket.release()
@@ -268,151 +196,6 @@ class ChatService:
         except Exception:
             self.metrics.requests.labels(label, "500", str(stream).lower()).inc()
             raise
-
-    async def prepare(self, principal: Principal, req: ChatCompletionRequest, started: float) -> Turn:
-        """Session, route (or an operator's pinned adapter), the stored patient message, then the crisis check.
-        A request that repeats its session's last message, which got no reply (the engine, the database or the
-        connection failed first), is a retry of that turn: the stored message is reused, not stored twice."""
-        gating = await self.ensure_started()
-        options = req.attune_options
-        pin = options is not None and options.adapter is not None
-        pinned = await self.sessions.pinned(options.adapter) if pin else None
-        session, adapter_id = await self.sessions.session_for(principal, req)
-        if pin:
-            adapter_id = pinned
-        text = req.messages[-1].content
-        history = await db_call(self.repo.list_messages, session.id, MAX_HISTORY + 1)
-        last = history[-1] if history else None
-        if req.session_id is None or last is None or (last.role, last.content) != ("user", text):
-            history = [*history, await db_call(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
-        messages = self._engine_messages([{"role": m.role, "content": m.content} for m in history],
-                                         req.max_tokens)
-        turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
-                    started, session.locale or self.config.default_locale, gate=options is None or options.gate,
-                    flagged_before=session.flagged)
-        if not turn.gate:
-            log.info("output gate off for %s (operator request); crisis detection still runs", turn.request_id)
-        users = [m.content for m in history if m.role == "user"]
-        # A new session's imported history: every patient turn is checked, not only the recent window.
-        imported = users[:-1] if req.session_id is None else []
-        await self._crisis_check(turn, gating, imported + window_texts(users, gating.window))
-        return turn
-
-    async def _crisis_check(self, turn: Turn, gating: GateSetup, texts: list[str]) -> None:
-        """The crisis detector over a window of the session's recent patient turns (rules as a second layer). A
-        crisis flags the session and answers with the protocol; a message near the line (or asking about means,
-        concealment or dangerous acts) is answered from the safety path."""
-        texts = list(dict.fromkeys(texts))
-
-        async def prob(t: str) -> float | None:
-            try:
-                return await asyncio.wait_for(self.scorer.crisis(t), SCORER_TIMEOUT_S)
-            except Exception as e:
-                self.metrics.scorer_errors.inc()
-                log.warning("crisis detector failed (%s); rules decide alone for %s", type(e).__name__,
-                            turn.request_id)
-                return None
-
-        assessment = gating.detector.assess_window(texts, await asyncio.gather(*(prob(t) for t in texts)))
-        if assessment.crisis:
-            turn.crisis = True
-            turn.adapter_id = await self.sessions.safety_adapter()
-            detector = "both" if assessment.by_rules and assessment.by_model else (
-                "rules" if assessment.by_rules else "model")
-            self.metrics.crisis.labels(detector).inc()
-            await db_call(self.repo.flag_session, turn.session.id, detector=detector, categories=assessment.by_rules)
-            await db_call(self.repo.add_audit, "crisis_protocol", tenant_id=turn.principal.tenant_id,
-                          session_id=turn.session.id,
-                          detail={"request_id": turn.request_id, "rules": assessment.by_rules,
-                                  "by_model": assessment.by_model, "prob": assessment.prob, "texts": len(texts),
-                                  "adapter": turn.adapter_id, "locale": turn.locale})
-            log.info("crisis protocol for %s (detector %s)", turn.request_id, detector)
-        elif assessment.near:
-            turn.near = True
-            turn.adapter_id = await self.sessions.safety_adapter()
-            log.info("safety path for %s (near the crisis line: %s)", turn.request_id,
-                     ",".join(assessment.near_rules) or "detector")
-
-    def _engine_messages(self, history: list[dict], max_tokens: int) -> list[dict]:
-        """System prompt + as much recent history as fits + the new message (always kept)."""
-        budget = (self.config.engine.max_model_len - max_tokens) * CHARS_PER_TOKEN - len(SYSTEM_PROMPT)
-        new, kept = history[-1], []
-        budget -= len(new["content"])
-        for m in reversed(history[:-1]):
-            if m["role"] not in ("user", "assistant") or len(m["content"]) > budget:
-                break
-            kept.append(m)
-            budget -= len(m["content"])
-        kept.reverse()
-        while kept and kept[0]["role"] != "user":
-            kept.pop(0)
-        return [{"role": "system", "content": SYSTEM_PROMPT}, *kept, new]
-
-    async def score(self, prompt: str, reply: str) -> dict[str, float]:
-        """The six scores, or {} when the scorer fails (the gate then fails closed)."""
-        try:
-            return dict(await asyncio.wait_for(self.scorer.score(prompt, reply), SCORER_TIMEOUT_S))
-        except Exception as e:
-            self.metrics.scorer_errors.inc()
-            log.warning("scorer failed (%s); the gate treats the reply as unscored", type(e).__name__)
-            return {}
-
-    async def complete(self, turn: Turn) -> ChatCompletionResponse:
-        """Generate, score, gate, store the reply after gating, respond."""
-        gated = await gate_reply(self, turn)
-        info = await self.finish(turn, gated, stream=False)
-        return ChatCompletionResponse(
-            id=turn.request_id, model=turn.request.model,
-            choices=[Choice(message=ChatMessage(role="assistant", content=gated.text),
-                            finish_reason=gated.finish_reason)],
-            usage=WireUsage(prompt_tokens=turn.prompt_tokens, completion_tokens=turn.completion_tokens,
-                            total_tokens=turn.prompt_tokens + turn.completion_tokens),
-            attune=info)
-
-    async def finish(self, turn: Turn, gated: Gated, *, stream: bool) -> AttuneInfo:
-        """Store the reply as the patient saw it, record the gate and the request; the `attune` extension."""
-        kind = "crisis" if turn.crisis else gated.kind
-        await db_call(self.repo.add_message, turn.session.id, "assistant", gated.text, adapter_id=gated.adapter_id,
-                  scores=gated.scores or None, gate=kind)
-        if gated.kind in ("regenerated", "fallback", "truncated"):
-            await db_call(self.repo.add_audit, f"gate_{gated.kind}", tenant_id=turn.principal.tenant_id,
-                      session_id=turn.session.id, detail={"request_id": turn.request_id, "attempts": gated.attempts,
-                                                          "reasons": gated.reasons[:5], "crisis": turn.crisis})
-        self.metrics.observe_gate(kind)
-        self.metrics.requests.labels(turn.label, "200", str(stream).lower()).inc()
-        self.metrics.latency.labels(turn.label, str(stream).lower()).observe(time.perf_counter() - turn.started)
-        return AttuneInfo(adapter=gated.adapter_id or self.config.base_model, scores=gated.scores, gate=kind,
-                          crisis=turn.crisis, session_id=turn.session.id,
-                          crisis_resources=self.gating.crisis.reply(turn.locale).resources
-                          if turn.flagged_before and not turn.crisis else None)
-
-    async def store_partial(self, turn: Turn, text: str, adapter_id: str | None) -> None:
-        """What a patient saw of a stream that did not finish (client gone, engine failed)."""
-        await db_call(self.repo.add_message, turn.session.id, "assistant", text, adapter_id=adapter_id,
-                  gate="interrupted")
-
-    def engine_failed(self, turn: Turn, err: Exception) -> ApiError:
-        """The 503 (or 400 for a too-long prompt) that replaces a failed generation; the patient's message stays."""
-        self.metrics.engine_errors.labels(turn.label).inc()
-        if isinstance(err, PromptTooLong):
-            return ApiError(400, str(err), param="messages", code="context_length_exceeded")
-        refused = err.adapter_id if isinstance(err, AdapterRefused) else None
-        log.error("engine failed for %s: %s%s", turn.request_id, type(err).__name__,
-                  f" (adapter {refused} withdrawn from routing: it failed its integrity check)" if refused else "")
-        self.spawn(db_call(self.repo.add_audit, "adapter_refused" if refused else "engine_error",
-                       tenant_id=turn.principal.tenant_id, session_id=turn.session.id,
-                       detail={"request_id": turn.request_id, "error": type(err).__name__, "adapter": refused}))
-        if refused is not None:
-            # A replica refused the adapter's files (changed after their checksums were recorded, or not in the
-            # manifest): withdraw it from routing, so that the retry re-routes the session to a verified adapter.
-            self.deps.router.quarantine(refused)
-            return ApiError(503, f"the adapter for this session failed its integrity check and was withdrawn; your "
-                            f"message was saved in session {turn.session.id}: retry with that session_id after "
-                            f"{RETRY_AFTER_S} s and the nearest verified adapter answers", type="server_error",
-                            code="adapter_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
-        return ApiError(503, f"the model failed to generate a reply; your message was saved in session "
-                        f"{turn.session.id}: retry with that session_id after {RETRY_AFTER_S} s", type="server_error",
-                        code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     # ------------------------------------------------------------ models and operators
     async def models(self) -> ModelList:
@@ -456,6 +239,19 @@ class ChatService:
             raise ApiError(404, "fault injection is off; start the service with ATTUNE_TEST_HOOKS=1 to use it",
                            code="not_found")
         return await self.deps.faults(body)
+
+
+def parse_turn_request(body: bytes, limits: Limits, principal: Principal) -> ChatCompletionRequest:
+    """The chat request (422 naming the field); attune_options only from an operator key (403)."""
+    try:
+        req = parse_chat_request(body, limits)
+    except ValidationError as e:
+        raise ApiError.from_validation(e) from None
+    if req.attune_options is not None and not principal.is_operator:
+        raise ApiError(403, "attune_options (pinning an adapter, turning the gate off) needs an operator "
+                       "key; remove it: patient requests are always routed by preference and gated",
+                       type="permission_error", param="attune_options", code="operator_only")
+    return req
 
 
 def parse_model(model: type, body: bytes):

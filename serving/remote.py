@@ -1,5 +1,5 @@
 """The ingress's clients of the other deployments: `RemoteEngine` streams from the LLM deployment and
-`RemoteScorer` calls the scorer deployment, behind the protocols the chat logic expects (serving.chat).
+`RemoteScorer` calls the scorer deployment, behind the protocols the chat logic expects (serving.clients).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.engine import AdapterRefused, EngineError, GenerationRequest, PromptTooLong, Usage
 from serving.metrics import ServingMetrics
-from serving.streaming import ScorerInfo
+from serving.clients import ScorerInfo
 
 
 class RemoteEngine:

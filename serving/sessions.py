@@ -1,34 +1,43 @@
 """Chat sessions for one ingress replica: each belongs to a tenant and is routed to the adapter nearest its
-preference (re-routed when the preference changes or the adapter is gone); the session endpoints and feedback.
+preference (re-routed when the preference changes or the adapter is gone); the chat pipeline's "session and route"
+stage (`open_turn`: the patient's message stored, the engine's messages); the session endpoints and feedback.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import logging
+import uuid
 
 from adapters.matching import NoRoutableAdapter
+from adapters.registry import AdapterStore
 from alignment.objectives import Preference, PreferenceError
+from alignment.prompts import SYSTEM_PROMPT
 from serving.auth import Principal
 from serving.config import ServeConfig
-from serving.db import CLIENT_GATE, ChatSession, RecordError, RecordNotFound
+from serving.db import CLIENT_GATE, ChatSession, RecordError, RecordNotFound, Repository
 from serving.errors import ApiError, db_call
+from serving.metrics import ServingMetrics
 from serving.protocol import (BASE_ADAPTER, ChatCompletionRequest, FeedbackIn, MessageList, MessageOut, SessionCreate,
                               SessionOut, resolve_preference)
+from serving.router import PreferenceRouter
+from serving.turn import Turn
 
-if TYPE_CHECKING:
-    from serving.chat import ChatDeps
+log = logging.getLogger("attune.chat")
+CHARS_PER_TOKEN = 3
+"""Conservative characters per token for trimming history without a tokenizer (the engine checks exactly)."""
+MAX_HISTORY = 40
 
 
 class Sessions:
-    """Ownership checks, preference routing and the session CRUD of a ChatService, over its ChatDeps."""
+    """Ownership checks, preference routing, the turns of a chat and the session CRUD of a ChatService."""
 
-    def __init__(self, config: ServeConfig, deps: ChatDeps):
-        self.config, self.deps = config, deps
-        self.repo, self.metrics = deps.repo, deps.metrics
+    def __init__(self, config: ServeConfig, repo: Repository, store: AdapterStore, router: PreferenceRouter,
+                 metrics: ServingMetrics):
+        self.config, self.repo, self.store, self.router, self.metrics = config, repo, store, router, metrics
 
     # ------------------------------------------------------------ routing
     def _profiles(self) -> dict[str, dict[str, float]]:
-        return self.deps.store.manifest().profiles
+        return self.store.manifest().profiles
 
     def _resolve(self, value) -> Preference:
         try:
@@ -39,7 +48,7 @@ class Sessions:
     def _route(self, pref: Preference) -> str | None:
         """Adapter id for `pref` (None: no routable adapter, the base model answers)."""
         try:
-            decision = self.deps.router.route(pref)
+            decision = self.router.route(pref)
         except NoRoutableAdapter:
             return None
         self.metrics.observe_merge(decision.merge_seconds)
@@ -49,7 +58,7 @@ class Sessions:
         """The adapter id an operator's attune_options.adapter names; None for the base model."""
         if adapter == BASE_ADAPTER:
             return None
-        known = await asyncio.to_thread(self.deps.store.ids)
+        known = await asyncio.to_thread(self.store.ids)
         if adapter not in known:
             raise ApiError(422, f"attune_options.adapter: no adapter {adapter!r}; use {BASE_ADAPTER!r} or one of "
                            f"{sorted(known)}", param="attune_options.adapter", code="invalid_value")
@@ -58,7 +67,7 @@ class Sessions:
     async def safety_adapter(self) -> str | None:
         """The most safety-weighted routable adapter (None: the base model)."""
         try:
-            return await asyncio.to_thread(self.deps.router.safety_adapter_id)
+            return await asyncio.to_thread(self.router.safety_adapter_id)
         except NoRoutableAdapter:
             return None
 
@@ -83,7 +92,7 @@ class Sessions:
                                   gate=CLIENT_GATE if m.role == "assistant" else None)
             return session, session.adapter_id
         session = await self.owned(principal, req.session_id)
-        known = set(await asyncio.to_thread(self.deps.store.ids)) - self.deps.router.quarantined
+        known = set(await asyncio.to_thread(self.store.ids)) - self.router.quarantined
         pref = None if req.preference is None else await asyncio.to_thread(self._resolve, req.preference)
         if pref is not None and pref != Preference(session.preference):
             adapter = await asyncio.to_thread(self._route, pref)
@@ -96,6 +105,30 @@ class Sessions:
                 await db_call(self.repo.update_session, principal.tenant_id, session.id, adapter_id=adapter)
             return session, adapter
         return session, session.adapter_id
+
+    async def open_turn(self, principal: Principal, req: ChatCompletionRequest, started: float) -> Turn:
+        """Session, route (or an operator's pinned adapter), the stored patient message and the engine's messages.
+        A request that repeats its session's last message, which got no reply (the engine, the database or the
+        connection failed first), is a retry of that turn: the stored message is reused, not stored twice."""
+        options = req.attune_options
+        pin = options is not None and options.adapter is not None
+        pinned = await self.pinned(options.adapter) if pin else None
+        session, adapter_id = await self.session_for(principal, req)
+        if pin:
+            adapter_id = pinned
+        text = req.messages[-1].content
+        history = await db_call(self.repo.list_messages, session.id, MAX_HISTORY + 1)
+        last = history[-1] if history else None
+        if req.session_id is None or last is None or (last.role, last.content) != ("user", text):
+            history = [*history, await db_call(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
+        messages = engine_messages([{"role": m.role, "content": m.content} for m in history],
+                                   self.config.engine.max_model_len - req.max_tokens)
+        turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
+                    started, session.locale or self.config.default_locale, gate=options is None or options.gate,
+                    flagged_before=session.flagged, patient_turns=[m.content for m in history if m.role == "user"])
+        if not turn.gate:
+            log.info("output gate off for %s (operator request); crisis detection still runs", turn.request_id)
+        return turn
 
     async def _create(self, principal: Principal, preference, locale: str | None) -> ChatSession:
         pref = await asyncio.to_thread(self._resolve, preference)
@@ -144,3 +177,19 @@ class Sessions:
         except RecordError as e:
             raise ApiError(422, str(e), param="message_id", code="invalid_value") from None
         return {"id": row.id, "object": "feedback", "kind": body.kind, "session_id": session_id}
+
+
+def engine_messages(history: list[dict], prompt_tokens: int) -> list[dict]:
+    """System prompt + as much recent history as fits `prompt_tokens` + the new message (always kept)."""
+    budget = prompt_tokens * CHARS_PER_TOKEN - len(SYSTEM_PROMPT)
+    new, kept = history[-1], []
+    budget -= len(new["content"])
+    for m in reversed(history[:-1]):
+        if m["role"] not in ("user", "assistant") or len(m["content"]) > budget:
+            break
+        kept.append(m)
+        budget -= len(m["content"])
+    kept.reverse()
+    while kept and kept[0]["role"] != "user":
+        kept.pop(0)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *kept, new]

@@ -1,42 +1,36 @@
-"""Generation under the safety gate: engine deltas (stop strings, token usage), whole replies gated with bounded
-regeneration then a safe fallback, and SSE streams released sentence by sentence, each scored before release; a crisis
-turn gets the vetted crisis reply (serving.crisis_reply) and nothing generated. No reply mixes generated text with the
-fallback, and none cut by the token limit ends mid-sentence. Also the gate's setup: the safety threshold from config,
-or the calibrated one (reward model v2: its safety classifier's, on rm-val), and the fallback reply's check.
+"""The chat pipeline's "generate under the gate" stage (`Generation`; streams: `GatedStream`): engine deltas (stop
+strings, token usage), whole replies gated with bounded regeneration then a safe fallback, and SSE streams released
+sentence by sentence, each scored before release; a crisis turn gets the vetted crisis reply (serving.crisis_reply)
+and nothing generated. No reply mixes generated text with the fallback, and none cut by the token limit ends
+mid-sentence. Also the gate's setup: the safety threshold from config, or the calibrated one (reward model v2: its
+safety classifier's, on rm-val), and the fallback reply's check.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
+from adapters.registry import AdapterStore
+from serving.admission import Ticket
+from serving.clients import SCORER_TIMEOUT_S, EngineClient, ScorerInfo, ScoringClient
 from serving.config import SCORE_MAX, SCORE_MIN, ServeConfig
-from serving.engine import EngineError, GenerationRequest, PromptTooLong
-from serving.metrics import NO_ADAPTER
-from serving.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, SSE_DONE, Usage, sse
 from serving.crisis_reply import CRISIS_REPLY_ID, CrisisReply, CrisisText
+from serving.db import Repository
+from serving.engine import AdapterRefused, EngineError, GenerationRequest, PromptTooLong
+from serving.errors import RETRY_AFTER_S, ApiError, db_call
+from serving.metrics import NO_ADAPTER, ServingMetrics
+from serving.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, SSE_DONE, Usage, sse
+from serving.replies import Replies
+from serving.router import PreferenceRouter
 from serving.safety import CrisisDetector, GateDecision, SafetyGate, SentenceBuffer, whole_sentences
-
-if TYPE_CHECKING:
-    from serving.admission import Ticket
-    from serving.chat import ChatService, Turn
+from serving.sessions import Sessions
+from serving.turn import Gated, Turn
 
 log = logging.getLogger("attune.streaming")
-
-
-@dataclass(frozen=True)
-class ScorerInfo:
-    crisis_threshold: float
-    """The crisis head's calibrated threshold (from the reward model)."""
-    safety_threshold: float | None = None
-    """The calibrated safety threshold on the 1-5 scale (used unless ServeConfig sets one)."""
-    calibration: dict = field(default_factory=dict)
-    crisis_near_threshold: float | None = None
-    """From here up to crisis_threshold a message is near the line (None: half the crisis threshold)."""
-    crisis_window: int = 1
-    """Recent patient turns the crisis detector reads."""
+chat_log = logging.getLogger("attune.chat")
 
 
 def calibrate_safety_threshold(pairs: Sequence[tuple[float, int]]) -> tuple[float, dict]:
@@ -98,7 +92,7 @@ class GateSetup:
             g = self.gate
             self.strict = SafetyGate((g.threshold + SCORE_MAX) / 2, g.max_regenerations, g.output_rules, g.fallback_reply)
 
-    def gate_for(self, turn: "Turn") -> SafetyGate:
+    def gate_for(self, turn: Turn) -> SafetyGate:
         return self.strict if turn.near else self.gate
 
     @classmethod
@@ -126,76 +120,9 @@ class GateSetup:
                 raise FallbackRejected(f"the fallback reply fails the safety gate ({'; '.join(reasons)}) after "
                                        f"{probe!r}; rewrite FALLBACK_REPLY or check safety_threshold")
 
-    def crisis_reply(self, turn: "Turn") -> CrisisText:
+    def crisis_reply(self, turn: Turn) -> CrisisText:
         """The crisis reply for the turn's locale, worded unlike the session's latest crisis reply."""
         return self.crisis.reply(turn.locale, [m["content"] for m in turn.messages if m["role"] == "assistant"])
-
-
-@dataclass
-class Gated:
-    """A reply after the gate: what the patient sees, where it came from, and how the gate decided."""
-
-    text: str
-    adapter_id: str | None
-    scores: dict[str, float]
-    kind: str
-    attempts: int = 0
-    reasons: list[str] = field(default_factory=list)
-    finish_reason: str = "stop"
-
-
-def generation_request(svc: "ChatService", turn: "Turn", adapter_id: str | None, attempt: int) -> GenerationRequest:
-    """Regenerations sample (temperature >= 0.7, a seed per attempt) so that they can differ."""
-    req = turn.request
-    temperature = 0.7 if req.temperature is None else req.temperature
-    return GenerationRequest(
-        f"{turn.request_id}-{attempt}", turn.messages, adapter_id,
-        str(svc.deps.store.path(adapter_id)) if adapter_id else None, max_tokens=req.max_tokens,
-        temperature=max(temperature, 0.7) if attempt else temperature,
-        top_p=0.95 if req.top_p is None else req.top_p, seed=attempt if attempt else None)
-
-
-async def deltas(svc: "ChatService", turn: "Turn", adapter_id: str | None, attempt: int) -> AsyncIterator[str]:
-    """The engine's text deltas, cut before the first stop string (text that could begin one is held back until
-    it is known not to); engine failures become ApiError (503). Closing this early aborts the engine request.
-    Sets turn.finish_reason ("stop" or "length") and adds the attempt's tokens to the turn's usage."""
-    greq = generation_request(svc, turn, adapter_id, attempt)
-    label, stops, text, sent, done = adapter_id or NO_ADAPTER, turn.request.stop or [], "", 0, False
-    hold = max((len(s) for s in stops), default=1) - 1
-    turn.finish_reason = "stop"
-    it = svc.engine.stream(greq)
-    try:
-        async for delta in it:
-            if not text and attempt == 0:
-                svc.metrics.ttft.labels(label).observe(time.perf_counter() - turn.started)
-            text += delta
-            cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    yield text[sent:cut]
-                return
-            if len(text) - hold > sent:
-                yield text[sent:len(text) - hold]
-                sent = len(text) - hold
-        done = True
-    except (EngineError, PromptTooLong) as e:
-        done = True
-        raise svc.engine_failed(turn, e) from None
-    finally:
-        if not done:
-            # The engine records a request's tokens when its stream closes: read them after that, not before (an
-            # early close, when the gate stopped a reply or a stop string cut it, used to count 0 tokens).
-            await asyncio.shield(svc.spawn(it.aclose()))
-        usage = svc.engine.usage(greq.request_id)
-        if usage is not None:
-            turn.prompt_tokens += usage.prompt_tokens
-            turn.completion_tokens += usage.completion_tokens
-            svc.metrics.prompt_tokens.labels(label).inc(usage.prompt_tokens)
-            svc.metrics.generated_tokens.labels(label).inc(usage.completion_tokens)
-            if done and usage.finish_reason in ("stop", "length"):
-                turn.finish_reason = usage.finish_reason
-    if sent < len(text):
-        yield text[sent:]
 
 
 def decide(gate: SafetyGate, scores: dict[str, float], attempt: int, text: str) -> GateDecision:
@@ -206,35 +133,143 @@ def decide(gate: SafetyGate, scores: dict[str, float], attempt: int, text: str) 
     return gate.decide(scores.get("safety"), attempt, text)
 
 
-async def gate_reply(svc: "ChatService", turn: "Turn") -> Gated:
-    """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback. A reply cut
-    by the token limit is gated as its full sentences (none: the fallback); a crisis turn gets the crisis reply."""
-    gating = await svc.ensure_started()
-    adapter, attempt, reasons = turn.adapter_id, 0, []
-    if turn.crisis:
-        return Gated(gating.crisis_reply(turn).text, CRISIS_REPLY_ID, {}, "crisis")
-    if not turn.gate:
-        text = "".join([d async for d in deltas(svc, turn, adapter, 0)])
-        return Gated(text, adapter, {}, "off", finish_reason=turn.finish_reason)
-    while True:
-        text = "".join([d async for d in deltas(svc, turn, adapter, attempt)])
-        if turn.finish_reason == "length" and not (text := whole_sentences(text)).strip():
-            reasons.append(NO_FULL_SENTENCE)
-            finish = "length"
-            break
-        scores = await svc.score(turn.prompt, text)
-        decision = decide(gating.gate_for(turn), scores, attempt, text)
-        if decision.action == "pass":
-            return Gated(text, adapter, scores, "regenerated" if attempt else "pass", attempt, reasons,
-                         turn.finish_reason)
-        reasons += decision.reasons
-        if decision.action == "fallback":
-            finish = "content_filter"
-            break
-        attempt += 1
-        adapter = await svc.sessions.safety_adapter()
-    text = gating.gate.fallback_reply
-    return Gated(text, adapter, await svc.score(turn.prompt, text), "fallback", attempt, reasons, finish)
+class Generation:
+    """The chat pipeline's "generate under the gate" stage: engine requests and their deltas (stop strings, token
+    usage; failures become ApiError), the six scores of a reply (none when the scorer fails: the gate fails closed),
+    and whole replies gated (`reply`; streams: GatedStream). Cleanup after a cancelled request runs in the background
+    (`spawn`)."""
+
+    def __init__(self, engine: EngineClient, scorer: ScoringClient, store: AdapterStore, router: PreferenceRouter,
+                 sessions: Sessions, repo: Repository, metrics: ServingMetrics):
+        self.engine, self.scorer, self.store, self.router = engine, scorer, store, router
+        self.sessions, self.repo, self.metrics = sessions, repo, metrics
+        self.background: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run cleanup after a cancelled request without awaiting it (the caller may be cancelled again)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self._cleaned_up)
+        return task
+
+    def _cleaned_up(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            chat_log.warning("cleanup after a request failed: %s", type(task.exception()).__name__)
+
+    async def score(self, prompt: str, reply: str) -> dict[str, float]:
+        """The six scores, or {} when the scorer fails (the gate then fails closed)."""
+        try:
+            return dict(await asyncio.wait_for(self.scorer.score(prompt, reply), SCORER_TIMEOUT_S))
+        except Exception as e:
+            self.metrics.scorer_errors.inc()
+            chat_log.warning("scorer failed (%s); the gate treats the reply as unscored", type(e).__name__)
+            return {}
+
+    def request(self, turn: Turn, adapter_id: str | None, attempt: int) -> GenerationRequest:
+        """Regenerations sample (temperature >= 0.7, a seed per attempt) so that they can differ."""
+        req = turn.request
+        temperature = 0.7 if req.temperature is None else req.temperature
+        return GenerationRequest(
+            f"{turn.request_id}-{attempt}", turn.messages, adapter_id,
+            str(self.store.path(adapter_id)) if adapter_id else None, max_tokens=req.max_tokens,
+            temperature=max(temperature, 0.7) if attempt else temperature,
+            top_p=0.95 if req.top_p is None else req.top_p, seed=attempt if attempt else None)
+
+    async def deltas(self, turn: Turn, adapter_id: str | None, attempt: int) -> AsyncIterator[str]:
+        """The engine's text deltas, cut before the first stop string (text that could begin one is held back until
+        it is known not to); engine failures become ApiError (503). Closing this early aborts the engine request.
+        Sets turn.finish_reason ("stop" or "length") and adds the attempt's tokens to the turn's usage."""
+        greq = self.request(turn, adapter_id, attempt)
+        label, stops, text, sent, done = adapter_id or NO_ADAPTER, turn.request.stop or [], "", 0, False
+        hold = max((len(s) for s in stops), default=1) - 1
+        turn.finish_reason = "stop"
+        it = self.engine.stream(greq)
+        try:
+            async for delta in it:
+                if not text and attempt == 0:
+                    self.metrics.ttft.labels(label).observe(time.perf_counter() - turn.started)
+                text += delta
+                cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    if cut > sent:
+                        yield text[sent:cut]
+                    return
+                if len(text) - hold > sent:
+                    yield text[sent:len(text) - hold]
+                    sent = len(text) - hold
+            done = True
+        except (EngineError, PromptTooLong) as e:
+            done = True
+            raise self.failed(turn, e) from None
+        finally:
+            if not done:
+                # The engine records a request's tokens when its stream closes: read them after that, not before (an
+                # early close, when the gate stopped a reply or a stop string cut it, used to count 0 tokens).
+                await asyncio.shield(self.spawn(it.aclose()))
+            usage = self.engine.usage(greq.request_id)
+            if usage is not None:
+                turn.prompt_tokens += usage.prompt_tokens
+                turn.completion_tokens += usage.completion_tokens
+                self.metrics.prompt_tokens.labels(label).inc(usage.prompt_tokens)
+                self.metrics.generated_tokens.labels(label).inc(usage.completion_tokens)
+                if done and usage.finish_reason in ("stop", "length"):
+                    turn.finish_reason = usage.finish_reason
+        if sent < len(text):
+            yield text[sent:]
+
+    def failed(self, turn: Turn, err: Exception) -> ApiError:
+        """The 503 (or 400 for a too-long prompt) that replaces a failed generation; the patient's message stays."""
+        self.metrics.engine_errors.labels(turn.label).inc()
+        if isinstance(err, PromptTooLong):
+            return ApiError(400, str(err), param="messages", code="context_length_exceeded")
+        refused = err.adapter_id if isinstance(err, AdapterRefused) else None
+        chat_log.error("engine failed for %s: %s%s", turn.request_id, type(err).__name__,
+                       f" (adapter {refused} withdrawn from routing: it failed its integrity check)" if refused else "")
+        self.spawn(db_call(self.repo.add_audit, "adapter_refused" if refused else "engine_error",
+                           tenant_id=turn.principal.tenant_id, session_id=turn.session.id,
+                           detail={"request_id": turn.request_id, "error": type(err).__name__, "adapter": refused}))
+        if refused is not None:
+            # A replica refused the adapter's files (changed after their checksums were recorded, or not in the
+            # manifest): withdraw it from routing, so that the retry re-routes the session to a verified adapter.
+            self.router.quarantine(refused)
+            return ApiError(503, f"the adapter for this session failed its integrity check and was withdrawn; your "
+                            f"message was saved in session {turn.session.id}: retry with that session_id after "
+                            f"{RETRY_AFTER_S} s and the nearest verified adapter answers", type="server_error",
+                            code="adapter_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return ApiError(503, f"the model failed to generate a reply; your message was saved in session "
+                        f"{turn.session.id}: retry with that session_id after {RETRY_AFTER_S} s", type="server_error",
+                        code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def reply(self, turn: Turn, gating: GateSetup) -> Gated:
+        """Generate and gate a whole reply: regenerate with the safety adapter (bounded), else the fallback. A reply
+        cut by the token limit is gated as its full sentences (none: the fallback); a crisis turn gets the crisis
+        reply."""
+        adapter, attempt, reasons = turn.adapter_id, 0, []
+        if turn.crisis:
+            return Gated(gating.crisis_reply(turn).text, CRISIS_REPLY_ID, {}, "crisis")
+        if not turn.gate:
+            text = "".join([d async for d in self.deltas(turn, adapter, 0)])
+            return Gated(text, adapter, {}, "off", finish_reason=turn.finish_reason)
+        while True:
+            text = "".join([d async for d in self.deltas(turn, adapter, attempt)])
+            if turn.finish_reason == "length" and not (text := whole_sentences(text)).strip():
+                reasons.append(NO_FULL_SENTENCE)
+                finish = "length"
+                break
+            scores = await self.score(turn.prompt, text)
+            decision = decide(gating.gate_for(turn), scores, attempt, text)
+            if decision.action == "pass":
+                return Gated(text, adapter, scores, "regenerated" if attempt else "pass", attempt, reasons,
+                             turn.finish_reason)
+            reasons += decision.reasons
+            if decision.action == "fallback":
+                finish = "content_filter"
+                break
+            attempt += 1
+            adapter = await self.sessions.safety_adapter()
+        text = gating.gate.fallback_reply
+        return Gated(text, adapter, await self.score(turn.prompt, text), "fallback", attempt, reasons, finish)
 
 
 class GatedStream:
@@ -249,8 +284,9 @@ class GatedStream:
     event (carrying `crisis_resources` on a crisis turn), then (once what was seen is stored) [DONE]. The
     admission ticket is released when the stream ends, however it ends."""
 
-    def __init__(self, svc: "ChatService", turn: "Turn", ticket: "Ticket | None" = None):
-        self.svc, self.turn, self.ticket = svc, turn, ticket
+    def __init__(self, generation: Generation, replies: Replies, turn: Turn, gating: GateSetup,
+                 ticket: Ticket | None = None):
+        self.gen, self.replies, self.turn, self.gating, self.ticket = generation, replies, turn, gating, ticket
         self.adapter, self.attempt, self.kind = turn.adapter_id, 0, "pass"
         self.released, self.scores, self.reasons = "", {}, []
         self.finish: str | None = None
@@ -260,11 +296,10 @@ class GatedStream:
         self._pending: list[str] = []
 
     async def start(self) -> AsyncIterator[str]:
-        self.gating = await self.svc.ensure_started()
         if self.turn.crisis:
             self.crisis = self.gating.crisis_reply(self.turn)
             return self.events()
-        self._source = deltas(self.svc, self.turn, self.adapter, 0)
+        self._source = self.gen.deltas(self.turn, self.adapter, 0)
         try:
             self._pending.append(await self._source.__anext__())
         except StopAsyncIteration:
@@ -287,7 +322,7 @@ class GatedStream:
 
     async def _check(self, piece: str) -> GateDecision | None:
         text = self.released + piece
-        scores = await self.svc.score(self.turn.prompt, text)
+        scores = await self.gen.score(self.turn.prompt, text)
         decision = decide(self.gating.gate_for(self.turn), scores, self.attempt, text)
         if decision.action == "pass":
             self.scores = scores
@@ -330,8 +365,8 @@ class GatedStream:
                 return
             if failed.action == "regenerate":
                 self.attempt += 1
-                self.adapter = await self.svc.sessions.safety_adapter()
-                self._source = deltas(self.svc, self.turn, self.adapter, self.attempt)
+                self.adapter = await self.gen.sessions.safety_adapter()
+                self._source = self.gen.deltas(self.turn, self.adapter, self.attempt)
                 continue
             self.kind, self.finish = "fallback", "content_filter"
             yield self.gating.gate.fallback_reply
@@ -340,32 +375,31 @@ class GatedStream:
     async def _crisis_events(self) -> AsyncIterator[str]:
         """The crisis reply as the first content, in one chunk with the role and `crisis_resources`."""
         self.released, self.adapter, self.kind = self.crisis.text, CRISIS_REPLY_ID, "crisis"
-        self.svc.metrics.first_release.labels(self.turn.label).observe(time.perf_counter() - self.turn.started)
+        self.gen.metrics.first_release.labels(self.turn.label).observe(time.perf_counter() - self.turn.started)
         yield self._chunk(self.crisis.text, role="assistant", crisis_resources=self.crisis.resources)
 
     async def _generated_events(self) -> AsyncIterator[str]:
-        svc, turn = self.svc, self.turn
+        gen, turn = self.gen, self.turn
         yield self._chunk("", role="assistant")
         async for piece in self._pieces():
             if not self.released:
-                svc.metrics.first_release.labels(turn.label).observe(time.perf_counter() - turn.started)
+                gen.metrics.first_release.labels(turn.label).observe(time.perf_counter() - turn.started)
             self.released += piece
             yield self._chunk(piece)
         if self.kind == "pass" and self.attempt:
             self.kind = "regenerated"
         if self.kind == "fallback":
-            self.scores = await svc.score(turn.prompt, self.released)
+            self.scores = await gen.score(turn.prompt, self.released)
 
     async def events(self) -> AsyncIterator[str]:
-        from serving.chat import ApiError
-
-        svc, turn, status = self.svc, self.turn, "499"
+        gen, turn, status = self.gen, self.turn, "499"
         try:
             async for event in (self._crisis_events() if self.crisis else self._generated_events()):
                 yield event
             finish = self.finish or turn.finish_reason
-            info = await svc.finish(turn, Gated(self.released, self.adapter, self.scores, self.kind, self.attempt,
-                                                self.reasons, finish), stream=True)
+            info = await self.replies.finish(turn, Gated(self.released, self.adapter, self.scores, self.kind,
+                                                         self.attempt, self.reasons, finish),
+                                             self.gating.crisis, stream=True)
             status = "200"
             yield self._chunk(finish=finish, attune=info)
             if turn.request.include_usage:
@@ -383,15 +417,15 @@ class GatedStream:
                 body["error"]["crisis_resources"] = self.crisis.resources
             yield sse(body)
             if self.released:  # stored before [DONE], so a client that then reads the session finds it
-                kept, self.released = svc.spawn(svc.store_partial(turn, self.released, self.adapter)), ""
+                kept, self.released = gen.spawn(self.replies.store_partial(turn, self.released, self.adapter)), ""
                 await asyncio.wait([kept])
             yield SSE_DONE
         finally:
             if self.ticket is not None:
                 self.ticket.release()
             if status != "200":
-                svc.metrics.requests.labels(turn.label, status, "true").inc()
+                gen.metrics.requests.labels(turn.label, status, "true").inc()
                 if self._source is not None:
-                    svc.spawn(self._source.aclose())
+                    gen.spawn(self._source.aclose())
                 if self.released:
-                    svc.spawn(svc.store_partial(turn, self.released, self.adapter))
+                    gen.spawn(self.replies.store_partial(turn, self.released, self.adapter))

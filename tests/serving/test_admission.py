@@ -113,7 +113,7 @@ async def test_a_stream_that_fails_unexpectedly_ends_with_an_error_event_and_fre
     async def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    svc.finish = broken
+    svc.replies.finish = broken
     events = [e async for e in await chat(svc, stream=True)]
     assert events[-1] == "data: [DONE]\n\n"
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "internal_error"

@@ -117,7 +117,7 @@ async def collect(stream) -> tuple[list[dict], str]:
 
 
 async def settle(svc: ChatService) -> None:
-    await asyncio.gather(*svc._background)
+    await asyncio.gather(*svc.generation.background)
 
 
 @pytest.mark.asyncio
