@@ -245,13 +245,14 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
             made_of = [{k: v for k, v in r.items() if k != "texts"} for r in rows[spec.id]]
         h = hashes[spec.id] = recipe_hash(spec.model_dump(), asdict(args), base_name, made_of)
         folder = work / f"{spec.id}-{h}"
-        done = folder / "done.json"
+        done = work / f"{spec.id}-{h}.done.json"  # beside the folder: everything inside it goes into the store
         if done.exists():
             stats = json.loads(done.read_text())
             _log(f"{spec.id}: reusing {folder} (recipe hash {h})")
         else:
             shutil.rmtree(folder, ignore_errors=True)
             _log(f"{spec.id}: {spec.recipe}")
+            done.unlink(missing_ok=True)
             stats = _make(spec, base, tok, args, folder, made_of, cache, store)
             if spec.recipe != "soup":
                 _to_fp16(folder)

@@ -33,7 +33,7 @@ def tiny_recipe(tmp_path, tiny_model_dir):
 
 @pytest.mark.skipif(not (REWARD_DIR / "config.json").exists() and not any(REWARD_DIR.glob("*")),
                     reason="shipped reward model absent (run `attune reward train`)")
-def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch):
+def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch, capsys):
     from adapters.merge import check_exact
     from adapters.registry import AdapterStore
     from alignment import pipeline
@@ -44,6 +44,11 @@ def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch):
     store = AdapterStore(store_dir)
     assert store.ids() == sorted(["sft", "dpo-empathy", "dpo-safety", "soup-es", "modpo-es", "joint-es"])
     assert store.verify_all() == {}
+    for i in store.ids():  # nothing but the adapter's own files (the resume marker lives beside the work folder)
+        assert set(store.entry(i).files) == {"adapter_config.json", "adapter_model.safetensors"}, store.entry(i).files
+    again = pipeline.run_recipe(str(tiny_recipe), out=store_dir, max_steps=1, only=["dpo-empathy", "soup-es"])
+    assert again["adapters"]["dpo-empathy"] == summary["adapters"]["dpo-empathy"]  # reused by its recipe hash
+    assert "reusing" in capsys.readouterr().out
     from adapters.signing import SignatureError, generate_key_pair, load_private_key
 
     private, public, _ = generate_key_pair(tmp_path / "keys" / "test.key")  # the operator signs what was trained
