@@ -12,7 +12,7 @@ def panel_export(replies: str | None = None, panel_dir: str | None = None, promp
                  seed: int = 0, force: bool = False) -> int:
     """Write blind A/B rating sheets (each paper row's method vs base) and their key from `attune eval`'s replies."""
     from attune.paths import REPORTS_DIR
-    from evals.evaluate import PAPER_ROW
+    from evals.alignment_report import PAPER_ROW
     from evals.panel import PANEL_DIR, export_panel
 
     out = Path(panel_dir) if panel_dir else PANEL_DIR

@@ -10,7 +10,7 @@ import pytest
 from alignment.data import DataError
 from attune import cli
 from attune.paths import REPO_ROOT
-from evals.evaluate import PAPER_ROW
+from evals.alignment_report import PAPER_ROW
 from evals.panel import (GUIDELINE_VERSION, Rating, agrees, export_panel, load_ratings, rater_slug, score_panel,
                          write_report)
 
