@@ -24,15 +24,13 @@ def base_model_dir() -> Path:
     return prepare()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, base_model_dir) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template: trains in seconds."""
+def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2) -> Path:
+    """A random Llama of `layers` layers with the tokenizer and chat template of `tokenizer_dir`, saved to `out`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(base_model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
@@ -40,6 +38,12 @@ def tiny_model_dir(tmp_path_factory, base_model_dir) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, base_model_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template: trains in seconds."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), base_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import torch
 
 from alignment import fast_pref as F
 from alignment.trainers import TrainArgs
+from tests.conftest import make_tiny_llama
 
 PAIRS = [
     ("I can't sleep before exams.", "That sounds exhausting. What keeps you up at night before them?", "Sleep."),
@@ -19,18 +20,8 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, base_model_dir):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama-4")
-    tok = AutoTokenizer.from_pretrained(base_model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    """Four layers, so that LoRA on the top two leaves two frozen layers to cache."""
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), base_model_dir, layers=4))
 
 
 def _conv(p, r):
