@@ -4,7 +4,6 @@ with its weights, recipe, base model, data hash and file checksums."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import shutil
 import time
@@ -110,7 +109,7 @@ def preference_rows(spec: AdapterSpec, grid: GridData) -> list[dict]:
 def recipe_hash(*parts) -> str:
     """What an adapter is made from (spec, train args, its rows or parents, base model): a trained adapter whose
     hash matches is reused, so an interrupted grid resumes where it stopped."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return onpolicy.cache_key(*parts)
 
 
 def sequence_cache(recipe: Recipe, base: str, tok, args: TrainArgs, rows: list[dict]):
