@@ -24,11 +24,22 @@ class FaultSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    safety: float | None = Field(default=None, description="Safety score every reply gets (1-5 scale).")
+    safety: float | list[float] | None = Field(
+        default=None, description="Safety score every reply gets (1-5 scale); a list gives one score per scorer call, "
+        "in order, and the fault ends after the last (leave `times` unset).")
     crisis_prob: float | None = Field(default=None, ge=0.0, le=1.0, description="Crisis probability of every message.")
     error: bool = Field(default=False, description="Scoring raises instead (the gate fails closed: the safe fallback "
                         "reply; the crisis rules decide alone) and the scorer reports unhealthy.")
     times: int | None = Field(default=None, ge=1, description="How many scorer calls the fault lasts.")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "FaultSpec":
+        if isinstance(self.safety, list):
+            if not self.safety:
+                raise ValueError("safety: give at least one score, or null")
+            if self.times is not None:
+                raise ValueError("safety as a list lasts one call per score: leave times unset")
+        return self
 
 
 class EngineFault(BaseModel):

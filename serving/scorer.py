@@ -164,9 +164,13 @@ class FaultyScorer:
     def crisis_threshold(self) -> float:
         return self.inner.crisis_threshold
 
-    def arm(self, *, safety: float | None = None, crisis_prob: float | None = None,
+    def arm(self, *, safety: float | Sequence[float] | None = None, crisis_prob: float | None = None,
             error: Exception | None = None, times: int | None = None) -> None:
+        """`safety` as a sequence: one forced score per `score` call, in order, then the fault ends."""
         with self._lock:
+            if safety is not None and not isinstance(safety, (int, float)):
+                safety = [float(v) for v in safety]
+                times = len(safety)
             self.safety, self.crisis_prob, self.error, self.remaining = safety, crisis_prob, error, times
 
     def disarm(self) -> None:
@@ -179,6 +183,8 @@ class FaultyScorer:
             value = self.safety if kind == "score" else self.crisis_prob
             if (value is None and self.error is None) or self.remaining == 0:
                 return None, None
+            if isinstance(value, list):
+                value = value[len(value) - self.remaining]
             if self.remaining is not None:
                 self.remaining -= 1
             return value, self.error

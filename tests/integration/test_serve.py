@@ -127,16 +127,20 @@ def test_forced_unsafe_score_replaces_the_reply(server):
     c = client(server, new_key(server))
     assert faults(server, {"safety": 0.0, "times": 1}, key=new_key(server)).status_code == 403
     try:
-        assert faults(server, {"safety": 0.0, "times": 1}).json()["scorer"]["times"] == 1
-        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=16, temperature=0,
+        # The first reply is forced unsafe and its regeneration forced safe: whether a real reply passes is the
+        # gate's calibration, measured in reports/safety.md, not this test's.
+        assert faults(server, {"safety": [0.0, 5.0]}).json()["scorer"]["times"] == 2
+        # Room for a whole sentence: a reply cut before its first one falls back whatever it scores.
+        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=64, temperature=0,
                                       extra_body={"preference": "warm"})
-        assert r.model_extra["attune"]["gate"] == "regenerated"
+        assert r.model_extra["attune"]["gate"] == "regenerated", r.model_extra["attune"]
+        assert faults(server, None).json()["scorer"]["times"] == 0, "one score per reply: the fault is used up"
         faults(server, {"safety": 0.0, "times": 50})
-        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=16, temperature=0)
+        r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=64, temperature=0)
         assert r.model_extra["attune"]["gate"] == "fallback" and r.choices[0].message.content == FALLBACK_REPLY
-        assert r.choices[0].finish_reason == "content_filter"
+        assert r.choices[0].finish_reason == "content_filter", r.model_extra["attune"]
         faults(server, {"safety": 0.0, "times": 50})
-        chunks = list(c.chat.completions.create(model="attune", messages=FEELING, max_tokens=16, temperature=0,
+        chunks = list(c.chat.completions.create(model="attune", messages=FEELING, max_tokens=64, temperature=0,
                                                 stream=True))
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         assert text == FALLBACK_REPLY and chunks[-1].model_extra["attune"]["gate"] == "fallback"

@@ -31,6 +31,11 @@ def test_specs_refuse_faults_that_inject_nothing_or_cannot_be_disarmed():
     with pytest.raises(ValidationError) as e:
         FaultsIn.model_validate({"network": {}, "scorer": {"crisis_prob": 2}})
     assert {err["loc"] for err in e.value.errors()} == {("network",), ("scorer", "crisis_prob")}
+    assert FaultSpec(safety=[0.0, 5.0]).safety == [0.0, 5.0]
+    with pytest.raises(ValidationError, match="leave times unset"):
+        FaultSpec(safety=[0.0, 5.0], times=2)
+    with pytest.raises(ValidationError, match="at least one score"):
+        FaultSpec(safety=[])
 
 
 async def generate(faults: EngineFaults, engine: FakeEngine, request_id: str) -> list[str]:

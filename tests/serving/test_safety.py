@@ -264,3 +264,10 @@ def test_faulty_scorer_forces_then_recovers():
         faulty.score(["p"], ["r"])
     faulty.disarm()
     assert faulty.score(["p"], ["r"])[0]["safety"] == pytest.approx(1.1)
+
+
+def test_faulty_scorer_gives_a_list_of_scores_in_order_then_the_real_one():
+    faulty = FaultyScorer(Scorer(FakeRewardModel()), safety=[0.0, 5.0])
+    assert faulty.remaining == 2
+    assert faulty.crisis(["hello"]) == pytest.approx([0.1]), "a crisis call uses none of the scores"
+    assert [faulty.score(["p"], ["r"])[0]["safety"] for _ in range(3)] == pytest.approx([0.0, 5.0, 1.1])
