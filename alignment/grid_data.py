@@ -91,6 +91,37 @@ def best_worst(item: Rated, objective: str) -> tuple[str, str] | None:
     return rng.choice(best), rng.choice(worst)
 
 
+def contrastive(item: Rated, objective: str) -> tuple[str, str] | None:
+    """(chosen, rejected) reply ids where `objective` most prefers the chosen reply beyond what the other objectives
+    do: the pair maximising gap_k - mean of gap_m over the other objectives, where gap_o is how many ranks the
+    rejected reply sits below the chosen one on o (gap_k > 0). Equal scores go to the larger gap_k, then to a hash of
+    the prompt and objective (the same on every run); None when every reply shares one rank on `objective`.
+
+    Raters' rankings correlate across objectives (rank correlation 0.51-0.84 on rm-train), so best vs worst on one
+    objective is mostly best vs worst on all of them and every adapter learns the same thing; these pairs carry what
+    is particular to the objective."""
+    ranks = item.rank[objective]
+    others = [o for o in item.rank if o != objective]
+    ids = sorted(ranks)
+    best, scored = None, []
+    for c in ids:
+        for r in ids:
+            gap = ranks[r] - ranks[c]
+            if gap <= 0:
+                continue
+            rest = sum(item.rank[o][r] - item.rank[o][c] for o in others) / max(len(others), 1)
+            scored.append(((gap - rest, gap), c, r))
+    if not scored:
+        return None
+    top = max(key for key, _, _ in scored)
+    best = [(c, r) for key, c, r in scored if key == top]
+    rng = random.Random(hashlib.sha256(f"{item.prompt}\0{objective}".encode()).hexdigest())
+    return rng.choice(best)
+
+
+SELECTIONS = {"best_worst": best_worst, "contrastive": contrastive}
+
+
 def modpo_margin(weights: np.ndarray, k: int, raw_chosen: np.ndarray, raw_rejected: np.ndarray) -> float:
     """w_-k . (r_-k(y_w) - r_-k(y_l)) on the reward model's raw scale: the logit of the Bradley-Terry preference it
     was trained on, so one unit of weight buys the same log-odds on every objective (the calibrated 1-5 scale does
@@ -100,12 +131,14 @@ def modpo_margin(weights: np.ndarray, k: int, raw_chosen: np.ndarray, raw_reject
     return float(rest @ (np.asarray(raw_chosen, np.float64) - np.asarray(raw_rejected, np.float64)))
 
 
-def pair_rows(items: list[Rated], primary: str, *, pair_weight: float = 1.0) -> list[dict]:
-    """One best-vs-worst row per rated prompt on `primary`: {prompt, chosen, rejected (chat form), margin 0,
-    w_primary 1, weight, source, texts}; `add_margins` turns them into MODPO rows."""
+def pair_rows(items: list[Rated], primary: str, *, pair_weight: float = 1.0, selection: str = "best_worst"
+              ) -> list[dict]:
+    """One row per rated prompt on `primary`, its pair picked by `selection` (a key of SELECTIONS): {prompt, chosen,
+    rejected (chat form), margin 0, w_primary 1, weight, source, texts}; `add_margins` turns them into MODPO rows."""
+    pick = SELECTIONS[selection]
     rows = []
     for item in items:
-        picked = best_worst(item, primary)
+        picked = pick(item, primary)
         if picked is None:
             continue
         chosen, rejected = (item.replies[r] for r in picked)

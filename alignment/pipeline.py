@@ -85,9 +85,10 @@ class GridData:
         self.max_pairs = pairs.max_pairs
         self.hash = data.data_hash(hashed)
 
-    def rows(self, primary: str, weights: Preference | None, modpo: bool, pair_weight: float = 1.0) -> list[dict]:
-        rows = grid_data.interleave_sources(grid_data.pair_rows(self.items, primary, pair_weight=pair_weight),
-                                            self.max_pairs)
+    def rows(self, primary: str, weights: Preference | None, modpo: bool, pair_weight: float = 1.0,
+             selection: str = "best_worst") -> list[dict]:
+        rows = grid_data.interleave_sources(
+            grid_data.pair_rows(self.items, primary, pair_weight=pair_weight, selection=selection), self.max_pairs)
         if not modpo:
             return rows
         need = sorted({(r["texts"][0], t) for r in rows for t in r["texts"][1:]} - set(self.raw))
@@ -103,7 +104,16 @@ def preference_rows(spec: AdapterSpec, grid: GridData) -> list[dict]:
     weights = spec.preference()
     if spec.recipe == "joint_dpo":
         return [r for o, w in weights.as_dict().items() if w > 0 for r in grid.rows(o, None, False, pair_weight=w)]
-    return grid.rows(spec.primary, weights, modpo=spec.recipe == "modpo")
+    return grid.rows(spec.primary, weights, modpo=spec.recipe == "modpo", selection=spec.pair_selection)
+
+
+def spec_for_hash(spec: AdapterSpec) -> dict:
+    """The spec as hashed: fields added later are left out at their defaults, so adapters trained before they
+    existed keep their hash (and their resume markers)."""
+    d = spec.model_dump()
+    if d["pair_selection"] == "best_worst":
+        del d["pair_selection"]
+    return d
 
 
 def recipe_hash(*parts) -> str:
@@ -242,7 +252,7 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
             made_of = sft_rows(recipe, train, cc_rows)
         else:
             made_of = [{k: v for k, v in r.items() if k != "texts"} for r in rows[spec.id]]
-        h = hashes[spec.id] = recipe_hash(spec.model_dump(), asdict(args), base_name, made_of)
+        h = hashes[spec.id] = recipe_hash(spec_for_hash(spec), asdict(args), base_name, made_of)
         folder = work / f"{spec.id}-{h}"
         done = work / f"{spec.id}-{h}.done.json"  # beside the folder: everything inside it goes into the store
         if done.exists():

@@ -29,6 +29,9 @@ class AdapterSpec(BaseModel):
     primary: str | None = Field(None, description="primary objective (dpo, modpo)")
     weights: dict[str, float] | None = Field(None, description="objective weights (modpo, joint_dpo)")
     parents: list[Parent] | None = Field(None, description="adapters merged into a soup, with weights")
+    pair_selection: Literal["best_worst", "contrastive"] = Field(
+        "best_worst", description="how each rated prompt gives its pair (dpo, modpo): best vs worst reply on the "
+        "primary objective, or the pair it prefers most beyond the other objectives (alignment.grid_data.contrastive)")
 
     @field_validator("primary")
     @classmethod
@@ -46,6 +49,8 @@ class AdapterSpec(BaseModel):
                 raise ValueError(f"adapter {self.id!r} ({self.recipe}) needs `{name}`")
         if self.weights is not None:
             Preference(self.weights)  # raises with a clear message
+        if self.pair_selection != "best_worst" and self.recipe not in ("dpo", "modpo"):
+            raise ValueError(f"adapter {self.id!r}: pair_selection applies to dpo and modpo adapters only")
         if self.recipe == "modpo" and self.weights.get(self.primary, 0) <= 0:
             raise ValueError(f"adapter {self.id!r}: primary objective {self.primary!r} needs a weight > 0")
         return self

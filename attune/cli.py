@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from attune import adapter_commands, data_keys, operators, panel_commands, research, store_signing
+from evals import tune
 from attune.local_service import serve
 
 if TYPE_CHECKING:
@@ -386,6 +387,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
     ("flagged", "show"): (operators.flagged_show, [_SESSION, *_OPERATOR]),
     **data_keys.commands(arg),
     **panel_commands.commands(arg),
+    **tune.commands(arg),
 }
 
 

@@ -30,6 +30,22 @@ def test_best_vs_worst_follows_the_ranking_of_the_objective():
     assert len(picks) == 1 and picks.pop() in {("a", "c"), ("b", "c")}  # a tie is broken the same way every run
 
 
+def test_a_contrastive_pair_is_the_one_the_objective_prefers_beyond_the_others():
+    """Empathy ranks a > b > c; every other objective ranks a > c > b. Best vs worst (a, c) is what all of them
+    agree on; (b, c) is the pair only empathy prefers: gap 1 on empathy, -1 on the others."""
+    rest = {"a": 1, "b": 3, "c": 2}
+    item = _item(**{o: rest for o in OBJECTIVES if o != "empathy"})
+    assert G.best_worst(item, "empathy") == ("a", "c")
+    assert G.contrastive(item, "empathy") == ("b", "c")
+    # for safety (a > c > b, like four others): c over b is the pair empathy disagrees on (score 1 - 3/5)
+    assert G.contrastive(item, "safety") == ("c", "b")
+    rows = G.pair_rows([item], "empathy", selection="contrastive")
+    assert rows[0]["chosen"][0]["content"] == "reply b" and rows[0]["rejected"][0]["content"] == "reply c"
+    assert G.contrastive(_item(empathy={"a": 2, "b": 2, "c": 2}), "empathy") is None
+    with pytest.raises(KeyError):
+        G.pair_rows([item], "empathy", selection="random")
+
+
 def test_a_unit_of_weight_buys_the_same_raw_margin_on_every_objective():
     """The margin is w_-k . (r_-k(y_w) - r_-k(y_l)) on the raw (logit) scale: the same raw difference on two
     objectives with the same weight gives the same margin, whatever the calibration slopes of the 1-5 display

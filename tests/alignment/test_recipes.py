@@ -39,6 +39,8 @@ def _recipe(**adapter):
     ({"id": "mo", "recipe": "dpo", "primary": "kindness"}, "unknown objective"),
     ({"id": "mo", "recipe": "modpo", "primary": "empathy", "weights": {"empathy": 0.5, "safety": 0.6}}, "sum"),
     ({"id": "so", "recipe": "soup", "parents": [{"id": "missing", "weight": 1}]}, "before it"),
+    ({"id": "sf", "recipe": "sft", "pair_selection": "contrastive"}, "dpo and modpo adapters only"),
+    ({"id": "mo", "recipe": "dpo", "primary": "empathy", "pair_selection": "best_of_all"}, "pair_selection"),
 ])
 def test_bad_recipe_says_what_to_fix(adapter, needle):
     with pytest.raises(ValueError, match=needle):
@@ -48,3 +50,14 @@ def test_bad_recipe_says_what_to_fix(adapter, needle):
 def test_unknown_train_field_is_rejected():
     with pytest.raises(ValueError, match="unknown train field"):
         Recipe.model_validate({"name": "t", "train": {"lr": 1}, "adapters": []})
+
+
+def test_a_default_pair_selection_leaves_the_adapter_hash_as_it_was():
+    """Adapters trained before `pair_selection` existed keep their recipe hash, so `attune train` still reuses them."""
+    from alignment.pipeline import recipe_hash, spec_for_hash
+    from alignment.recipe import AdapterSpec
+
+    spec = {"id": "dpo-empathy", "recipe": "dpo", "primary": "empathy"}
+    before = {**spec, "weights": None, "parents": None}  # the dump of the spec before the field existed
+    assert recipe_hash(spec_for_hash(AdapterSpec(**spec))) == recipe_hash(before)
+    assert recipe_hash(spec_for_hash(AdapterSpec(**spec, pair_selection="contrastive"))) != recipe_hash(before)

@@ -1,0 +1,145 @@
+"""`attune eval tune`: compare candidate training settings on the corpus's rm-val prompts (issue 13), so that the
+recipe is chosen without the test prompts or the judge.
+
+Each candidate is an adapter store trained from a variant of the recipe (`attune train --recipe VARIANT --out DIR
+--only ...`). Base and each store's emphasised MODPO adapters write greedy replies to every rm-val prompt; the
+training reward model v2 (fitted on rm-train, never the judge) scores them; the report gives, per candidate, each
+adapter's gain over base on its own objective and steering accuracy, both with 95% bootstrap intervals. Replies
+are cached per adapter checksum under runs/eval/, so a candidate already measured costs nothing.
+
+Selecting by the reward model that shaped the pairs can favour what it over-rewards; the judge and the blind panel
+then measure the chosen recipe on held-out prompts (`attune eval`, `attune eval panel`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def rmval_prompts(counsel_chat: str | None) -> list[dict]:
+    """The corpus's rm-val prompts with their text ({id, source, prompt}); counsel-chat ones need the CSV."""
+    from alignment.corpus_data import load_prompts, resolve_texts
+    from alignment.pipeline import counsel_chat_rows
+
+    prompts = [p for p in load_prompts() if p.split == "rm-val"]
+    if not counsel_chat_rows(counsel_chat):
+        prompts = [p for p in prompts if p.source != "counsel_chat"]
+    texts = resolve_texts(prompts, counsel_chat)
+    return [{"id": p.id, "source": p.source, "prompt": texts[p.id]} for p in prompts if p.id in texts]
+
+
+def candidate_report(scored: dict[str, np.ndarray], emphasis: dict[str, str], resamples: int, seed: int) -> dict:
+    """Own-objective gain over base and steering accuracy from reward-model scores ({model: [n, 6]})."""
+    from alignment.objectives import OBJECTIVES
+    from evals import stats
+
+    comparisons = stats.compare(scored, resamples=resamples, seed=seed)
+    matrix = stats.steering_matrix(comparisons, list(OBJECTIVES))
+    accuracy = stats.steering_accuracy(scored, emphasis, list(OBJECTIVES), resamples, seed)
+    own = {}
+    for objective, adapter in emphasis.items():
+        i, k = matrix["adapters"].index(adapter), OBJECTIVES.index(objective)
+        gains = matrix["gain"][i]
+        own[adapter] = {"objective": objective, "gain": gains[k], "low": matrix["low"][i][k],
+                        "high": matrix["high"][i][k], "largest_is_own": int(np.argmax(gains)) == k}
+    return {"own_gain": own, "steering_accuracy": accuracy,
+            "mean_accuracy": round(float(np.mean([a["accuracy"] for a in accuracy.values()])), 4) if accuracy else None}
+
+
+def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | None = None, max_tokens: int = 64,
+         out: Path | None = None, limit: int | None = None, resamples: int = 2000, seed: int = 0,
+         prefer_vllm: bool = True) -> dict:
+    from adapters.registry import AdapterStore
+    from alignment import basemodel
+    from alignment import prompts as P
+    from alignment.generate import GenerationSettings, generate_each, vllm_available
+    from alignment.pipeline import RUNS_DIR, counsel_chat_source
+    from alignment.recipe import load_recipe
+    from alignment.reward import RewardModel
+    from attune.paths import REPORTS_DIR, REWARD_DIR
+    from evals import reply_cache, stats
+
+    def log(m: str) -> None:
+        print(f"[attune eval tune] {m}", flush=True)
+
+    recipe = load_recipe(recipe_name)
+    counsel_chat = counsel_chat_source(counsel_chat)
+    items = rmval_prompts(counsel_chat)[:limit] if limit else rmval_prompts(counsel_chat)
+    prompts = [it["prompt"] for it in items]
+    convs = [P.chat(p) for p in prompts]
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)
+    base_model = basemodel.resolve(recipe.base_model)
+    engine = "vllm" if prefer_vllm and vllm_available() else "hf"
+    reward = RewardModel.load(REWARD_DIR)
+    log(f"{len(items)} rm-val prompts; scorer: the training reward model ({REWARD_DIR.name})")
+
+    def replies_of(models: dict[str, tuple[str, Path | None]]) -> dict[str, list[str]]:
+        return reply_cache.cached_replies(
+            {name: checksum for name, (checksum, _) in models.items()}, prompts,
+            basemodel.display_name(recipe.base_model), engine, settings, RUNS_DIR / "eval",
+            lambda name: generate_each(base_model, {name: models[name][1]}, convs, settings, prefer_vllm,
+                                       log=log)[name], log)
+
+    base = reward.score(prompts, replies_of({"base": ("base", None)})["base"])
+    report = {"meta": {"prompts": len(items), "split": "rm-val", "scorer": str(REWARD_DIR.name),
+                       "max_tokens": max_tokens, "engine": engine, "recipe": recipe.name},
+              "candidates": {}}
+    for folder in stores:
+        store = AdapterStore(Path(folder))
+        entries = {e.id: e for e in (store.entry(i) for i in store.ids()) if e.recipe == "modpo"}
+        emphasis = stats.emphasis_map({i: (e.primary_objective, e.weights) for i, e in entries.items()})
+        chosen = sorted(set(emphasis.values()))
+        if len(chosen) < 2:
+            raise ValueError(f"{folder}: fewer than two emphasised MODPO adapters to compare")
+        models = {f"{Path(folder).name}/{i}": (reply_cache.adapter_checksum(entries[i].files), store.get(i))
+                  for i in chosen}
+        replies = replies_of(models)
+        scored = {"base": np.asarray(base), **{i: np.asarray(reward.score(prompts, replies[f"{Path(folder).name}/{i}"]))
+                                              for i in chosen}}
+        report["candidates"][str(folder)] = candidate_report(scored, emphasis, resamples, seed)
+    out = Path(out or REPORTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "tuning.md").write_text(markdown(report))
+    print((out / "tuning.md").read_text())
+    return report
+
+
+def markdown(report: dict) -> str:
+    m = report["meta"]
+    lines = ["# Recipe tuning on rm-val (`attune eval tune`)", "",
+             f"{m['prompts']} corpus rm-val prompts, greedy replies of {m['max_tokens']} tokens ({m['engine']}), "
+             f"scored by the training reward model `{m['scorer']}` (never the judge, never the test prompts).", ""]
+    for name, c in report["candidates"].items():
+        lines += [f"## `{name}`", "", f"Mean steering accuracy: {c['mean_accuracy']} (chance "
+                  f"{next(iter(c['steering_accuracy'].values()))['chance']})", "",
+                  "| adapter | objective | own gain over base | largest gain is own | steering accuracy |",
+                  "|---|---|---|---|---|"]
+        for adapter, g in sorted(c["own_gain"].items()):
+            a = c["steering_accuracy"][g["objective"]]
+            gain = f"{g['gain']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
+            lines.append(f"| `{adapter}` | {g['objective']} | {gain} | {'yes' if g['largest_is_own'] else 'no'} | "
+                         f"{a['accuracy']:.2f} [{a['low']:.2f}, {a['high']:.2f}] |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def tune_command(stores: list[str] | None = None, recipe: str = "shipped", counsel_chat: str | None = None, limit: int | None = None,
+                 out: str | None = None) -> int:
+    """Compare candidate adapter stores on the corpus's rm-val prompts with the training reward model."""
+    from attune.paths import STORE_DIR
+
+    tune(stores or [str(STORE_DIR)], recipe, counsel_chat, out=Path(out) if out else None, limit=limit)
+    return 0
+
+
+def commands(arg) -> dict:
+    """The `attune eval tune` entry of attune.cli.COMMANDS (`arg` is attune.cli.arg)."""
+    return {("eval", "tune"): (tune_command, [
+        arg("stores", nargs="*", metavar="STORE", help="adapter stores to compare (default: adapters/store), each "
+            "trained from a recipe variant, e.g. `attune train --recipe VARIANT --out DIR --only ...`"),
+        arg("--recipe", default="shipped", help="recipe whose base model generates (default %(default)s)"),
+        arg("--counsel-chat", help="counsel-chat CSV path (default ../shared/data/counsel_chat/counsel_chat.csv)"),
+        arg("--limit", type=int, help="at most this many rm-val prompts (smoke runs)"),
+        arg("--out", help="folder for tuning.{json,md} (default reports/)")])}
