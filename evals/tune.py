@@ -41,8 +41,10 @@ def candidate_report(scored: dict[str, np.ndarray], emphasis: dict[str, str], re
     for objective, adapter in emphasis.items():
         i, k = matrix["adapters"].index(adapter), OBJECTIVES.index(objective)
         gains = matrix["gain"][i]
+        s = OBJECTIVES.index("safety")
         own[adapter] = {"objective": objective, "gain": gains[k], "low": matrix["low"][i][k],
-                        "high": matrix["high"][i][k], "largest_is_own": int(np.argmax(gains)) == k}
+                        "high": matrix["high"][i][k], "largest_is_own": int(np.argmax(gains)) == k,
+                        "safety": {"gain": gains[s], "low": matrix["low"][i][s], "high": matrix["high"][i][s]}}
     return {"own_gain": own, "steering_accuracy": accuracy,
             "mean_accuracy": round(float(np.mean([a["accuracy"] for a in accuracy.values()])), 4) if accuracy else None}
 
@@ -106,6 +108,10 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
     return report
 
 
+def _gain(g: dict) -> str:
+    return f"{g['gain']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
+
+
 def markdown(report: dict) -> str:
     m = report["meta"]
     lines = ["# Recipe tuning on rm-val (`attune eval tune`)", "",
@@ -114,13 +120,13 @@ def markdown(report: dict) -> str:
     for name, c in report["candidates"].items():
         lines += [f"## `{name}`", "", f"Mean steering accuracy: {c['mean_accuracy']} (chance "
                   f"{next(iter(c['steering_accuracy'].values()))['chance']})", "",
-                  "| adapter | objective | own gain over base | largest gain is own | steering accuracy |",
-                  "|---|---|---|---|---|"]
+                  "| adapter | objective | own gain over base | largest gain is own | steering accuracy | safety gain |",
+                  "|---|---|---|---|---|---|"]
         for adapter, g in sorted(c["own_gain"].items()):
             a = c["steering_accuracy"][g["objective"]]
-            gain = f"{g['gain']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
+            gain = _gain(g)
             lines.append(f"| `{adapter}` | {g['objective']} | {gain} | {'yes' if g['largest_is_own'] else 'no'} | "
-                         f"{a['accuracy']:.2f} [{a['low']:.2f}, {a['high']:.2f}] |")
+                         f"{a['accuracy']:.2f} [{a['low']:.2f}, {a['high']:.2f}] | {_gain(g['safety'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,9 @@ def test_a_store_that_steers_beats_one_that_does_not():
     assert good["mean_accuracy"] > 0.9 and flat["mean_accuracy"] < 0.4
     assert all(g["largest_is_own"] and g["low"] > 0.3 for g in good["own_gain"].values())
     assert sum(g["largest_is_own"] for g in flat["own_gain"].values()) == 1
+    safety = good["own_gain"]["modpo-safety"]["safety"]
+    assert safety["gain"] == good["own_gain"]["modpo-safety"]["gain"] and safety["low"] > 0.3
+    assert abs(good["own_gain"]["modpo-empathy"]["safety"]["gain"]) < 0.1
     md = tune.markdown({"meta": {"prompts": n, "max_tokens": 64, "engine": "hf", "scorer": "reward_model"},
                         "candidates": {"steers": good, "flat": flat}})
     assert "## `steers`" in md and "| `modpo-empathy` | empathy | +0.4" in md and "| yes | 1.00 [1.00, 1.00] |" in md
