@@ -78,6 +78,11 @@ def scored_rated(prompt: str, replies: list[str], raw: np.ndarray) -> Rated:
     return Rated(prompt, ids, rank, "reward-model")
 
 
+def _tie_breaker(item: Rated, objective: str) -> random.Random:
+    """Breaks a tie between pairs the same way on every run: seeded by the prompt and objective."""
+    return random.Random(hashlib.sha256(f"{item.prompt}\0{objective}".encode()).hexdigest())
+
+
 def best_worst(item: Rated, objective: str) -> tuple[str, str] | None:
     """(best, worst) reply ids on `objective`; a tie among the best or the worst is broken by a hash of the prompt
     and objective (the same on every run); None when every reply shares one rank."""
@@ -85,7 +90,7 @@ def best_worst(item: Rated, objective: str) -> tuple[str, str] | None:
     lo, hi = min(ranks.values()), max(ranks.values())
     if lo == hi:
         return None
-    rng = random.Random(hashlib.sha256(f"{item.prompt}\0{objective}".encode()).hexdigest())
+    rng = _tie_breaker(item, objective)
     best = sorted(r for r, v in ranks.items() if v == lo)
     worst = sorted(r for r, v in ranks.items() if v == hi)
     return rng.choice(best), rng.choice(worst)
@@ -97,13 +102,13 @@ def contrastive(item: Rated, objective: str) -> tuple[str, str] | None:
     rejected reply sits below the chosen one on o (gap_k > 0). Equal scores go to the larger gap_k, then to a hash of
     the prompt and objective (the same on every run); None when every reply shares one rank on `objective`.
 
-    Raters' rankings correlate across objectives (rank correlation 0.51-0.84 on rm-train), so best vs worst on one
+    Raters' rankings correlate strongly across objectives on rm-train, so best vs worst on one
     objective is mostly best vs worst on all of them and every adapter learns the same thing; these pairs carry what
     is particular to the objective."""
     ranks = item.rank[objective]
     others = [o for o in item.rank if o != objective]
     ids = sorted(ranks)
-    best, scored = None, []
+    scored = []
     for c in ids:
         for r in ids:
             gap = ranks[r] - ranks[c]
@@ -114,9 +119,7 @@ def contrastive(item: Rated, objective: str) -> tuple[str, str] | None:
     if not scored:
         return None
     top = max(key for key, _, _ in scored)
-    best = [(c, r) for key, c, r in scored if key == top]
-    rng = random.Random(hashlib.sha256(f"{item.prompt}\0{objective}".encode()).hexdigest())
-    return rng.choice(best)
+    return _tie_breaker(item, objective).choice([(c, r) for key, c, r in scored if key == top])
 
 
 SELECTIONS = {"best_worst": best_worst, "contrastive": contrastive}

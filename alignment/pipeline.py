@@ -107,13 +107,14 @@ def preference_rows(spec: AdapterSpec, grid: GridData) -> list[dict]:
     return grid.rows(spec.primary, weights, modpo=spec.recipe == "modpo", selection=spec.pair_selection)
 
 
+# Spec fields added after adapters were trained, with their defaults: left out of the hash at the default.
+ADDED_SPEC_FIELDS = {"pair_selection": "best_worst"}
+
+
 def spec_for_hash(spec: AdapterSpec) -> dict:
     """The spec as hashed: fields added later are left out at their defaults, so adapters trained before they
     existed keep their hash (and their resume markers)."""
-    d = spec.model_dump()
-    if d["pair_selection"] == "best_worst":
-        del d["pair_selection"]
-    return d
+    return {k: v for k, v in spec.model_dump().items() if ADDED_SPEC_FIELDS.get(k, object()) != v}
 
 
 def recipe_hash(*parts) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from attune import adapter_commands, data_keys, operators, panel_commands, research, store_signing
-from evals import tune
 from attune.local_service import serve
+from evals import tune
 
 if TYPE_CHECKING:
     import httpx

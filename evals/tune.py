@@ -18,12 +18,12 @@ import numpy as np
 
 
 def rmval_prompts(counsel_chat: str | None) -> list[dict]:
-    """The corpus's rm-val prompts with their text ({id, source, prompt}); counsel-chat ones need the CSV."""
+    """The corpus's rm-val prompts with their text ({id, source, prompt}); counsel-chat ones need the CSV (a path
+    from alignment.pipeline.counsel_chat_source, None without one)."""
     from alignment.corpus_data import load_prompts, resolve_texts
-    from alignment.pipeline import counsel_chat_rows
 
     prompts = [p for p in load_prompts() if p.split == "rm-val"]
-    if not counsel_chat_rows(counsel_chat):
+    if counsel_chat is None:
         prompts = [p for p in prompts if p.source != "counsel_chat"]
     texts = resolve_texts(prompts, counsel_chat)
     return [{"id": p.id, "source": p.source, "prompt": texts[p.id]} for p in prompts if p.id in texts]
@@ -67,7 +67,7 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
 
     recipe = load_recipe(recipe_name)
     counsel_chat = counsel_chat_source(counsel_chat)
-    items = rmval_prompts(counsel_chat)[:limit] if limit else rmval_prompts(counsel_chat)
+    items = rmval_prompts(counsel_chat)[:limit or None]
     prompts = [it["prompt"] for it in items]
     convs = [P.chat(p) for p in prompts]
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)
