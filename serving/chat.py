@@ -178,7 +178,16 @@ class ChatService:
             try:
                 gating = await self.ensure_started()
                 turn = await self.sessions.open_turn(principal, req, started)
-                await self.crisis_check(turn, gating.detector, gating.window)
+                # Generation starts beside the crisis check, held until it passes (serving.streaming.EarlyStart),
+                # unless the rules alone already send the turn to the crisis protocol or the safety path.
+                if not self.crisis_check.diverted_by_rules(turn, gating.detector, gating.window):
+                    self.generation.start_early(turn)
+                try:
+                    await self.crisis_check(turn, gating.detector, gating.window)
+                except BaseException:
+                    await self.generation.settle_early(turn, check_failed=True)
+                    raise
+                await self.generation.settle_early(turn)
                 label = turn.label
                 if stream:  # generates, persists and responds as the client reads
                     events = await GatedStream(self.generation, self.replies, turn, gating, ticket).start()

@@ -24,11 +24,22 @@ class CrisisCheck:
     def __init__(self, scorer: ScoringClient, repo: Repository, sessions: Sessions, metrics: ServingMetrics):
         self.scorer, self.repo, self.sessions, self.metrics = scorer, repo, sessions, metrics
 
-    async def __call__(self, turn: Turn, detector: CrisisDetector, window: int) -> None:
-        """Reads the last `window` patient turns; a new session's imported history is read whole."""
+    @staticmethod
+    def texts(turn: Turn, window: int) -> list[str]:
+        """What the check reads: the last `window` patient turns; a new session's imported history whole."""
         users = turn.patient_turns
         imported = users[:-1] if turn.request.session_id is None else []
-        texts = list(dict.fromkeys(imported + window_texts(users, window)))
+        return list(dict.fromkeys(imported + window_texts(users, window)))
+
+    def diverted_by_rules(self, turn: Turn, detector: CrisisDetector, window: int) -> bool:
+        """Whether the rules alone already send the turn to the crisis protocol or the safety path (then the routed
+        adapter's generation is not worth starting before the check)."""
+        texts = self.texts(turn, window)
+        by_rules = detector.assess_window(texts, [None] * len(texts))
+        return by_rules.crisis or by_rules.near
+
+    async def __call__(self, turn: Turn, detector: CrisisDetector, window: int) -> None:
+        texts = self.texts(turn, window)
 
         async def prob(t: str) -> float | None:
             try:

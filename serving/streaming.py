@@ -125,6 +125,31 @@ class GateSetup:
         return self.crisis.reply(turn.locale, [m["content"] for m in turn.messages if m["role"] == "assistant"])
 
 
+class EarlyStart:
+    """A turn's first attempt, started while the crisis check runs so that the check adds nothing to the time to
+    the first token. Its first delta is awaited in a task and held: nothing of it is read until the check has
+    passed (Generation.opening); `discard` aborts it (whether or not a delta came) and takes its tokens out of the
+    turn's usage."""
+
+    def __init__(self, source: AsyncIterator[str], adapter_id: str | None):
+        self.source, self.adapter_id = source, adapter_id
+        self.first = asyncio.ensure_future(anext(source, None))
+
+    async def opening(self) -> tuple[AsyncIterator[str], str | None]:
+        """(the attempt's deltas after the first, the first or None); the attempt's ApiError if it failed."""
+        return self.source, await self.first
+
+    async def discard(self, turn: Turn) -> None:
+        if not self.first.done():
+            self.first.cancel()
+        await asyncio.wait([self.first])
+        if not self.first.cancelled():
+            self.first.exception()  # retrieved: a discarded attempt's failure is not the turn's
+        await self.source.aclose()
+        turn.prompt_tokens = turn.completion_tokens = 0
+        turn.finish_reason = "stop"
+
+
 def decide(gate: SafetyGate, scores: dict[str, float], attempt: int, text: str) -> GateDecision:
     """The gate's decision; an empty reply counts as a failure too."""
     if not text.strip():
@@ -167,11 +192,12 @@ class Generation:
             return {}
 
     def request(self, turn: Turn, adapter_id: str | None, attempt: int) -> GenerationRequest:
-        """Regenerations sample (temperature >= 0.7, a seed per attempt) so that they can differ."""
+        """Regenerations sample (temperature >= 0.7, a seed per attempt) so that they can differ. A first attempt
+        restarted on the safety adapter gets an engine request id of its own (the aborted one may still be ending)."""
         req = turn.request
         temperature = 0.7 if req.temperature is None else req.temperature
         return GenerationRequest(
-            f"{turn.request_id}-{attempt}", turn.messages, adapter_id,
+            f"{turn.request_id}-{attempt}{'' if attempt else turn.restart_tag}", turn.messages, adapter_id,
             str(self.store.path(adapter_id)) if adapter_id else None, max_tokens=req.max_tokens,
             temperature=max(temperature, 0.7) if attempt else temperature,
             top_p=0.95 if req.top_p is None else req.top_p, seed=attempt if attempt else None)
@@ -187,8 +213,6 @@ class Generation:
         it = self.engine.stream(greq)
         try:
             async for delta in it:
-                if not text and attempt == 0:
-                    self.metrics.ttft.labels(label).observe(time.perf_counter() - turn.started)
                 text += delta
                 cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
@@ -217,6 +241,33 @@ class Generation:
                     turn.finish_reason = usage.finish_reason
         if sent < len(text):
             yield text[sent:]
+
+    def start_early(self, turn: Turn) -> None:
+        """Start the turn's first attempt now, beside the crisis check (turn.early); `settle_early` then keeps or
+        discards it."""
+        turn.early = EarlyStart(self.deltas(turn, turn.adapter_id, 0), turn.adapter_id)
+
+    async def settle_early(self, turn: Turn, check_failed: bool = False) -> None:
+        """After the crisis check: keep the early attempt unless the check failed, found a crisis, or moved the
+        turn to another adapter (the safety path); a discarded one is aborted and restarts under its own id."""
+        early = turn.early
+        if early is None or not (check_failed or turn.crisis or turn.adapter_id != early.adapter_id):
+            return
+        turn.early, turn.restart_tag = None, "s"
+        await asyncio.shield(self.spawn(early.discard(turn)))
+
+    async def opening(self, turn: Turn) -> tuple[AsyncIterator[str], str | None]:
+        """The first attempt's deltas and its first delta (None: the reply is empty), from the early start if it was
+        kept. The time to first token is observed here, when the first delta may be released."""
+        early, turn.early = turn.early, None
+        if early is not None:
+            source, first = await early.opening()
+        else:
+            source = self.deltas(turn, turn.adapter_id, 0)
+            first = await anext(source, None)
+        if first is not None:
+            self.metrics.ttft.labels(turn.label).observe(time.perf_counter() - turn.started)
+        return source, first
 
     def failed(self, turn: Turn, err: Exception) -> ApiError:
         """The 503 (or 400 for a too-long prompt) that replaces a failed generation; the patient's message stays."""
@@ -248,11 +299,13 @@ class Generation:
         adapter, attempt, reasons = turn.adapter_id, 0, []
         if turn.crisis:
             return Gated(gating.crisis_reply(turn).text, CRISIS_REPLY_ID, {}, "crisis")
-        if not turn.gate:
-            text = "".join([d async for d in self.deltas(turn, adapter, 0)])
-            return Gated(text, adapter, {}, "off", finish_reason=turn.finish_reason)
+        source, first = await self.opening(turn)
         while True:
-            text = "".join([d async for d in self.deltas(turn, adapter, attempt)])
+            if attempt:
+                source, first = self.deltas(turn, adapter, attempt), None
+            text = "".join([first or "", *[d async for d in source]])
+            if not turn.gate:
+                return Gated(text, adapter, {}, "off", finish_reason=turn.finish_reason)
             if turn.finish_reason == "length" and not (text := whole_sentences(text)).strip():
                 reasons.append(NO_FULL_SENTENCE)
                 finish = "length"
@@ -299,11 +352,9 @@ class GatedStream:
         if self.turn.crisis:
             self.crisis = self.gating.crisis_reply(self.turn)
             return self.events()
-        self._source = self.gen.deltas(self.turn, self.adapter, 0)
-        try:
-            self._pending.append(await self._source.__anext__())
-        except StopAsyncIteration:
-            pass
+        self._source, first = await self.gen.opening(self.turn)
+        if first is not None:
+            self._pending.append(first)
         return self.events()
 
     def _chunk(self, content: str | None = None, *, role: str | None = None, finish: str | None = None,

@@ -4,6 +4,7 @@ patient's message is stored, and a `Gated` reply, what the gate let through and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.auth import Principal
 from serving.db import ChatSession
@@ -37,6 +38,10 @@ class Turn:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
+    early: Any = None
+    """The first attempt (serving.streaming.EarlyStart), started beside the crisis check and held until it passed."""
+    restart_tag: str = ""
+    """Set when the early start was discarded for the safety path: the restart's engine request id differs."""
 
     @property
     def label(self) -> str:

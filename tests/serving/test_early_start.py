@@ -1,0 +1,106 @@
+"""Generation starts beside the crisis check and is held until it passes: a crisis the detector finds while the
+first attempt runs aborts it and the patient gets only the crisis reply (usage 0); a turn the detector puts near the
+line restarts on the safety adapter; a detector that fails leaves the rules to decide, as before; rules that already
+see a crisis start nothing."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving.crisis_reply import CrisisReply
+from serving.clients import ScorerInfo
+from tests.serving.test_chat import REPLIES, WARM, ScriptedScorer, chat, collect, make  # noqa: F401 (make: fixture)
+
+LONG = "This reply runs on for a while. " * 8
+
+
+class WaitingScorer(ScriptedScorer):
+    """Answers the crisis detector only once the engine has streamed a token of the first attempt (an overlap that
+    does not happen times out), with `prob`; or fails, with `prob` None."""
+
+    def __init__(self, prob: float | None):
+        super().__init__()
+        self.prob, self.engine, self.tokens_seen = prob, None, []
+
+    async def crisis(self, message: str) -> float:
+        async def first_token() -> int:
+            while True:
+                for req in self.engine.requests:
+                    usage = self.engine.usage(req.request_id)
+                    if usage is not None and usage.completion_tokens:
+                        return usage.completion_tokens
+                await asyncio.sleep(0.005)
+
+        self.tokens_seen.append(await asyncio.wait_for(first_token(), 5.0))
+        if self.prob is None:
+            raise RuntimeError("detector down")
+        return self.prob
+
+    async def info(self) -> ScorerInfo:
+        return ScorerInfo(crisis_threshold=0.5, safety_threshold=3.0, calibration={"method": "test"},
+                          crisis_near_threshold=0.25)
+
+
+def build(make, prob):
+    scorer = WaitingScorer(prob)
+    svc = make(scorer=scorer, engine_kw={"token_delay": 0.01})
+    scorer.engine = svc.engine
+    svc.engine.replies["warm"] = LONG
+    return svc, scorer
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_crisis_found_while_generation_runs_aborts_it_and_nothing_generated_is_sent(make, stream):
+    svc, scorer = build(make, 0.9)
+    r = await chat(svc, preference=WARM, stream=stream, stream_options={"include_usage": True} if stream else None,
+                   messages=[{"role": "user", "content": "Everything feels grey and far away."}])
+    if stream:
+        chunks, text = await collect(r)
+        info, usage = chunks[-2]["attune"], chunks[-1]["usage"]
+    else:
+        text, info, usage = r.choices[0].message.content, r.attune.model_dump(), r.usage.model_dump()
+    assert scorer.tokens_seen and scorer.tokens_seen[0] >= 1, "the attempt ran while the detector did"
+    assert info["crisis"] and info["gate"] == "crisis" and text == CrisisReply().reply("en").text
+    assert "runs on" not in text
+    (req,) = svc.engine.requests
+    assert req.adapter_id == "warm" and svc.engine.usage(req.request_id).finish_reason == "abort"
+    assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == 0
+    assert svc.repo.get_session("alice", info["session_id"]).flagged
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_turn_near_the_line_restarts_on_the_safety_adapter(make, stream):
+    svc, scorer = build(make, 0.3)
+    r = await chat(svc, preference=WARM, stream=stream,
+                   messages=[{"role": "user", "content": "Everything feels grey and far away."}])
+    if stream:
+        chunks, text = await collect(r)
+        info = chunks[-1]["attune"]
+    else:
+        text, info = r.choices[0].message.content, r.attune.model_dump()
+    assert not info["crisis"] and info["adapter"] == "safe" and text == REPLIES["safe"]
+    early, restart = svc.engine.requests
+    assert early.adapter_id == "warm" and svc.engine.usage(early.request_id).finish_reason == "abort"
+    assert restart.adapter_id == "safe" and restart.request_id != early.request_id
+    assert restart.seed is None and restart.temperature == early.temperature, "the restart is a first attempt"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_failed_detector_leaves_the_rules_to_decide_as_before(make, stream):
+    svc, scorer = build(make, None)
+    r = await chat(svc, preference=WARM, stream=stream,
+                   messages=[{"role": "user", "content": "Everything feels grey and far away."}])
+    if stream:
+        chunks, text = await collect(r)
+        info = chunks[-1]["attune"]
+    else:
+        text, info = r.choices[0].message.content, r.attune.model_dump()
+    assert not info["crisis"] and info["adapter"] == "warm" and text.strip() == LONG.strip()
+    assert len(svc.engine.requests) == 1 and svc.metrics.scorer_errors._value.get() >= 1
+    # Rules that see a crisis in the message itself: the protocol, and no generation is even started.
+    r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "I want to kill myself tonight."}])
+    assert r.attune.crisis and len(svc.engine.requests) == 1
