@@ -230,7 +230,7 @@ def check_rayservice(path: Path) -> None:
     import ray
 
     from serving.auth import ENV_KEY, ENV_OPERATOR_KEY
-    from serving.app import TEST_HOOKS_ENV
+    from serving.app import SERVE_LOOP_ENV, TEST_HOOKS_ENV
     from serving.config import CONFIG_ENV, ENV_OVERRIDES
     from serving.proxy_middleware import CALLBACK, CALLBACK_ENV
 
@@ -264,6 +264,8 @@ def check_rayservice(path: Path) -> None:
         assert TEST_HOOKS_ENV not in env, "test hooks must never be on in a deployment"
         assert env.get(CALLBACK_ENV, {}).get("value") == CALLBACK, (f"{name}: set {CALLBACK_ENV}={CALLBACK} "
                                                                      "(a lost ingress replica's requests get a 503)")
+        for var, value in SERVE_LOOP_ENV.items():
+            assert env.get(var, {}).get("value") == value, f"{name}: set {var}={value} (serving/app.py SERVE_LOOP_ENV)"
         db = env["ATTUNE_DATABASE_URL"]
         assert "secretKeyRef" in db["valueFrom"], "the database URL (with its password) comes from a Secret"
         assert "secretKeyRef" in env.get("ATTUNE_DATA_KEY", {}).get("valueFrom", {}), (

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from attune.paths import REPO_ROOT, REWARD_DIR, STORE_DIR
+from serving.app import SERVE_LOOP_ENV
 from serving.chat import RETRY_AFTER_S
 from serving.proxy_middleware import CALLBACK, CALLBACK_ENV
 from tests.reaper import Reaper
@@ -121,7 +122,7 @@ class RayCluster:
         self.address = f"127.0.0.1:{_free_port()}"
         self.env = {**os.environ, TOKEN_ENV: self.token, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                     "RAY_USAGE_STATS_ENABLED": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
-                    CALLBACK_ENV: CALLBACK,
+                    CALLBACK_ENV: CALLBACK, **SERVE_LOOP_ENV,
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         self.env.pop("RAY_ADDRESS", None)
         kill = (f"for p in /proc/[0-9]*; do grep -qzx {TOKEN_ENV}={self.token} $p/environ 2>/dev/null && "
