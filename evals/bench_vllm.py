@@ -5,6 +5,11 @@ serving.app._kv_bytes) and the same adapters, and measures it the same way. One 
 the same cores. Each gets the same untimed warm-up, then the same cells (base model and the adapters mixed, at each
 concurrency): output tok/s, TTFT p50/p99, e2e p50, and Attune / vLLM ratios.
 
+Both servers are started once and measured cell by cell in turn, the other one frozen (SIGSTOP on its whole process
+tree, so that it spends no CPU): a cell of one server and the same cell of the other are seconds apart, so a change
+in the machine's speed (on this shared 2-core machine, +-10% within minutes) weighs on both alike. Each cell is
+measured `rounds` times per server, the order alternating.
+
 Both see the same conversation (Attune's system prompt, then the message), greedy decoding, streaming with usage.
 """
 from __future__ import annotations
@@ -48,12 +53,13 @@ class VsPlan:
     """Adapters mixed round-robin in the 'mixed' scenario (the first of the store's, as /v1/models lists them)."""
     prompts: int = 8
     """Short non-crisis prompts from the seed test split (never ../shared/eval)."""
-    rounds: int = 1
-    """Times each server is started and measured, alternating (attune, vllm, vllm, attune, ...); cells pool."""
+    rounds: int = 2
+    """Times each cell is measured on each server, in turn (attune then vllm, then vllm then attune, ...); the
+    rounds of a cell pool."""
     start_timeout_s: float = 900.0
     request_timeout_s: float = 120.0
-    time_limit_s: float = 900.0
-    """Per server start: no request starts after this many seconds of measuring."""
+    time_limit_s: float = 1800.0
+    """No request to a server starts this many seconds after its first (the other server's turns count too)."""
 
     def __post_init__(self):
         self.concurrency = tuple(sorted(set(self.concurrency)))
@@ -104,6 +110,34 @@ class Launched:
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def _family(self) -> list:
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def pause(self) -> None:
+        """Freeze the server and every process under it (SIGSTOP): a frozen server spends no CPU."""
+        import psutil
+
+        for p in self._family():
+            try:
+                p.suspend()
+            except psutil.NoSuchProcess:
+                pass
+
+    def resume(self) -> None:
+        import psutil
+
+        for p in self._family():
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+
     def tail(self, n: int = 2000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace")
 
@@ -127,6 +161,7 @@ class Launched:
             family = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             family = []
+        self.resume()  # a frozen process would never see the signal
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # attune serve: stop_local(); vLLM: a clean shutdown
             try:
@@ -210,51 +245,70 @@ def vllm_body(prompt: str, adapter: str | None, max_tokens: int) -> dict:
             "stream": True, "stream_options": {"include_usage": True}}
 
 
+def cell_plan(plan: VsPlan, adapters: list[str]) -> list[tuple[str, int]]:
+    """The (scenario, concurrency) cells, in order; "mixed" only with adapters."""
+    return [(sc, c) for c in plan.concurrency for sc in SCENARIOS if sc == "base" or adapters]
+
+
+class Measurer:
+    """Requests to one server: the untimed warm-up and one cell at a time. No request starts after the plan's time
+    limit, counted from the first call."""
+
+    def __init__(self, target: Target, plan: VsPlan, prompts: list[str], adapters: list[str],
+                 http: httpx.AsyncClient, log: Callable[[str], None]):
+        self.target, self.plan, self.prompts, self.adapters, self.log = target, plan, prompts, adapters, log
+        self.client = BenchClient(BenchPlan(url=target.url, operator_key=target.key, max_tokens=plan.max_tokens,
+                                            request_timeout_s=plan.request_timeout_s), http)
+        self.deadline: float | None = None
+
+    async def one(self, prompt: str, adapter: str | None, max_tokens: int):
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.plan.time_limit_s
+        return await self.client.send(self.target.body(prompt, adapter, max_tokens), deadline=self.deadline)
+
+    async def warm_up(self) -> None:
+        """Each adapter once, then one full batch at the highest concurrency."""
+        for adapter in [None, *self.adapters]:
+            s = await self.one(self.prompts[0], adapter, 2)
+            if not s.ok:
+                raise RuntimeError(f"{self.target.name}: warm-up request ({adapter or 'base'}) failed: {s.error}")
+        top, choices = max(self.plan.concurrency), [None, *self.adapters]
+        await asyncio.gather(*(self.one(self.prompts[i % len(self.prompts)], choices[i % len(choices)],
+                                        self.plan.max_tokens) for i in range(top)))
+
+    async def cell(self, scenario: str, c: int) -> Cell:
+        plan, prompts = self.plan, self.prompts
+        adapters = {"base": [None], "mixed": self.adapters}[scenario]
+        cell = Cell(scenario, False, c, [a or "base" for a in adapters], planned=max(plan.requests, c))
+        jobs = iter([(i % len(prompts), adapters[i % len(adapters)]) for i in range(cell.planned)])
+
+        async def worker():
+            for p, adapter in jobs:
+                if time.monotonic() >= self.deadline:
+                    return
+                sample = await self.one(prompts[p], adapter, plan.max_tokens)
+                sample.prompt, sample.adapter = p, adapter or "base"
+                cell.samples.append(sample)
+
+        if self.deadline is None:
+            self.deadline = time.monotonic() + plan.time_limit_s
+        cpu, started = process_cpu(self.target.pid), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(c)))
+        cell.wall_s = time.perf_counter() - started
+        after = process_cpu(self.target.pid)
+        cell.cpu_s = {k: round(after[k] - cpu.get(k, 0.0), 2) for k in sorted(after)}
+        s = cell.summary()
+        self.log(f"vs-vllm {self.target.name} {scenario} c={c}: {s['ok']}/{cell.planned} ok, {_fmt(s['tok_s'])} "
+                 f"tok/s, TTFT p50 {_fmt(s['ttft_p50_ms'], ' ms', 0)}, e2e p50 {_fmt(s['e2e_p50_ms'], ' ms', 0)}")
+        return cell
+
+
 async def measure(target: Target, plan: VsPlan, prompts: list[str], adapters: list[str], http: httpx.AsyncClient,
                   log: Callable[[str], None]) -> list[Cell]:
-    """Warm-up (untimed: each adapter once, then one full batch at the highest concurrency), then the cells."""
-    bplan = BenchPlan(url=target.url, operator_key=target.key, max_tokens=plan.max_tokens,
-                      request_timeout_s=plan.request_timeout_s)
-    client = BenchClient(bplan, http)
-    deadline = time.monotonic() + plan.time_limit_s
-
-    async def one(prompt: str, adapter: str | None, max_tokens: int):
-        return await client.send(target.body(prompt, adapter, max_tokens), deadline=deadline)
-
-    for adapter in [None, *adapters]:
-        s = await one(prompts[0], adapter, 2)
-        if not s.ok:
-            raise RuntimeError(f"{target.name}: warm-up request ({adapter or 'base'}) failed: {s.error}")
-    top = max(plan.concurrency)
-    await asyncio.gather(*(one(prompts[i % len(prompts)], ([None, *adapters])[i % (len(adapters) + 1)],
-                               plan.max_tokens) for i in range(top)))
-    scenarios = {"base": [None], "mixed": adapters}
-    cells = []
-    for c in plan.concurrency:
-        for sc in SCENARIOS:
-            if not scenarios[sc]:
-                continue
-            cell = Cell(sc, False, c, [a or "base" for a in scenarios[sc]], planned=max(plan.requests, c))
-            jobs = iter([(i % len(prompts), scenarios[sc][i % len(scenarios[sc])]) for i in range(cell.planned)])
-
-            async def worker(cell=cell, jobs=jobs):
-                for p, adapter in jobs:
-                    if time.monotonic() >= deadline:
-                        return
-                    sample = await one(prompts[p], adapter, plan.max_tokens)
-                    sample.prompt, sample.adapter = p, adapter or "base"
-                    cell.samples.append(sample)
-
-            cpu, started = process_cpu(target.pid), time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(c)))
-            cell.wall_s = time.perf_counter() - started
-            after = process_cpu(target.pid)
-            cell.cpu_s = {k: round(after[k] - cpu.get(k, 0.0), 2) for k in sorted(after)}
-            s = cell.summary()
-            log(f"vs-vllm {target.name} {sc} c={c}: {s['ok']}/{cell.planned} ok, {_fmt(s['tok_s'])} tok/s, "
-                f"TTFT p50 {_fmt(s['ttft_p50_ms'], ' ms', 0)}, e2e p50 {_fmt(s['e2e_p50_ms'], ' ms', 0)}")
-            cells.append(cell)
-    return cells
+    """Warm-up (untimed), then every cell of the plan once, on one server."""
+    m = Measurer(target, plan, prompts, adapters, http, log)
+    await m.warm_up()
+    return [await m.cell(sc, c) for sc, c in cell_plan(plan, adapters)]
 
 
 async def screen(target: Target, candidates: list[str], base_model: str, n: int, http: httpx.AsyncClient
@@ -341,9 +395,15 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+RESUME_SETTLE_S = 1.0
+"""Seconds a server runs after it is unfrozen, before its untimed request and the cell (timers that fell due while it
+was frozen fire then)."""
+
+
 async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr,
                                                                                           flush=True)) -> dict:
-    """Every round: each server started, measured and stopped in turn; the report with pooled cells and ratios."""
+    """Start both servers (Attune first: the raw server gets the adapters Attune lists), each frozen while the other
+    works; warm both up; then every cell `rounds` times on each server in turn. The report pools a cell's rounds."""
     from adapters.registry import AdapterStore
     from alignment.basemodel import resolve
     from serving.app import AppArgs, _kv_bytes, load_config
@@ -357,41 +417,54 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
     started_s: dict[str, list[float]] = {name: [] for name in SERVERS}
     adapters: list[str] = []
     dropped = 0
-    order = [SERVERS if r % 2 == 0 else SERVERS[::-1] for r in range(plan.rounds)]
-
-    def launch(name: str, r: int) -> tuple[Launched, Target]:
-        """Attune always starts first (round 1), so vLLM gets the adapters Attune listed."""
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        if name == "attune":
-            data = workdir / f"attune-data-{r}"
-            argv = [sys.executable, "-m", "attune.cli", "serve", "--port", str(port), "--data-dir", str(data)]
-            return Launched(name, argv, env, url, "/healthz", workdir / f"attune-{r}.log"), Target(
-                name, url, "", attune_body)
-        argv = vllm_argv(cfg, model_path, {a: store.get(a) for a in adapters}, port, _kv_bytes(cfg.engine))
-        return Launched(name, argv, env, url, "/health", workdir / f"vllm-{r}.log"), Target(
-            name, url, "unused", vllm_body)
+    servers: dict[str, Launched] = {}
+    measurers: dict[str, Measurer] = {}
+    order: list[list[str]] = []
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max(plan.concurrency) + 4)) as http:
-        for r, names in enumerate(order):
-            for name in names:
-                server, target = launch(name, r)
-                target.pid = server.proc.pid
-                try:
-                    ready = await server.wait_ready(http, plan.start_timeout_s)
-                    if name == "attune":
-                        target.key = (workdir / f"attune-data-{r}" / "operator_key").read_text().strip()
-                        models = (await http.get(f"{target.url}/v1/models", timeout=30,
-                                                 headers={"Authorization": f"Bearer {target.key}"})).json()["data"]
-                        adapters = [m["id"] for m in models
-                                    if (m.get("attune") or {}).get("kind") == "adapter"][:plan.max_adapters]
-                        if r == 0:
-                            prompts, dropped = await screen(target, prompts, cfg.base_model, plan.prompts, http)
-                    log(f"vs-vllm round {r + 1}: {name} ready in {ready:.0f} s")
-                    started_s[name].append(round(ready, 1))
-                    cells[name] += await measure(target, plan, prompts, adapters, http, log)
-                finally:
-                    server.stop()
+        try:
+            for name in SERVERS:
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                if name == "attune":
+                    data = workdir / "attune-data"
+                    argv = [sys.executable, "-m", "attune.cli", "serve", "--port", str(port), "--data-dir", str(data)]
+                    server, target = Launched(name, argv, env, url, "/healthz", workdir / "attune.log"), Target(
+                        name, url, "", attune_body)
+                else:
+                    argv = vllm_argv(cfg, model_path, {a: store.get(a) for a in adapters}, port,
+                                     _kv_bytes(cfg.engine))
+                    server, target = Launched(name, argv, env, url, "/health", workdir / "vllm.log"), Target(
+                        name, url, "unused", vllm_body)
+                servers[name], target.pid = server, server.proc.pid
+                ready = await server.wait_ready(http, plan.start_timeout_s)
+                if name == "attune":
+                    target.key = (data / "operator_key").read_text().strip()
+                    models = (await http.get(f"{target.url}/v1/models", timeout=30,
+                                             headers={"Authorization": f"Bearer {target.key}"})).json()["data"]
+                    adapters = [m["id"] for m in models
+                                if (m.get("attune") or {}).get("kind") == "adapter"][:plan.max_adapters]
+                    prompts, dropped = await screen(target, prompts, cfg.base_model, plan.prompts, http)
+                log(f"vs-vllm: {name} ready in {ready:.0f} s")
+                started_s[name].append(round(ready, 1))
+                measurers[name] = Measurer(target, plan, prompts, adapters, http, log)
+                await measurers[name].warm_up()
+                server.pause()
+            for r in range(plan.rounds):
+                for k, (sc, c) in enumerate(cell_plan(plan, adapters)):
+                    turn = list(SERVERS) if (r + k) % 2 == 0 else list(SERVERS[::-1])
+                    order.append(turn)
+                    for name in turn:
+                        servers[name].resume()
+                        try:
+                            await asyncio.sleep(RESUME_SETTLE_S)
+                            await measurers[name].one(prompts[0], None, 2)
+                            cells[name].append(await measurers[name].cell(sc, c))
+                        finally:
+                            servers[name].pause()
+        finally:
+            for server in servers.values():
+                server.stop()
     pooled = {name: [{**c.summary(), "cpu_s": c.cpu_s} for c in pool(cells[name])] for name in SERVERS}
     notes = [f"{dropped} candidate prompt(s) left out: Attune answered them from the crisis or safety path"
              ] if dropped else []
@@ -403,7 +476,7 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
     if any(r["tokens"][0] != r["tokens"][1] for r in rows):
         notes.append("the two servers generated different token counts for the same cells (see tokens)")
     report = {"plan": asdict(plan), "engine": cfg.engine.model_dump(mode="json"), "model": model_path,
-              "adapters_mixed": adapters, "prompts": prompts, "ready_s": started_s, "order": [list(o) for o in order],
+              "adapters_mixed": adapters, "prompts": prompts, "ready_s": started_s, "order": order,
               "cells": pooled, "comparison": rows, "notes": notes,
               "raw": {name: [{"scenario": c.scenario, "concurrency": c.concurrency, "wall_s": c.wall_s,
                               "samples": [asdict(s) for s in c.samples]} for c in cells[name]] for name in SERVERS}}

@@ -174,3 +174,33 @@ def test_stop_ends_the_server_and_every_process_it_started(tmp_path):
     server.stop(grace_s=1)
     assert server.proc.poll() is not None
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_pause_freezes_the_server_and_its_children_and_resume_wakes_them(tmp_path):
+    """The interleaved run freezes the server it is not measuring: SIGSTOP on the whole tree, SIGCONT after."""
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "time.sleep(600)")
+    server = Launched("sleepy", [sys.executable, "-c", code], {}, "http://127.0.0.1:9", "/", tmp_path / "log")
+    try:
+        deadline = time.monotonic() + 20
+        while not psutil.Process(server.proc.pid).children():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        family = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children()]
+        def settles(stopped: bool) -> bool:  # signals are delivered asynchronously
+            until = time.monotonic() + 5
+            while time.monotonic() < until:
+                if all((p.status() == psutil.STATUS_STOPPED) == stopped for p in family):
+                    return True
+                time.sleep(0.02)
+            return False
+
+        server.pause()
+        assert settles(True)
+        server.resume()
+        assert settles(False)
+        server.pause()  # stop() resumes a frozen server first, so that it sees the signal
+    finally:
+        server.stop(grace_s=1)
+    assert server.proc.poll() is not None and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                                      for p in family[1:])
