@@ -1,6 +1,8 @@
 """The chat logic behind the API (vLLM's `serving.py` role). A chat completion is one pipeline, called in order from
 `ChatService.chat_completion`: keys and limits, parse, admission, session and route (serving.sessions), the crisis
 check (serving.crisis_check), generation under the gate (serving.streaming), persist and respond (serving.replies).
+Generation's first attempt starts beside the crisis check and nothing of it is read until the check has passed
+(serving.streaming.EarlyStart), so the check costs no time to the first token.
 The stages take plain data (serving.turn) and the parts they need, never the service. Also the session endpoints
 (serving.sessions), the flagged sessions operators review (serving.flagged), health, models and operator endpoints.
 Knows nothing about HTTP frameworks or Ray: the engine and the scorer are clients behind small protocols
