@@ -119,24 +119,21 @@ class Launched:
         except psutil.NoSuchProcess:
             return []
 
+    def _each(self, action: str) -> None:
+        import psutil
+
+        for p in self._family():
+            try:
+                getattr(p, action)()
+            except psutil.NoSuchProcess:
+                pass
+
     def pause(self) -> None:
         """Freeze the server and every process under it (SIGSTOP): a frozen server spends no CPU."""
-        import psutil
-
-        for p in self._family():
-            try:
-                p.suspend()
-            except psutil.NoSuchProcess:
-                pass
+        self._each("suspend")
 
     def resume(self) -> None:
-        import psutil
-
-        for p in self._family():
-            try:
-                p.resume()
-            except psutil.NoSuchProcess:
-                pass
+        self._each("resume")
 
     def tail(self, n: int = 2000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace")

@@ -42,6 +42,16 @@ class WaitingScorer(ScriptedScorer):
                           crisis_near_threshold=0.25)
 
 
+async def grey_day(svc, stream: bool) -> tuple[str, dict]:
+    """(reply text, attune info) for an ordinary but low message, streamed or not."""
+    r = await chat(svc, preference=WARM, stream=stream,
+                   messages=[{"role": "user", "content": "Everything feels grey and far away."}])
+    if stream:
+        chunks, text = await collect(r)
+        return text, chunks[-1]["attune"]
+    return r.choices[0].message.content, r.attune.model_dump()
+
+
 def build(make, prob):
     scorer = WaitingScorer(prob)
     svc = make(scorer=scorer, engine_kw={"token_delay": 0.01})
@@ -74,13 +84,7 @@ async def test_a_crisis_found_while_generation_runs_aborts_it_and_nothing_genera
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_turn_near_the_line_restarts_on_the_safety_adapter(make, stream):
     svc, scorer = build(make, 0.3)
-    r = await chat(svc, preference=WARM, stream=stream,
-                   messages=[{"role": "user", "content": "Everything feels grey and far away."}])
-    if stream:
-        chunks, text = await collect(r)
-        info = chunks[-1]["attune"]
-    else:
-        text, info = r.choices[0].message.content, r.attune.model_dump()
+    text, info = await grey_day(svc, stream)
     assert not info["crisis"] and info["adapter"] == "safe" and text == REPLIES["safe"]
     early, restart = svc.engine.requests
     assert early.adapter_id == "warm" and svc.engine.usage(early.request_id).finish_reason == "abort"
@@ -92,13 +96,7 @@ async def test_a_turn_near_the_line_restarts_on_the_safety_adapter(make, stream)
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_failed_detector_leaves_the_rules_to_decide_as_before(make, stream):
     svc, scorer = build(make, None)
-    r = await chat(svc, preference=WARM, stream=stream,
-                   messages=[{"role": "user", "content": "Everything feels grey and far away."}])
-    if stream:
-        chunks, text = await collect(r)
-        info = chunks[-1]["attune"]
-    else:
-        text, info = r.choices[0].message.content, r.attune.model_dump()
+    text, info = await grey_day(svc, stream)
     assert not info["crisis"] and info["adapter"] == "warm" and text.strip() == LONG.strip()
     assert len(svc.engine.requests) == 1 and svc.metrics.scorer_errors._value.get() >= 1
     # Rules that see a crisis in the message itself: the protocol, and no generation is even started.
