@@ -59,7 +59,7 @@ class VsPlan:
     start_timeout_s: float = 900.0
     request_timeout_s: float = 120.0
     time_limit_s: float = 1800.0
-    """No request to a server starts this many seconds after its first (the other server's turns count too)."""
+    """No request to a server starts this many seconds after its warm-up began (the other server's turns count too)."""
 
     def __post_init__(self):
         self.concurrency = tuple(sorted(set(self.concurrency)))
@@ -249,18 +249,16 @@ def cell_plan(plan: VsPlan, adapters: list[str]) -> list[tuple[str, int]]:
 
 class Measurer:
     """Requests to one server: the untimed warm-up and one cell at a time. No request starts after the plan's time
-    limit, counted from the first call."""
+    limit, counted from when the measurer is made (just before the server's warm-up)."""
 
     def __init__(self, target: Target, plan: VsPlan, prompts: list[str], adapters: list[str],
                  http: httpx.AsyncClient, log: Callable[[str], None]):
         self.target, self.plan, self.prompts, self.adapters, self.log = target, plan, prompts, adapters, log
         self.client = BenchClient(BenchPlan(url=target.url, operator_key=target.key, max_tokens=plan.max_tokens,
                                             request_timeout_s=plan.request_timeout_s), http)
-        self.deadline: float | None = None
+        self.deadline = time.monotonic() + plan.time_limit_s
 
     async def one(self, prompt: str, adapter: str | None, max_tokens: int):
-        if self.deadline is None:
-            self.deadline = time.monotonic() + self.plan.time_limit_s
         return await self.client.send(self.target.body(prompt, adapter, max_tokens), deadline=self.deadline)
 
     async def warm_up(self) -> None:
@@ -287,8 +285,6 @@ class Measurer:
                 sample.prompt, sample.adapter = p, adapter or "base"
                 cell.samples.append(sample)
 
-        if self.deadline is None:
-            self.deadline = time.monotonic() + plan.time_limit_s
         cpu, started = process_cpu(self.target.pid), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(c)))
         cell.wall_s = time.perf_counter() - started

@@ -439,9 +439,11 @@ def ensure_local_tenant(cfg: ServeConfig) -> tuple[str, Path | None]:
 
 SERVE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 """Serve runs each replica's code on the replica's own event loop, and routes handle calls on the caller's loop: two
-thread hops less per request and per streamed delta (ingress -> LLM replica, ingress -> scorer). Interleaved on this
-machine, 5 of 5 pairs decoded faster with them (3-10% ms per token). `attune serve` sets them unless they are set;
-the RayService and the documented `ray start` lines set them on every node. Ray reads them when a process starts."""
+thread hops less per request and per streamed delta (ingress -> LLM replica, ingress -> scorer). With three servers
+up on this machine, 5 of 5 alternating pairs decoded 3-10% faster per token with them (a one-off script); the
+interleaved `attune bench serve --vs-vllm` has not separated their effect from the noise. `attune serve` sets them
+unless they are set; the RayService and the documented `ray start` lines set them on every node. Ray reads them when
+a process starts."""
 
 
 def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int = 8000,

@@ -134,10 +134,7 @@ class EarlyStart:
     def __init__(self, source: AsyncIterator[str], adapter_id: str | None):
         self.source, self.adapter_id = source, adapter_id
         self.first = asyncio.ensure_future(anext(source, None))
-
-    async def opening(self) -> tuple[AsyncIterator[str], str | None]:
-        """(the attempt's deltas after the first, the first or None); the attempt's ApiError if it failed."""
-        return self.source, await self.first
+        """The first delta (None: the reply is empty), or the attempt's ApiError."""
 
     async def discard(self, turn: Turn) -> None:
         if not self.first.done():
@@ -261,7 +258,7 @@ class Generation:
         kept. The time to first token is observed here, when the first delta may be released."""
         early, turn.early = turn.early, None
         if early is not None:
-            source, first = await early.opening()
+            source, first = early.source, await early.first
         else:
             source = self.deltas(turn, turn.adapter_id, 0)
             first = await anext(source, None)
