@@ -5,6 +5,7 @@ deployment (the reward model behind `serve.batch`). `build_app(args)` is the bui
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import deque
@@ -446,6 +447,30 @@ unless they are set; the RayService and the documented `ray start` lines set the
 a process starts."""
 
 
+LEAN_LOCAL_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+                  "RAY_enable_metrics_collection": "0", "RAY_task_events_report_interval_ms": "0",
+                  "RAY_event_stats": "0"}
+"""Ray's background work cut down for the private one-machine instance of `start_local`, where nothing reads it: the
+Serve controller's loop every 1 s (not 0.1 s), Serve's cached metrics exported every 1 s (not 0.1 s), and no Ray
+metrics, task events (the state API's task list) or event-loop statistics; Attune's own /metrics is unaffected.
+Measured on this 2-core machine (one-off probe, 24 sequential requests, gate off): the processes beside vLLM's
+engine used 500 ms of CPU per request instead of 720, and 8-9% of a core idle instead of 12%; on this machine vLLM's
+engine shares its two cores with them. Each is set unless already set; a cluster (`ray start`) keeps Ray's
+defaults, since its operators may read Ray's metrics and task list."""
+
+
+@contextlib.contextmanager
+def _env_defaults(values: dict[str, str]):
+    """Set each variable not already set, for the duration of the block."""
+    added = [var for var in values if var not in os.environ]
+    os.environ.update({var: values[var] for var in added})
+    try:
+        yield
+    finally:
+        for var in added:
+            os.environ.pop(var, None)
+
+
 def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int = 8000,
                 num_cpus: int | None = None, address: str = "local", ssl_certfile: str | None = None,
                 ssl_keyfile: str | None = None) -> str:
@@ -483,7 +508,8 @@ def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int 
         sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         sigterm = signal.getsignal(signal.SIGTERM)
         try:
-            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
+            with _env_defaults(LEAN_LOCAL_ENV):  # read by Ray's processes as they start; nothing after inherits them
+                ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
         finally:
             notice.setLevel(level)
             if main:

@@ -72,11 +72,42 @@ class Principal:
         return self.role == "operator"
 
 
-class KeyStore:
-    """Creates and checks API keys held (hashed) in the Repository."""
+AUTH_CACHE_S = 10.0
+"""A key found valid is taken as valid for this long without asking the database (`KeyStore.cached`): a key revoked
+in the database stops working within this time on every ingress replica."""
+AUTH_CACHE_KEYS = 4096
+"""Keys remembered per replica (least recently found first out)."""
 
-    def __init__(self, repo: Repository):
-        self.repo = repo
+
+class KeyStore:
+    """Creates and checks API keys held (hashed) in the Repository; remembers the keys it found valid for
+    AUTH_CACHE_S, by hash, so that a chat turn's authentication needs no database lookup."""
+
+    def __init__(self, repo: Repository, clock: Callable[[], float] = time.monotonic):
+        self.repo, self.clock = repo, clock
+        self._valid: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _digest(bearer: str | None) -> str:
+        if not bearer:
+            raise AuthError("missing API key; send the header 'Authorization: Bearer <key>'")
+        key = bearer.strip()
+        if key[:7].lower() == "bearer ":
+            key = key[7:].strip()
+        return hash_key(key)
+
+    def cached(self, bearer: str | None) -> Principal | None:
+        """The principal of a key `authenticate` accepted less than AUTH_CACHE_S ago; None: ask `authenticate`."""
+        if not bearer:
+            return None
+        digest, now = self._digest(bearer), self.clock()
+        with self._lock:
+            hit = self._valid.get(digest)
+            if hit is None or hit[1] <= now:
+                return None
+            self._valid.move_to_end(digest)
+            return hit[0]
 
     def create_key(self, tenant_id: str, role: Role = "patient-app", label: str = "") -> str:
         """Create a key for `tenant_id` (created if new); the plaintext is returned once and never stored."""
@@ -124,20 +155,21 @@ class KeyStore:
         return result
 
     def authenticate(self, bearer: str | None) -> Principal:
-        """Accepts an Authorization header value ('Bearer <key>') or the bare key."""
-        if not bearer:
-            raise AuthError("missing API key; send the header 'Authorization: Bearer <key>'")
-        key = bearer.strip()
-        if key[:7].lower() == "bearer ":
-            key = key[7:].strip()
-        digest = hash_key(key)
+        """Accepts an Authorization header value ('Bearer <key>') or the bare key; asks the database."""
+        digest = self._digest(bearer)
         found = None
         for row in self._candidates(digest[:LOOKUP_CHARS]):
             if hmac.compare_digest(row.key_hash, digest):
                 found = row
         if found is None:
             raise AuthError("invalid API key; check the key (or ask the operator for a new one)")
-        return Principal(tenant_id=found.tenant_id, role=found.role, key_id=found.id)  # type: ignore[arg-type]
+        principal = Principal(tenant_id=found.tenant_id, role=found.role, key_id=found.id)  # type: ignore[arg-type]
+        with self._lock:
+            self._valid[digest] = (principal, self.clock() + AUTH_CACHE_S)
+            self._valid.move_to_end(digest)
+            while len(self._valid) > AUTH_CACHE_KEYS:
+                self._valid.popitem(last=False)
+        return principal
 
     def _candidates(self, prefix: str) -> list[ApiKey]:
         """Unrevoked keys whose hash starts with `prefix` (lowercase hex), by an index range scan."""

@@ -148,7 +148,7 @@ class ChatService:
     # ------------------------------------------------------------ keys and limits
     async def admit(self, authorization: str | None, *, operator: bool = False) -> Principal:
         try:
-            principal = await db_call(self.keys.authenticate, authorization)
+            principal = self.keys.cached(authorization) or await db_call(self.keys.authenticate, authorization)
         except AuthError as e:
             raise ApiError(401, str(e), type="authentication_error", code="invalid_api_key") from None
         if operator and not principal.is_operator:

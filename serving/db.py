@@ -12,7 +12,7 @@ import math
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import make_url
@@ -270,14 +270,22 @@ class Repository:
     # ------------------------------------------------------------ sessions
     def create_session(self, tenant_id: str, preference: Mapping[str, float], adapter_id: str | None = None,
                        locale: str = "en") -> ChatSession:
+        return self.start_session(tenant_id, preference, adapter_id, locale)[0]
+
+    def start_session(self, tenant_id: str, preference: Mapping[str, float], adapter_id: str | None = None,
+                      locale: str = "en", messages: Sequence[tuple[str, str, str | None]] = ()
+                      ) -> tuple[ChatSession, list[Message]]:
+        """A new session and its first messages ((role, content, gate), oldest first) in one transaction: a chat
+        that starts with a request is stored whole or not at all, in one commit."""
         with self._tx.begin() as s:
             row = ChatSession(id=str(uuid.uuid4()), tenant_id=tenant_id, preference=dict(preference),
                               adapter_id=adapter_id, locale=locale)
             s.add(row)
             s.flush()
-            self._cipher(s, row.id, create=True)
+            cipher = self._cipher(s, row.id, create=True)
+            stored = [self._new_message(s, cipher, row.id, role, content, gate=gate) for role, content, gate in messages]
             s.flush()
-            return row
+            return row, stored
 
     def _owned(self, s, tenant_id: str, session_id: str) -> ChatSession | None:
         row = s.get(ChatSession, session_id)
@@ -391,20 +399,27 @@ class Repository:
     def add_message(self, session_id: str, role: str, content: str, *, adapter_id: str | None = None,
                     scores: Mapping[str, float] | None = None, gate: str | None = None) -> Message:
         """Store and commit at once, so a crash later loses nothing already said."""
-        if role not in ("system", "user", "assistant"):
-            raise RecordError(f"role {role!r} is unknown; use system, user or assistant")
         with self._tx.begin() as s:
             sess = s.get(ChatSession, session_id)
             if sess is None or sess.deleted:
                 raise RecordNotFound(f"session {session_id!r} does not exist")
-            mid = str(uuid.uuid4())
-            sealed = self._cipher(s, session_id, create=True).seal("message", mid, content)
-            row = Message(id=mid, session_id=session_id, role=role, sealed=sealed, adapter_id=adapter_id,
-                          scores=_finite_scores(scores), gate=gate)
-            s.add(row)
+            row = self._new_message(s, self._cipher(s, session_id, create=True), session_id, role, content,
+                                    adapter_id=adapter_id, scores=scores, gate=gate)
             s.flush()
-            row.content = content
             return row
+
+    @staticmethod
+    def _new_message(s, cipher: SessionCipher, session_id: str, role: str, content: str, *,
+                     adapter_id: str | None = None, scores: Mapping[str, float] | None = None,
+                     gate: str | None = None) -> Message:
+        if role not in ("system", "user", "assistant"):
+            raise RecordError(f"role {role!r} is unknown; use system, user or assistant")
+        mid = str(uuid.uuid4())
+        row = Message(id=mid, session_id=session_id, role=role, sealed=cipher.seal("message", mid, content),
+                      adapter_id=adapter_id, scores=_finite_scores(scores), gate=gate)
+        s.add(row)  # rows added in one flush are inserted in order, so seq follows the order of the calls
+        row.content = content
+        return row
 
     def list_messages(self, session_id: str, limit: int | None = None) -> list[Message]:
         """Oldest first; with `limit`, the most recent `limit` messages."""

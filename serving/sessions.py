@@ -14,7 +14,7 @@ from alignment.objectives import Preference, PreferenceError
 from alignment.prompts import SYSTEM_PROMPT
 from serving.auth import Principal
 from serving.config import ServeConfig
-from serving.db import CLIENT_GATE, ChatSession, RecordError, RecordNotFound, Repository
+from serving.db import CLIENT_GATE, ChatSession, Message, RecordError, RecordNotFound, Repository
 from serving.errors import ApiError, db_call
 from serving.metrics import ServingMetrics
 from serving.protocol import (BASE_ADAPTER, ChatCompletionRequest, FeedbackIn, MessageList, MessageOut, SessionCreate,
@@ -44,6 +44,10 @@ class Sessions:
             return resolve_preference(value, self._profiles())
         except PreferenceError as e:
             raise ApiError(422, f"preference: {e}", param="preference", code="invalid_value") from None
+
+    def _resolve_and_route(self, value) -> tuple[Preference, str | None]:
+        pref = self._resolve(value)
+        return pref, self._route(pref)
 
     def _route(self, pref: Preference) -> str | None:
         """Adapter id for `pref` (None: no routable adapter, the base model answers)."""
@@ -79,18 +83,20 @@ class Sessions:
                            "leave session_id out", param="session_id", code="session_not_found")
         return session
 
+    async def start(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, list[Message]]:
+        """A new session for a request without session_id, with the request's earlier user/assistant turns (the
+        assistant ones marked client-written, gate "client": not generated or gated here) and its new message,
+        stored in one transaction; returns the session and its stored history. Client system messages are never
+        used: Attune's system prompt is fixed."""
+        pref, adapter = await asyncio.to_thread(self._resolve_and_route, req.preference)
+        messages = [(m.role, m.content, CLIENT_GATE if m.role == "assistant" else None)
+                    for m in req.messages[:-1] if m.role in ("user", "assistant")]
+        return await db_call(self.repo.start_session, principal.tenant_id, pref.as_dict(), adapter,
+                             self.config.default_locale, [*messages, ("user", req.messages[-1].content, None)])
+
     async def session_for(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, str | None]:
-        """The request's session (created if absent) and its adapter, re-routed only when the preference changes.
-        A new session imports the request's earlier user/assistant turns, the assistant ones marked client-written
-        (gate "client": not generated or gated here); an existing one keeps its stored history. Client system
-        messages are never used: Attune's system prompt is fixed."""
-        if req.session_id is None:
-            session = await self._create(principal, req.preference, None)
-            for m in req.messages[:-1]:
-                if m.role in ("user", "assistant"):
-                    await db_call(self.repo.add_message, session.id, m.role, m.content,
-                                  gate=CLIENT_GATE if m.role == "assistant" else None)
-            return session, session.adapter_id
+        """The request's existing session and its adapter, re-routed only when the preference changes; the session
+        keeps its stored history."""
         session = await self.owned(principal, req.session_id)
         known = set(await asyncio.to_thread(self.store.ids)) - self.router.quarantined
         pref = None if req.preference is None else await asyncio.to_thread(self._resolve, req.preference)
@@ -113,14 +119,18 @@ class Sessions:
         options = req.attune_options
         pin = options is not None and options.adapter is not None
         pinned = await self.pinned(options.adapter) if pin else None
-        session, adapter_id = await self.session_for(principal, req)
+        text = req.messages[-1].content
+        if req.session_id is None:
+            session, history = await self.start(principal, req)
+            adapter_id, history = session.adapter_id, history[-(MAX_HISTORY + 1):]
+        else:
+            session, adapter_id = await self.session_for(principal, req)
+            history = await db_call(self.repo.list_messages, session.id, MAX_HISTORY + 1)
+            last = history[-1] if history else None
+            if last is None or (last.role, last.content) != ("user", text):
+                history = [*history, await db_call(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
         if pin:
             adapter_id = pinned
-        text = req.messages[-1].content
-        history = await db_call(self.repo.list_messages, session.id, MAX_HISTORY + 1)
-        last = history[-1] if history else None
-        if req.session_id is None or last is None or (last.role, last.content) != ("user", text):
-            history = [*history, await db_call(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
         messages = engine_messages([{"role": m.role, "content": m.content} for m in history],
                                    self.config.engine.max_model_len - req.max_tokens)
         turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
@@ -130,14 +140,10 @@ class Sessions:
             log.info("output gate off for %s (operator request); crisis detection still runs", turn.request_id)
         return turn
 
-    async def _create(self, principal: Principal, preference, locale: str | None) -> ChatSession:
-        pref = await asyncio.to_thread(self._resolve, preference)
-        adapter = await asyncio.to_thread(self._route, pref)
-        return await db_call(self.repo.create_session, principal.tenant_id, pref.as_dict(), adapter,
-                             locale or self.config.default_locale)
-
     async def create(self, principal: Principal, body: SessionCreate) -> SessionOut:
-        return SessionOut.from_row(await self._create(principal, body.preference, body.locale))
+        pref, adapter = await asyncio.to_thread(self._resolve_and_route, body.preference)
+        return SessionOut.from_row(await db_call(self.repo.create_session, principal.tenant_id, pref.as_dict(),
+                                                 adapter, body.locale or self.config.default_locale))
 
     async def get(self, principal: Principal, session_id: str) -> SessionOut:
         return SessionOut.from_row(await self.owned(principal, session_id))

@@ -60,6 +60,24 @@ def test_healthz_reports_ready(server):
 
 
 @pytest.mark.integration
+def test_the_private_ray_instance_runs_lean_and_leaves_the_callers_environment_alone(server):
+    """start_local's Ray processes (children of this test process) start with serving.app.LEAN_LOCAL_ENV; this
+    process's environment, which a later `ray start` would inherit, does not keep it."""
+    import os
+
+    import psutil
+
+    from serving.app import LEAN_LOCAL_ENV
+
+    controllers = [p for p in psutil.Process().children(recursive=True)
+                   if "ServeController" in " ".join(p.cmdline())]
+    assert controllers, "no Serve controller among this process's descendants"
+    env = controllers[0].environ()
+    assert {var: env.get(var) for var in LEAN_LOCAL_ENV} == LEAN_LOCAL_ENV
+    assert not set(LEAN_LOCAL_ENV) & set(os.environ)
+
+
+@pytest.mark.integration
 def test_chat_without_streaming_carries_the_attune_extension(server):
     c = client(server, new_key(server))
     r = c.chat.completions.create(model="attune", messages=FEELING, max_tokens=24, temperature=0,

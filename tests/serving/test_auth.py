@@ -39,6 +39,36 @@ def test_key_round_trip_and_wrong_keys(keys):
         keys.authenticate(None)
 
 
+def test_a_valid_key_is_remembered_for_a_while_and_a_revoked_one_stops_working_after_it(keys):
+    from serving.auth import AUTH_CACHE_S
+
+    now = [1000.0]
+    store = KeyStore(keys.repo, clock=lambda: now[0])
+    key = store.create_key("clinic-a", "patient-app")
+    assert store.cached(f"Bearer {key}") is None  # never checked yet: the caller asks the database
+    principal = store.authenticate(f"Bearer {key}")
+    assert store.cached(key) == principal and store.cached(f"bearer {key}") == principal
+    assert store.cached(new_key()) is None and store.cached(None) is None and store.cached("") is None
+    keys.repo.revoke_api_keys("clinic-a", "", keep_hash="")  # revoked in the database by another replica
+    now[0] += AUTH_CACHE_S - 1
+    assert store.cached(key) == principal
+    now[0] += 1
+    assert store.cached(key) is None
+    with pytest.raises(AuthError):
+        store.authenticate(key)
+    assert store.cached(key) is None
+
+
+def test_remembered_keys_are_bounded(keys, monkeypatch):
+    import serving.auth as auth
+
+    monkeypatch.setattr(auth, "AUTH_CACHE_KEYS", 2)
+    first, *rest = [keys.create_key("clinic-a") for _ in range(3)]
+    for k in [first, *rest]:
+        keys.authenticate(k)
+    assert keys.cached(first) is None and all(keys.cached(k) is not None for k in rest)
+
+
 def test_only_the_hash_is_stored(keys):
     key = keys.create_key("clinic-a")
     hashes = stored_hashes(keys)

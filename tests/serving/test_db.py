@@ -46,6 +46,18 @@ def test_messages_are_committed_and_read_back_in_order(repo, database_url):
     reopened.close()
 
 
+def test_a_session_starts_with_its_first_messages_whole_or_not_at_all(repo):
+    first = [("user", "hello", None), ("assistant", "hi, I am listening", "client"), ("user", "work is too much", None)]
+    s, stored = repo.start_session("clinic-a", PREF, "warm", "en-GB", first)
+    assert (s.adapter_id, s.locale) == ("warm", "en-GB")
+    assert [(m.role, m.content, m.gate) for m in stored] == first
+    assert [(m.id, m.role, m.content, m.gate) for m in repo.list_messages(s.id)] == [
+        (m.id, m.role, m.content, m.gate) for m in stored]
+    with pytest.raises(RecordError, match="role 'robot'"):
+        repo.start_session("clinic-b", PREF, None, "en", [("user", "kept?", None), ("robot", "no", None)])
+    assert repo.count_sessions("clinic-b") == 0 and repo.count_sessions("clinic-a") == 1
+
+
 def test_concurrent_writers_lose_nothing(repo):
     s = repo.create_session("clinic-a", PREF)
 
