@@ -127,6 +127,8 @@ class Cell:
     planned: int = 0
     cpu_s: dict[str, float] = field(default_factory=dict)
     """CPU seconds the server's processes spent during the cell, per role (filled by `bench serve --vs-vllm`)."""
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    """Attune's attune_turn_stage_seconds during the cell: stage -> [seconds summed, turns] (`--vs-vllm`)."""
 
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.ok]

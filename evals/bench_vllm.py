@@ -227,6 +227,30 @@ class Target:
     key: str
     body: Callable[[str, str | None, int], dict]
     pid: int = 0
+    metrics_path: str | None = None
+    """Where the server exports attune_turn_stage_seconds (Attune's /metrics); None: it does not."""
+
+
+STAGE_FAMILY = "attune_turn_stage_seconds"
+
+
+def stage_totals(text: str) -> dict[str, list[float]]:
+    """{stage: [seconds summed, turns]} from a Prometheus text exposition, summed over replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != STAGE_FAMILY:
+            continue
+        for s in family.samples:
+            if s.name in (f"{STAGE_FAMILY}_sum", f"{STAGE_FAMILY}_count"):
+                totals = out.setdefault(s.labels["stage"], [0.0, 0.0])
+                totals[s.name.endswith("_count")] += s.value
+    return out
+
+
+def stage_means_ms(stages: dict[str, list[float]]) -> dict[str, float]:
+    return {stage: round(1000 * total / n, 1) for stage, (total, n) in stages.items() if n}
 
 
 def attune_body(prompt: str, adapter: str | None, max_tokens: int) -> dict:
@@ -261,6 +285,14 @@ class Measurer:
     async def one(self, prompt: str, adapter: str | None, max_tokens: int):
         return await self.client.send(self.target.body(prompt, adapter, max_tokens), deadline=self.deadline)
 
+    async def stages(self) -> dict[str, list[float]]:
+        """The server's stage totals now ({} when it exports none)."""
+        if self.target.metrics_path is None:
+            return {}
+        r = await self.client.http.get(f"{self.target.url}{self.target.metrics_path}", timeout=30)
+        r.raise_for_status()
+        return stage_totals(r.text)
+
     async def warm_up(self) -> None:
         """Each adapter once, then one full batch at the highest concurrency."""
         for adapter in [None, *self.adapters]:
@@ -285,11 +317,14 @@ class Measurer:
                 sample.prompt, sample.adapter = p, adapter or "base"
                 cell.samples.append(sample)
 
+        stages = await self.stages()
         cpu, started = process_cpu(self.target.pid), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(c)))
         cell.wall_s = time.perf_counter() - started
         after = process_cpu(self.target.pid)
         cell.cpu_s = {k: round(after[k] - cpu.get(k, 0.0), 2) for k in sorted(after)}
+        cell.stages = {k: [v[0] - stages.get(k, [0.0, 0.0])[0], v[1] - stages.get(k, [0.0, 0.0])[1]]
+                       for k, v in (await self.stages()).items()}
         s = cell.summary()
         self.log(f"vs-vllm {self.target.name} {scenario} c={c}: {s['ok']}/{cell.planned} ok, {_fmt(s['tok_s'])} "
                  f"tok/s, TTFT p50 {_fmt(s['ttft_p50_ms'], ' ms', 0)}, e2e p50 {_fmt(s['e2e_p50_ms'], ' ms', 0)}")
@@ -337,6 +372,9 @@ def pool(cells: list[Cell]) -> list[Cell]:
         out[key].wall_s += c.wall_s
         for role, v in c.cpu_s.items():
             out[key].cpu_s[role] = round(out[key].cpu_s.get(role, 0.0) + v, 2)
+        for stage, (total, n) in c.stages.items():
+            pooled = out[key].stages.setdefault(stage, [0.0, 0.0])
+            pooled[0], pooled[1] = pooled[0] + total, pooled[1] + n
         out[key].planned += c.planned
     return list(out.values())
 
@@ -383,6 +421,13 @@ def render(report: dict) -> str:
     for key, g in report["goals"].items():
         verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
         lines.append(f"- {key} {g['goal']}: {_fmt(g['worst'], '', 2)} -> {verdict}")
+    staged = [c for c in report.get("cells", {}).get("attune", []) if c.get("stages_ms")]
+    if staged:
+        names = list(staged[0]["stages_ms"])
+        lines += ["", "Attune's turns, mean ms from request start to the end of each stage (attune_turn_stage_seconds):",
+                  "", "| setup | conc | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+        lines += [f"| {c['scenario']} | {c['concurrency']} | " + " | ".join(_fmt(c["stages_ms"].get(n), "", 1)
+                                                                         for n in names) + " |" for c in staged]
     if report["notes"]:
         lines += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines)
@@ -423,7 +468,7 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
                     data = workdir / "attune-data"
                     argv = [sys.executable, "-m", "attune.cli", "serve", "--port", str(port), "--data-dir", str(data)]
                     server, target = Launched(name, argv, env, url, "/healthz", workdir / "attune.log"), Target(
-                        name, url, "", attune_body)
+                        name, url, "", attune_body, metrics_path="/metrics")
                 else:
                     argv = vllm_argv(cfg, model_path, {a: store.get(a) for a in adapters}, port,
                                      _kv_bytes(cfg.engine))
@@ -458,7 +503,8 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
         finally:
             for server in servers.values():
                 server.stop()
-    pooled = {name: [{**c.summary(), "cpu_s": c.cpu_s} for c in pool(cells[name])] for name in SERVERS}
+    pooled = {name: [{**c.summary(), "cpu_s": c.cpu_s, "stages_ms": stage_means_ms(c.stages)}
+                     for c in pool(cells[name])] for name in SERVERS}
     notes = [f"{dropped} candidate prompt(s) left out: Attune answered them from the crisis or safety path"
              ] if dropped else []
     for name in SERVERS:

@@ -174,12 +174,14 @@ class ChatService:
         started, label, stream = time.perf_counter(), NO_ADAPTER, False
         try:
             principal = await self.admit(authorization)
+            self.metrics.observe_stage("admitted", started)
             req = parse_turn_request(await read_body(), self.config.limits, principal)
             stream = bool(req.stream)
             ticket: Ticket | None = await self._admit_generation()
             try:
                 gating = await self.ensure_started()
                 turn = await self.sessions.open_turn(principal, req, started)
+                self.metrics.observe_stage("session", started)
                 # Generation starts beside the crisis check, held until it passes (serving.streaming.EarlyStart),
                 # unless the rules alone already send the turn to the crisis protocol or the safety path.
                 if not self.crisis_check.diverted_by_rules(turn, gating.detector, gating.window):
@@ -189,6 +191,7 @@ class ChatService:
                 except BaseException:
                     await self.generation.settle_early(turn, check_failed=True)
                     raise
+                self.metrics.observe_stage("crisis_checked", started)
                 await self.generation.settle_early(turn)
                 label = turn.label
                 if stream:  # generates, persists and responds as the client reads

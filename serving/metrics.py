@@ -15,6 +15,11 @@ from prometheus_client.core import Metric
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
 MERGE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TURN_STAGES = ("admitted", "session", "crisis_checked", "engine_first_delta")
+"""Where a chat turn's time goes before its first token, each observed as seconds since the request started: the key
+and rate limit checked; the session opened, the message stored and routed; the crisis check done; the engine's first
+text at the ingress (generation starts beside the crisis check, so the last two overlap)."""
 GATE_KINDS = ("pass", "regenerated", "fallback", "truncated", "crisis")
 NO_ADAPTER = "none"
 """Adapter label of a request rejected before it was routed."""
@@ -44,6 +49,9 @@ class ServingMetrics:
                                         "included).", ["adapter"], registry=r)
         self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Request start to the engine's first token.",
                               ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram(f"{p}_turn_stage_seconds", "Chat turns: request start to the end of each stage "
+                               "before the first token (" + ", ".join(TURN_STAGES) + ").", ["stage"],
+                               buckets=STAGE_BUCKETS, registry=r)
         self.first_release = Histogram(f"{p}_time_to_first_release_seconds", "Streaming: request start to the "
                                        "first gated sentence sent to the patient.", ["adapter"],
                                        buckets=LATENCY_BUCKETS, registry=r)
@@ -71,6 +79,10 @@ class ServingMetrics:
             self.gate.labels(kind)
         self._engine_seen: dict[str, dict[str, Tally]] = {}
         self.gate_counts: Tally = Tally()
+
+    def observe_stage(self, stage: str, started: float, at: float | None = None) -> None:
+        """`stage` (one of TURN_STAGES) ended `at` (perf_counter; default now), `started` being the request's start."""
+        self.stage.labels(stage).observe((time.perf_counter() if at is None else at) - started)
 
     def observe_gate(self, kind: str) -> None:
         self.gate.labels(kind).inc()

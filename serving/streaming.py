@@ -135,6 +135,12 @@ class EarlyStart:
         self.source, self.adapter_id = source, adapter_id
         self.first = asyncio.ensure_future(anext(source, None))
         """The first delta (None: the reply is empty), or the attempt's ApiError."""
+        self.arrived: float | None = None
+        """When the first delta came (perf_counter)."""
+        self.first.add_done_callback(self._arrived)
+
+    def _arrived(self, _) -> None:
+        self.arrived = time.perf_counter()
 
     async def discard(self, turn: Turn) -> None:
         if not self.first.done():
@@ -259,9 +265,11 @@ class Generation:
         early, turn.early = turn.early, None
         if early is not None:
             source, first = early.source, await early.first
+            self.metrics.observe_stage("engine_first_delta", turn.started, early.arrived)
         else:
             source = self.deltas(turn, turn.adapter_id, 0)
             first = await anext(source, None)
+            self.metrics.observe_stage("engine_first_delta", turn.started)
         if first is not None:
             self.metrics.ttft.labels(turn.label).observe(time.perf_counter() - turn.started)
         return source, first

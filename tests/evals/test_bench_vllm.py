@@ -15,10 +15,10 @@ import psutil
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from evals.bench_vllm import (BASE_NAME, Launched, Target, VsPlan, attune_body, compare, goals, measure, pool,
-                                render, screen, vllm_argv, vllm_body)
+                              render, screen, stage_means_ms, vllm_argv, vllm_body)
 
 
 def test_vllm_argv_gives_the_raw_server_the_engine_arguments_attune_gives_vllm(tmp_path, monkeypatch):
@@ -76,6 +76,19 @@ class FakeServers:
             self.bodies.append(body)
             return StreamingResponse(self._events(body), media_type="text/event-stream")
 
+        @self.app.get("/metrics")
+        async def metrics():
+            """Attune's stage histogram, split over two replicas: each turn took 2 ms to admit, 10 to open."""
+            n = sum("attune_options" in b for b in self.bodies)
+            lines = ["# TYPE attune_turn_stage_seconds histogram"]
+            for replica, share in (("r1", n // 2), ("r2", n - n // 2)):
+                for stage, seconds in (("admitted", 0.002), ("session", 0.010)):
+                    labels = f'replica="{replica}",stage="{stage}"'
+                    lines += [f'attune_turn_stage_seconds_bucket{{{labels},le="+Inf"}} {share}',
+                              f"attune_turn_stage_seconds_count{{{labels}}} {share}",
+                              f"attune_turn_stage_seconds_sum{{{labels}}} {share * seconds}"]
+            return PlainTextResponse("\n".join(lines) + "\n")
+
     async def _events(self, body):
         chunk = lambda **kw: "data: " + json.dumps({"object": "chat.completion.chunk", **kw}) + "\n\n"  # noqa: E731
         opts = body.get("attune_options")
@@ -114,7 +127,7 @@ def fake_url():
 def test_screening_then_cells_on_both_servers_and_their_ratio(fake_url):
     url, fake = fake_url
     plan = VsPlan(requests=4, max_tokens=6, concurrency=(1, 2), prompts=2, time_limit_s=60, request_timeout_s=10)
-    attune = Target("attune", url, "op", attune_body)
+    attune = Target("attune", url, "op", attune_body, metrics_path="/metrics")
     vllm = Target("vllm", url, "unused", vllm_body)
 
     async def go():
@@ -128,6 +141,10 @@ def test_screening_then_cells_on_both_servers_and_their_ratio(fake_url):
     ours, theirs = asyncio.run(go())
     assert [(c.scenario, c.concurrency) for c in ours] == [("base", 1), ("mixed", 1), ("base", 2), ("mixed", 2)]
     assert all(len(c.samples) == 4 and all(s.ok and s.tokens == 6 for s in c.samples) for c in ours + theirs)
+    # Stage times come from Attune's /metrics, counted over the cell's turns only (both replicas summed).
+    assert all(c.stages["session"][1] == 4 and abs(c.stages["session"][0] - 0.04) < 1e-9 for c in ours)
+    assert stage_means_ms(pool(ours)[0].stages) == {"admitted": 2.0, "session": 10.0}
+    assert all(c.stages == {} for c in theirs)
     raw = [b for b in fake.bodies if "attune_options" not in b]
     assert {b["model"] for b in raw} == {BASE_NAME, "x", "y"}
     assert all(b["messages"][0]["role"] == "system" and b["temperature"] == 0 for b in raw)
@@ -140,6 +157,9 @@ def test_screening_then_cells_on_both_servers_and_their_ratio(fake_url):
     g = goals(rows)
     assert g["tok_s_ratio"]["met"] is False and g["ttft_overhead_ms"]["worst"] > 0
     assert "| base | 1 |" in render({"comparison": rows, "goals": g, "notes": []})
+    staged = render({"comparison": rows, "goals": g, "notes": [], "cells": {"attune": [
+        {"scenario": "base", "concurrency": 1, "stages_ms": stage_means_ms(pool(ours)[0].stages)}]}})
+    assert "| setup | conc | admitted | session |" in staged and "| base | 1 | 2.0 | 10.0 |" in staged
 
 
 def test_compare_goals_and_pooled_rounds():

@@ -102,3 +102,19 @@ async def test_a_failed_detector_leaves_the_rules_to_decide_as_before(make, stre
     # Rules that see a crisis in the message itself: the protocol, and no generation is even started.
     r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "I want to kill myself tonight."}])
     assert r.attune.crisis and len(svc.engine.requests) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stage_times_show_the_first_delta_arriving_before_the_check_ends(make, stream):
+    """attune_turn_stage_seconds: one observation per stage of a turn, each measured from the request's start; the
+    detector here answers only after a token came, so the engine's first delta is seen before the check ends."""
+    from serving.metrics import TURN_STAGES
+
+    svc, scorer = build(make, 0.1)
+    text, info = await grey_day(svc, stream)
+    assert not info["crisis"] and text.strip() == LONG.strip()
+    value = svc.metrics.registry.get_sample_value
+    assert [value("attune_turn_stage_seconds_count", {"stage": s}) for s in TURN_STAGES] == [1.0] * 4
+    at = {s: value("attune_turn_stage_seconds_sum", {"stage": s}) for s in TURN_STAGES}
+    assert 0 <= at["admitted"] <= at["session"] <= at["engine_first_delta"] < at["crisis_checked"]
