@@ -323,8 +323,8 @@ class Measurer:
         cell.wall_s = time.perf_counter() - started
         after = process_cpu(self.target.pid)
         cell.cpu_s = {k: round(after[k] - cpu.get(k, 0.0), 2) for k in sorted(after)}
-        cell.stages = {k: [v[0] - stages.get(k, [0.0, 0.0])[0], v[1] - stages.get(k, [0.0, 0.0])[1]]
-                       for k, v in (await self.stages()).items()}
+        cell.stages = {k: [total - stages.get(k, [0.0, 0.0])[0], n - stages.get(k, [0.0, 0.0])[1]]
+                       for k, (total, n) in (await self.stages()).items()}
         s = cell.summary()
         self.log(f"vs-vllm {self.target.name} {scenario} c={c}: {s['ok']}/{cell.planned} ok, {_fmt(s['tok_s'])} "
                  f"tok/s, TTFT p50 {_fmt(s['ttft_p50_ms'], ' ms', 0)}, e2e p50 {_fmt(s['e2e_p50_ms'], ' ms', 0)}")

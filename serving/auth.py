@@ -105,6 +105,7 @@ class KeyStore:
         with self._lock:
             hit = self._valid.get(digest)
             if hit is None or hit[1] <= now:
+                self._valid.pop(digest, None)  # an expired key is looked up again, and re-remembered if still valid
                 return None
             self._valid.move_to_end(digest)
             return hit[0]
