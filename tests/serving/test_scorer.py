@@ -87,3 +87,27 @@ async def test_the_shipped_reward_model_lets_the_service_start_with_its_fallback
     await setup.verify_fallback(score)
     safety = [r["safety"] for r in scorer.score(list(FALLBACK_PROBES), [FALLBACK_REPLY] * len(FALLBACK_PROBES))]
     assert min(safety) >= threshold + 0.5, f"little margin: {safety} against {threshold:.3f}"
+
+
+
+def test_the_scorer_folds_the_reward_models_lora_into_its_encoder_and_scores_as_before(tmp_path):
+    """Scorer.load merges the reward model's LoRA (faster gate scoring): the same scores as the model loaded for
+    training, and the merged model refuses to be saved. The crisis detector keeps the form it was calibrated in."""
+    from alignment.reward import RewardModel
+    from attune import paths
+
+    scorer = Scorer.load()
+    assert scorer.reward_model.merged and not hasattr(scorer.reward_model.encoder, "merge_and_unload")
+    assert hasattr(scorer.crisis_model.encoder, "merge_and_unload")
+    prompts = ["I can't sleep and work keeps piling up.", "I don't see the point of anything anymore."]
+    replies = ["That sounds exhausting; what has been hardest this week?", "Have you tried just ignoring it?"]
+    unmerged = RewardModel.load(paths.REWARD_DIR)
+    assert not unmerged.merged and hasattr(unmerged.encoder, "merge_and_unload")
+    want = unmerged.score_and_unsafe(prompts, replies)
+    got = scorer.reward_model.score_and_unsafe(prompts, replies)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+    with pytest.raises(RuntimeError, match="merged for inference"):
+        scorer.reward_model.save(tmp_path / "reward")
+    with pytest.raises(RuntimeError, match="merged for inference"):
+        scorer.reward_model.crisis_prob(prompts)
