@@ -181,12 +181,14 @@ class ChatService:
             try:
                 gating = await self.ensure_started()
                 turn = await self.sessions.open_turn(principal, req, started)
-                self.metrics.observe_stage("session", started)
-                # Generation starts beside the crisis check, held until it passes (serving.streaming.EarlyStart),
-                # unless the rules alone already send the turn to the crisis protocol or the safety path.
+                # Generation starts before a new session is stored and beside the crisis check, held until both are
+                # done (serving.streaming.EarlyStart), unless the rules alone already send the turn to the crisis
+                # protocol or the safety path.
                 if not self.crisis_check.diverted_by_rules(turn, gating.detector, gating.window):
                     self.generation.start_early(turn)
                 try:
+                    await self.sessions.store_new(turn)
+                    self.metrics.observe_stage("session", started)
                     await self.crisis_check(turn, gating.detector, gating.window)
                 except BaseException:
                     await self.generation.settle_early(turn, check_failed=True)

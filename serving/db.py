@@ -273,12 +273,13 @@ class Repository:
         return self.start_session(tenant_id, preference, adapter_id, locale)[0]
 
     def start_session(self, tenant_id: str, preference: Mapping[str, float], adapter_id: str | None = None,
-                      locale: str = "en", messages: Sequence[tuple[str, str, str | None]] = ()
-                      ) -> tuple[ChatSession, list[Message]]:
+                      locale: str = "en", messages: Sequence[tuple[str, str, str | None]] = (),
+                      session_id: str | None = None) -> tuple[ChatSession, list[Message]]:
         """A new session and its first messages ((role, content, gate), oldest first) in one transaction: a chat
-        that starts with a request is stored whole or not at all, in one commit."""
+        that starts with a request is stored whole or not at all, in one commit. `session_id`: an id the caller
+        chose (a new uuid4 when None)."""
         with self._tx.begin() as s:
-            row = ChatSession(id=str(uuid.uuid4()), tenant_id=tenant_id, preference=dict(preference),
+            row = ChatSession(id=session_id or str(uuid.uuid4()), tenant_id=tenant_id, preference=dict(preference),
                               adapter_id=adapter_id, locale=locale)
             s.add(row)
             s.flush()

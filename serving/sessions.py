@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Awaitable
 
 from adapters.matching import NoRoutableAdapter
 from adapters.registry import AdapterStore
@@ -83,16 +84,29 @@ class Sessions:
                            "leave session_id out", param="session_id", code="session_not_found")
         return session
 
-    async def start(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, list[Message]]:
-        """A new session for a request without session_id, with the request's earlier user/assistant turns (the
-        assistant ones marked client-written, gate "client": not generated or gated here) and its new message,
-        stored in one transaction; returns the session and its stored history. Client system messages are never
-        used: Attune's system prompt is fixed."""
+    async def start(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, list[dict], Awaitable]:
+        """A new session for a request without session_id, planned, not yet stored: the session (its id chosen here),
+        the request's earlier user/assistant turns and its new message, and the storage to await
+        (`Sessions.store_new`), which stores them in one transaction (the assistant ones marked client-written, gate
+        "client": not generated or gated here). Client system messages are never used: Attune's system prompt is
+        fixed."""
         pref, adapter = await asyncio.to_thread(self._resolve_and_route, req.preference)
         messages = [(m.role, m.content, CLIENT_GATE if m.role == "assistant" else None)
                     for m in req.messages[:-1] if m.role in ("user", "assistant")]
-        return await db_call(self.repo.start_session, principal.tenant_id, pref.as_dict(), adapter,
-                             self.config.default_locale, [*messages, ("user", req.messages[-1].content, None)])
+        messages.append(("user", req.messages[-1].content, None))
+        session = ChatSession(id=str(uuid.uuid4()), tenant_id=principal.tenant_id, preference=pref.as_dict(),
+                              adapter_id=adapter, locale=self.config.default_locale, flagged=False, deleted=False)
+        storage = db_call(self.repo.start_session, principal.tenant_id, session.preference, adapter, session.locale,
+                          messages, session_id=session.id)
+        return session, [{"role": r, "content": c} for r, c, _ in messages], storage
+
+    @staticmethod
+    async def store_new(turn: Turn) -> None:
+        """Store a new session's turn (planned by open_turn); the chat pipeline runs this while the early start's
+        engine request begins, and releases nothing of the reply before it has returned."""
+        storage, turn.storage = turn.storage, None
+        if storage is not None:
+            turn.session, _ = await storage
 
     async def session_for(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, str | None]:
         """The request's existing session and its adapter, re-routed only when the preference changes; the session
@@ -113,29 +127,33 @@ class Sessions:
         return session, session.adapter_id
 
     async def open_turn(self, principal: Principal, req: ChatCompletionRequest, started: float) -> Turn:
-        """Session, route (or an operator's pinned adapter), the stored patient message and the engine's messages.
-        A request that repeats its session's last message, which got no reply (the engine, the database or the
-        connection failed first), is a retry of that turn: the stored message is reused, not stored twice."""
+        """Session, route (or an operator's pinned adapter), the patient message and the engine's messages. In an
+        existing session the message is stored here; a new session and its messages are stored by `store_new`
+        (turn.storage), so that the engine may start first. A request that repeats its session's last message, which
+        got no reply (the engine, the database or the connection failed first), is a retry of that turn: the stored
+        message is reused, not stored twice."""
         options = req.attune_options
         pin = options is not None and options.adapter is not None
         pinned = await self.pinned(options.adapter) if pin else None
         text = req.messages[-1].content
+        storage = None
         if req.session_id is None:
-            session, history = await self.start(principal, req)
+            session, history, storage = await self.start(principal, req)
             adapter_id, history = session.adapter_id, history[-(MAX_HISTORY + 1):]
         else:
             session, adapter_id = await self.session_for(principal, req)
-            history = await db_call(self.repo.list_messages, session.id, MAX_HISTORY + 1)
-            last = history[-1] if history else None
+            rows = await db_call(self.repo.list_messages, session.id, MAX_HISTORY + 1)
+            last = rows[-1] if rows else None
             if last is None or (last.role, last.content) != ("user", text):
-                history = [*history, await db_call(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
+                rows = [*rows, await db_call(self.repo.add_message, session.id, "user", text)][-(MAX_HISTORY + 1):]
+            history = [{"role": m.role, "content": m.content} for m in rows]
         if pin:
             adapter_id = pinned
-        messages = engine_messages([{"role": m.role, "content": m.content} for m in history],
-                                   self.config.engine.max_model_len - req.max_tokens)
+        messages = engine_messages(history, self.config.engine.max_model_len - req.max_tokens)
         turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
                     started, session.locale or self.config.default_locale, gate=options is None or options.gate,
-                    flagged_before=session.flagged, patient_turns=[m.content for m in history if m.role == "user"])
+                    flagged_before=session.flagged, patient_turns=[m["content"] for m in history if m["role"] == "user"],
+                    storage=storage)
         if not turn.gate:
             log.info("output gate off for %s (operator request); crisis detection still runs", turn.request_id)
         return turn

@@ -40,6 +40,9 @@ class Turn:
     finish_reason: str = "stop"
     early: Any = None
     """The first attempt (serving.streaming.EarlyStart), started beside the crisis check and held until it passed."""
+    storage: Any = None
+    """A new session's storage, not yet awaited (serving.sessions.Sessions.store_new); None once stored. Until then
+    `session` is the planned session, not yet in the database."""
     restart_tag: str = ""
     """Set when the early start was discarded for the safety path: the restart's engine request id differs."""
 

@@ -1,5 +1,5 @@
-"""ChatService with FakeEngine, a scripted scorer and SQLite in tmp_path: the patient's message is stored before
-generation and kept when the engine fails; the crisis protocol; the gate regenerates, then falls back (also
+"""ChatService with FakeEngine, a scripted scorer and SQLite in tmp_path: the patient's message is stored before any
+of the reply is released (tests/serving/test_early_start.py) and kept when the engine fails; the crisis protocol; the gate regenerates, then falls back (also
 sentence by sentence in streams); a client that goes away aborts the engine; keys see only their own sessions."""
 from __future__ import annotations
 
@@ -127,7 +127,6 @@ async def test_reply_is_routed_scored_and_stored_after_the_patient_message(make)
     info = r.attune
     assert info.adapter == "warm" and info.gate == "pass" and not info.crisis
     assert r.choices[0].message.content == REPLIES["warm"] and set(info.scores) == set(OBJECTIVES)
-    assert svc.engine.stored_at_start == [1]
     rows = svc.repo.list_messages(info.session_id)
     assert [(m.role, m.gate, m.adapter_id) for m in rows] == [("user", None, None), ("assistant", "pass", "warm")]
     assert rows[1].scores["safety"] == 4.0 and r.usage.completion_tokens == len(REPLIES["warm"].split())

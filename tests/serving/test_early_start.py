@@ -1,16 +1,20 @@
 """Generation starts beside the crisis check and is held until it passes: a crisis the detector finds while the
 first attempt runs aborts it and the patient gets only the crisis reply (usage 0); a turn the detector puts near the
 line restarts on the safety adapter; a detector that fails leaves the rules to decide, as before; rules that already
-see a crisis start nothing."""
+see a crisis start nothing. A new session is stored while the engine starts, and nothing of the reply is released
+before it is stored; one that cannot be stored stops the attempt and stores nothing."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from serving.crisis_reply import CrisisReply
 from serving.clients import ScorerInfo
-from tests.serving.test_chat import REPLIES, WARM, ScriptedScorer, chat, collect, make  # noqa: F401 (make: fixture)
+from serving.errors import ApiError
+from tests.serving.test_chat import REPLIES, WARM, ScriptedScorer, chat, collect, make, settle  # noqa: F401 (make: fixture)
 
 LONG = "This reply runs on for a while. " * 8
 
@@ -117,4 +121,57 @@ async def test_stage_times_show_the_first_delta_arriving_before_the_check_ends(m
     value = svc.metrics.registry.get_sample_value
     assert [value("attune_turn_stage_seconds_count", {"stage": s}) for s in TURN_STAGES] == [1.0] * 4
     at = {s: value("attune_turn_stage_seconds_sum", {"stage": s}) for s in TURN_STAGES}
-    assert 0 <= at["admitted"] <= at["session"] <= at["engine_first_delta"] < at["crisis_checked"]
+    assert 0 <= at["admitted"] <= at["session"] <= at["crisis_checked"]
+    assert at["admitted"] <= at["engine_first_delta"] < at["crisis_checked"]
+
+
+def store_after_the_engine_starts(svc, fail: bool = False) -> list[bool]:
+    """Make the repository's start_session wait (in its worker thread) until the engine has begun a generation, then
+    store (or fail as a database that cannot be reached does); returns [whether the engine had begun]."""
+    original, seen = svc.repo.start_session, []
+
+    def start_session(*args, **kw):
+        deadline = time.monotonic() + 5.0
+        while not svc.engine.stored_at_start and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append(bool(svc.engine.stored_at_start))
+        if fail:
+            raise OperationalError("INSERT INTO sessions", {}, Exception("disk I/O error"))
+        return original(*args, **kw)
+
+    svc.repo.start_session = start_session
+    return seen
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_new_session_is_stored_while_the_engine_starts_and_before_its_reply_is_released(make, stream):
+    svc = make(engine_kw={"token_delay": 0.01})
+    engine_first = store_after_the_engine_starts(svc)
+    r = await chat(svc, preference=WARM, stream=stream)
+    if stream:
+        chunks, text = await collect(r)
+        info = chunks[-1]["attune"]
+    else:
+        text, info = r.choices[0].message.content, r.attune.model_dump()
+    assert engine_first == [True] and svc.engine.stored_at_start == [0], "the engine began before the session was stored"
+    assert text == REPLIES["warm"] and info["gate"] == "pass"
+    rows = svc.repo.list_messages(info["session_id"])
+    assert [(m.role, m.content) for m in rows] == [("user", "Work has been overwhelming lately."),
+                                                   ("assistant", REPLIES["warm"])]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_new_session_that_cannot_be_stored_stops_its_engine_request_and_stores_nothing(make, stream):
+    svc = make(engine_kw={"token_delay": 0.01})
+    engine_first = store_after_the_engine_starts(svc, fail=True)
+    with pytest.raises(ApiError) as err:
+        await chat(svc, preference=WARM, stream=stream)
+    await settle(svc)
+    assert err.value.status == 503 and err.value.error.error.code == "database_unavailable"
+    assert err.value.headers.get("Retry-After")
+    assert engine_first == [True]
+    (req,) = svc.engine.requests
+    assert svc.engine.usage(req.request_id).finish_reason == "abort"
+    assert svc.repo.count_messages() == 0 and svc.repo.count_sessions() == 0
