@@ -1,6 +1,7 @@
 """Milliseconds to score one reply, as the online gate does (one (message, reply) pair per call, one torch thread as
-the RewardScorer deployment runs): p50 and p90 over the corpus test replies, for the shipped reward model and,
-with --judge, the judge. Prints a table; not a test.
+the RewardScorer deployment runs): p50 and p90 over the corpus test replies, for the shipped reward model as trained
+(LoRA beside the encoder) and as the scorer serves it (LoRA merged into the encoder, serving.scorer.Scorer.load), the
+two timed in turn on each reply, and with --judge, the judge. Prints a table; not a test.
 
     python benchmarks/reward_latency.py [--n 100] [--threads 1] [--judge]
 """
@@ -32,18 +33,22 @@ def main() -> None:
     print(f"{len(items)} test replies, one per call, {a.threads} torch thread(s)")
     print("| model | p50 ms | p90 ms | mean tokens |")
     print("|---|---|---|---|")
-    for name, path in [("reward model", REWARD_DIR)] + ([("judge", JUDGE_DIR)] if a.judge else []):
-        rm = RewardModel.load(path, device="cpu")
+    models = {"reward model": RewardModel.load(REWARD_DIR, device="cpu"),
+              "reward model, LoRA merged (as served)": RewardModel.load(REWARD_DIR, device="cpu").merge_for_inference()}
+    if a.judge:
+        models["judge"] = RewardModel.load(JUDGE_DIR, device="cpu")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for rm in models.values():
         rm.score_all([items[0][0]], [items[0][1]])  # warm-up
-        times = []
-        for message, reply in items:
+    for message, reply in items:  # the models in turn on each reply, so that the machine's drift weighs on all
+        for name, rm in models.items():
             t = time.perf_counter()
             rm.score_all([message], [reply])
-            times.append((time.perf_counter() - t) * 1000)
+            times[name].append((time.perf_counter() - t) * 1000)
+    for name, rm in models.items():
         tokens = np.mean([len(rm.tokenizer(m, r, truncation="longest_first", max_length=rm.config.max_length)
                                  ["input_ids"]) for m, r in items])
-        print(f"| {name} | {statistics.median(times):.1f} | {np.percentile(times, 90):.1f} | {tokens:.0f} |")
-
+        print(f"| {name} | {statistics.median(times[name]):.1f} | {np.percentile(times[name], 90):.1f} | {tokens:.0f} |")
 
 if __name__ == "__main__":
     main()
