@@ -58,14 +58,6 @@ def resolve_encoder(name: str | None) -> str:
     return name
 
 
-def merged_for_inference(encoder):
-    """`encoder` with its LoRA weights folded into the base weights (PEFT `merge_and_unload`): the same function up to
-    float rounding, with no adapter branch per layer, for a model that only scores from now on. Measured on this
-    machine (one thread, one 35-token message): the crisis detector's forward 34 -> 25 ms. Not a PEFT model: as is."""
-    merge = getattr(encoder, "merge_and_unload", None)
-    return merge().eval() if merge is not None else encoder
-
-
 @dataclass
 class RewardConfig:
     """Architecture of a reward model; saved as config.json beside the small weight files."""
@@ -174,17 +166,22 @@ class RewardModel:
         self.heads = _Heads(encoder.config.hidden_size, config.head_hidden).to(self.device).eval()
         self._anchors: torch.Tensor | None = None
         self.has_safety_classifier = True
-        self.merged = False
-        """True after merge_for_inference: the LoRA weights are folded into the encoder, so save() refuses."""
 
     @property
     def encoder_name(self) -> str:
         return self.config.encoder
 
     def merge_for_inference(self) -> "RewardModel":
-        """Fold the encoder's LoRA into its weights (faster scoring); the model can no longer be trained or saved."""
-        self.encoder, self.merged = merged_for_inference(self.encoder), True
+        """Fold the encoder's LoRA into its weights (PEFT `merge_and_unload`: the same scores up to float rounding,
+        faster, `python benchmarks/reward_latency.py`); the model can no longer be trained or saved."""
+        if self.config.lora_rank and not self.merged:
+            self.encoder = self.encoder.merge_and_unload().eval()
         return self
+
+    @property
+    def merged(self) -> bool:
+        """Whether merge_for_inference folded the LoRA into the encoder (then save() and the crisis head refuse)."""
+        return bool(self.config.lora_rank) and not hasattr(self.encoder, "disable_adapter")
 
     @property
     def crisis_threshold(self) -> float:
@@ -227,7 +224,7 @@ class RewardModel:
 
     def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, H] unit-norm mean-pooled texts under the frozen base encoder."""
-        if self.merged and self.config.lora_rank:
+        if self.merged:
             raise RuntimeError("this reward model's LoRA was merged for inference: the base encoder its crisis head "
                                "reads is gone; load it again unmerged")
         base = self.encoder.disable_adapter() if self.config.lora_rank else contextlib.nullcontext()

@@ -34,7 +34,8 @@ def main() -> None:
     print("| model | p50 ms | p90 ms | mean tokens |")
     print("|---|---|---|---|")
     models = {"reward model": RewardModel.load(REWARD_DIR, device="cpu"),
-              "reward model, LoRA merged (as served)": RewardModel.load(REWARD_DIR, device="cpu").merge_for_inference()}
+              "reward model, LoRA merged (as served)":
+                  RewardModel.load(REWARD_DIR, device="cpu").merge_for_inference()}
     if a.judge:
         models["judge"] = RewardModel.load(JUDGE_DIR, device="cpu")
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -48,7 +49,9 @@ def main() -> None:
     for name, rm in models.items():
         tokens = np.mean([len(rm.tokenizer(m, r, truncation="longest_first", max_length=rm.config.max_length)
                                  ["input_ids"]) for m, r in items])
-        print(f"| {name} | {statistics.median(times[name]):.1f} | {np.percentile(times[name], 90):.1f} | {tokens:.0f} |")
+        t = times[name]
+        print(f"| {name} | {statistics.median(t):.1f} | {np.percentile(t, 90):.1f} | {tokens:.0f} |")
+
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Awaitable
 
 from adapters.matching import NoRoutableAdapter
 from adapters.registry import AdapterStore
@@ -15,7 +14,7 @@ from alignment.objectives import Preference, PreferenceError
 from alignment.prompts import SYSTEM_PROMPT
 from serving.auth import Principal
 from serving.config import ServeConfig
-from serving.db import CLIENT_GATE, ChatSession, Message, RecordError, RecordNotFound, Repository
+from serving.db import CLIENT_GATE, ChatSession, RecordError, RecordNotFound, Repository
 from serving.errors import ApiError, db_call
 from serving.metrics import ServingMetrics
 from serving.protocol import (BASE_ADAPTER, ChatCompletionRequest, FeedbackIn, MessageList, MessageOut, SessionCreate,
@@ -84,29 +83,23 @@ class Sessions:
                            "leave session_id out", param="session_id", code="session_not_found")
         return session
 
-    async def start(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, list[dict], Awaitable]:
-        """A new session for a request without session_id, planned, not yet stored: the session (its id chosen here),
-        the request's earlier user/assistant turns and its new message, and the storage to await
-        (`Sessions.store_new`), which stores them in one transaction (the assistant ones marked client-written, gate
-        "client": not generated or gated here). Client system messages are never used: Attune's system prompt is
-        fixed."""
+    async def plan_new(self, principal: Principal, req: ChatCompletionRequest) -> ChatSession:
+        """A new session for a request without session_id, planned, not yet stored (its id is chosen here, so that
+        the engine may start before `store_new` writes it)."""
         pref, adapter = await asyncio.to_thread(self._resolve_and_route, req.preference)
-        messages = [(m.role, m.content, CLIENT_GATE if m.role == "assistant" else None)
-                    for m in req.messages[:-1] if m.role in ("user", "assistant")]
-        messages.append(("user", req.messages[-1].content, None))
-        session = ChatSession(id=str(uuid.uuid4()), tenant_id=principal.tenant_id, preference=pref.as_dict(),
-                              adapter_id=adapter, locale=self.config.default_locale, flagged=False, deleted=False)
-        storage = db_call(self.repo.start_session, principal.tenant_id, session.preference, adapter, session.locale,
-                          messages, session_id=session.id)
-        return session, [{"role": r, "content": c} for r, c, _ in messages], storage
+        return ChatSession(id=str(uuid.uuid4()), tenant_id=principal.tenant_id, preference=pref.as_dict(),
+                           adapter_id=adapter, locale=self.config.default_locale, flagged=False, deleted=False)
 
-    @staticmethod
-    async def store_new(turn: Turn) -> None:
-        """Store a new session's turn (planned by open_turn); the chat pipeline runs this while the early start's
-        engine request begins, and releases nothing of the reply before it has returned."""
-        storage, turn.storage = turn.storage, None
-        if storage is not None:
-            turn.session, _ = await storage
+    async def store_new(self, turn: Turn) -> None:
+        """Store a turn's new session (planned by open_turn) with its first messages in one transaction; the chat
+        pipeline runs this while the early start's engine request begins, and releases nothing of the reply before
+        it has returned. A turn in an existing session: nothing to do."""
+        if not turn.unstored:
+            return
+        s = turn.session
+        turn.session, _ = await db_call(self.repo.start_session, s.tenant_id, s.preference, s.adapter_id, s.locale,
+                                        first_messages(turn.request), session_id=s.id)
+        turn.unstored = False
 
     async def session_for(self, principal: Principal, req: ChatCompletionRequest) -> tuple[ChatSession, str | None]:
         """The request's existing session and its adapter, re-routed only when the preference changes; the session
@@ -129,17 +122,17 @@ class Sessions:
     async def open_turn(self, principal: Principal, req: ChatCompletionRequest, started: float) -> Turn:
         """Session, route (or an operator's pinned adapter), the patient message and the engine's messages. In an
         existing session the message is stored here; a new session and its messages are stored by `store_new`
-        (turn.storage), so that the engine may start first. A request that repeats its session's last message, which
-        got no reply (the engine, the database or the connection failed first), is a retry of that turn: the stored
-        message is reused, not stored twice."""
+        (turn.unstored until then), so that the engine may start first. A request that repeats its session's last
+        message, which got no reply (the engine, the database or the connection failed first), is a retry of that
+        turn: the stored message is reused, not stored twice."""
         options = req.attune_options
         pin = options is not None and options.adapter is not None
         pinned = await self.pinned(options.adapter) if pin else None
         text = req.messages[-1].content
-        storage = None
         if req.session_id is None:
-            session, history, storage = await self.start(principal, req)
-            adapter_id, history = session.adapter_id, history[-(MAX_HISTORY + 1):]
+            session = await self.plan_new(principal, req)
+            adapter_id = session.adapter_id
+            history = [{"role": r, "content": c} for r, c, _ in first_messages(req)][-(MAX_HISTORY + 1):]
         else:
             session, adapter_id = await self.session_for(principal, req)
             rows = await db_call(self.repo.list_messages, session.id, MAX_HISTORY + 1)
@@ -152,8 +145,8 @@ class Sessions:
         messages = engine_messages(history, self.config.engine.max_model_len - req.max_tokens)
         turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", req, principal, session, adapter_id, messages, text, False,
                     started, session.locale or self.config.default_locale, gate=options is None or options.gate,
-                    flagged_before=session.flagged, patient_turns=[m["content"] for m in history if m["role"] == "user"],
-                    storage=storage)
+                    flagged_before=session.flagged, unstored=req.session_id is None,
+                    patient_turns=[m["content"] for m in history if m["role"] == "user"])
         if not turn.gate:
             log.info("output gate off for %s (operator request); crisis detection still runs", turn.request_id)
         return turn
@@ -201,6 +194,15 @@ class Sessions:
         except RecordError as e:
             raise ApiError(422, str(e), param="message_id", code="invalid_value") from None
         return {"id": row.id, "object": "feedback", "kind": body.kind, "session_id": session_id}
+
+
+def first_messages(req: ChatCompletionRequest) -> list[tuple[str, str, str | None]]:
+    """A new session's first messages, (role, content, gate) oldest first: the request's earlier user/assistant turns
+    (the assistant ones marked client-written, gate "client": not generated or gated here) and its new message.
+    Client system messages are never used: Attune's system prompt is fixed."""
+    earlier = [(m.role, m.content, CLIENT_GATE if m.role == "assistant" else None)
+               for m in req.messages[:-1] if m.role in ("user", "assistant")]
+    return [*earlier, ("user", req.messages[-1].content, None)]
 
 
 def engine_messages(history: list[dict], prompt_tokens: int) -> list[dict]:

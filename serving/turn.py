@@ -40,9 +40,9 @@ class Turn:
     finish_reason: str = "stop"
     early: Any = None
     """The first attempt (serving.streaming.EarlyStart), started beside the crisis check and held until it passed."""
-    storage: Any = None
-    """A new session's storage, not yet awaited (serving.sessions.Sessions.store_new); None once stored. Until then
-    `session` is the planned session, not yet in the database."""
+    unstored: bool = False
+    """A new session planned by serving.sessions.Sessions.open_turn and not yet in the database (`store_new` stores
+    it with its first messages)."""
     restart_tag: str = ""
     """Set when the early start was discarded for the safety path: the restart's engine request id differs."""
 

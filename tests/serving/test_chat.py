@@ -1,6 +1,7 @@
 """ChatService with FakeEngine, a scripted scorer and SQLite in tmp_path: the patient's message is stored before any
-of the reply is released (tests/serving/test_early_start.py) and kept when the engine fails; the crisis protocol; the gate regenerates, then falls back (also
-sentence by sentence in streams); a client that goes away aborts the engine; keys see only their own sessions."""
+of the reply is released (tests/serving/test_early_start.py) and kept when the engine fails; the crisis protocol;
+the gate regenerates, then falls back (also sentence by sentence in streams); a client that goes away aborts the
+engine; keys see only their own sessions."""
 from __future__ import annotations
 
 import asyncio

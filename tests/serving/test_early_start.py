@@ -14,7 +14,8 @@ from sqlalchemy.exc import OperationalError
 from serving.crisis_reply import CrisisReply
 from serving.clients import ScorerInfo
 from serving.errors import ApiError
-from tests.serving.test_chat import REPLIES, WARM, ScriptedScorer, chat, collect, make, settle  # noqa: F401 (make: fixture)
+from tests.serving.test_chat import (REPLIES, WARM, ScriptedScorer, chat, collect, make,  # noqa: F401 (make: fixture)
+                                     settle)
 
 LONG = "This reply runs on for a while. " * 8
 
@@ -154,7 +155,7 @@ async def test_a_new_session_is_stored_while_the_engine_starts_and_before_its_re
         info = chunks[-1]["attune"]
     else:
         text, info = r.choices[0].message.content, r.attune.model_dump()
-    assert engine_first == [True] and svc.engine.stored_at_start == [0], "the engine began before the session was stored"
+    assert engine_first == [True] and svc.engine.stored_at_start == [0], "the engine began before the session was"
     assert text == REPLIES["warm"] and info["gate"] == "pass"
     rows = svc.repo.list_messages(info["session_id"])
     assert [(m.role, m.content) for m in rows] == [("user", "Work has been overwhelming lately."),

@@ -89,7 +89,6 @@ async def test_the_shipped_reward_model_lets_the_service_start_with_its_fallback
     assert min(safety) >= threshold + 0.5, f"little margin: {safety} against {threshold:.3f}"
 
 
-
 def test_the_scorer_folds_the_reward_models_lora_into_its_encoder_and_scores_as_before(tmp_path):
     """Scorer.load merges the reward model's LoRA (faster gate scoring): the same scores as the model loaded for
     training, and the merged model refuses to be saved. The crisis detector keeps the form it was calibrated in."""
