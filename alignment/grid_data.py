@@ -59,6 +59,18 @@ def corpus_rated(split: str, counsel_chat, log=print) -> list[Rated]:
     return out
 
 
+def corpus_prompt_texts(counsel_chat) -> set[str]:
+    """Every corpus prompt's text, whatever its split (rm-val, judge-train and test included): extra prompts for
+    reward-model pairs must be none of them. Counsel-chat prompts need the CSV (left out without one, as the
+    extras, which come from it, are then absent too)."""
+    from alignment.corpus_data import load_prompts, resolve_texts
+
+    prompts = load_prompts()
+    if counsel_chat is None:
+        prompts = [p for p in prompts if p.source != "counsel_chat"]
+    return set(resolve_texts(prompts, counsel_chat).values())
+
+
 def seed_rated(examples) -> list[Rated]:
     """Seed examples (alignment.data.SeedExample) with their human 1-5 ratings turned into ranks."""
     out = []

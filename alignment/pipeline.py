@@ -35,10 +35,19 @@ def counsel_chat_source(source: str | None) -> str | None:
     return source or (str(DEFAULT_COUNSEL_CHAT) if DEFAULT_COUNSEL_CHAT.exists() else None)
 
 
-def onpolicy_samples(recipe: Recipe, base: str, cc_rows: list, exclude: set[str]) -> Path | None:
+def extra_prompts(count: int, cc_source: str | None, rated: set[str]) -> list[str]:
+    """Up to `count` counsel-chat train questions for reward-model pairs: none rated in this grid and none a corpus
+    prompt of any split (the corpus's test, judge-train and rm-val prompts come from the same train questions)."""
+    if not count or not cc_source:
+        return []
+    held = rated | grid_data.corpus_prompt_texts(cc_source)
+    return [q for q in data.counsel_chat_questions(counsel_chat_rows(cc_source), "train") if q not in held][:count]
+
+
+def onpolicy_samples(recipe: Recipe, base: str, cc_source: str | None, rated: set[str]) -> Path | None:
     """Sample (or reuse) replies for the recipe's extra, unrated prompts; returns the cache file (None: no extras)."""
     op = recipe.onpolicy
-    prompts = [q for q in data.counsel_chat_questions(cc_rows, "train") if q not in exclude][:op.counsel_chat_prompts]
+    prompts = extra_prompts(op.counsel_chat_prompts, cc_source, rated)
     if not prompts:
         return None
     settings = GenerationSettings(max_tokens=op.max_tokens, temperature=op.temperature, seed=0)
@@ -74,8 +83,7 @@ class GridData:
         if pairs.seed_ratings:
             self.items += grid_data.seed_rated(train)
         self.reward_model, self.raw = reward_model, {}
-        samples_file = onpolicy_samples(recipe, base, counsel_chat_rows(cc_source) if cc_source else [],
-                                        {it.prompt for it in self.items})
+        samples_file = onpolicy_samples(recipe, base, cc_source, {it.prompt for it in self.items})
         if samples_file:
             for d in onpolicy.load(samples_file):
                 scores = reward_model.raw_scores([d["prompt"]] * len(d["replies"]), d["replies"])

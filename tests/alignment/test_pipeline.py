@@ -96,3 +96,18 @@ def test_win_rates_count_ties_as_half():
     ours = np.array([[2.0] * 6, [2.0] * 6, [1.0] * 6])  # win, tie, loss
     assert win_rates(ours, base).tolist() == [0.5] * 6
     assert win_rates(base + 1, base).tolist() == [1.0] * 6
+
+
+def test_extra_prompts_exclude_every_corpus_prompt_of_every_split(counsel_chat_csv):
+    from alignment import data, pipeline
+    from alignment.corpus_data import load_prompts, resolve_texts
+
+    corpus = set(resolve_texts(load_prompts(), str(counsel_chat_csv)).values())
+    train = data.counsel_chat_questions(data.load_counsel_chat(str(counsel_chat_csv)), "train")
+    assert corpus & set(train), "corpus counsel-chat prompts (test split included) come from the CSV's train split"
+    rated = set(train[-3:])
+    extras = pipeline.extra_prompts(10_000, str(counsel_chat_csv), rated)
+    assert extras and not (set(extras) & (corpus | rated))
+    assert set(extras) == set(train) - corpus - rated
+    assert pipeline.extra_prompts(5, str(counsel_chat_csv), rated) == extras[:5]
+    assert pipeline.extra_prompts(0, str(counsel_chat_csv), rated) == [] == pipeline.extra_prompts(5, None, rated)
