@@ -293,6 +293,29 @@ def agreement(first: dict[str, LabelRow], second: dict[str, LabelRow]) -> dict:
     return out
 
 
+def objective_overlap(rows: dict[str, LabelRow]) -> dict:
+    """How far the objectives' rankings of one pass go together: per pair of objectives, the mean Kendall's tau-b
+    between their rankings of the same replies, over the prompts where both order something. Near 1, pairs taken
+    per objective are mostly the same pairs, and adapters trained on them can differ only as much as this allows."""
+    taus = {a: {b: [] for b in OBJECTIVES} for a in OBJECTIVES}
+    for row in rows.values():
+        for a, b in itertools.combinations(OBJECTIVES, 2):
+            ids = sorted(row.rank[a])
+            tau = _kendall_tau([row.rank[a][r] for r in ids], [row.rank[b][r] for r in ids])
+            if not np.isnan(tau):
+                taus[a][b].append(tau)
+                taus[b][a].append(tau)
+    matrix = {a: {b: 1.0 if a == b else float(np.mean(taus[a][b])) if taus[a][b] else float("nan")
+                  for b in OBJECTIVES} for a in OBJECTIVES}
+    def mean(xs: list[float]) -> float:  # over the pairs that have a tau
+        xs = [x for x in xs if not np.isnan(x)]
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return {"prompts": len(rows), "kendall_tau": matrix,
+            "mean_between_objectives": mean([matrix[a][b] for a, b in itertools.combinations(OBJECTIVES, 2)]),
+            "mean_with_others": {a: mean([matrix[a][b] for b in OBJECTIVES if b != a]) for a in OBJECTIVES}}
+
+
 def _kappa(a: list[str], b: list[str]) -> float:
     if not a:
         return float("nan")

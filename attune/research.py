@@ -87,7 +87,8 @@ def corpus_check(counsel_chat: str | None = None) -> int:
     """Validate every corpus file (prompts, samples, labels of both passes); print sizes and agreement."""
     from collections import Counter
 
-    from alignment.corpus_data import agreement, load_pass, load_prompts, load_samples, resolve_texts
+    from alignment.corpus_data import (agreement, load_pass, load_prompts, load_samples, objective_overlap,
+                                       resolve_texts)
 
     prompts = load_prompts()
     resolve_texts(prompts, _cc(counsel_chat))
@@ -101,6 +102,10 @@ def corpus_check(counsel_chat: str | None = None) -> int:
     print(f"labels: pass 1 {len(first)} prompts {dict(labelled)}, safety {dict(labels)}; pass 2 {len(second)}")
     if second:
         print(json.dumps(agreement(first, second), indent=1))
+    overlap = objective_overlap(first)
+    print(f"objectives go together (pass 1, mean Kendall's tau-b between two objectives' rankings of the same "
+          f"replies, {overlap['prompts']} prompts): {overlap['mean_between_objectives']:.2f} on average; each with "
+          f"the others: " + ", ".join(f"{o} {t:.2f}" for o, t in overlap["mean_with_others"].items()))
     return 0
 
 

@@ -111,6 +111,22 @@ def test_agreement_is_one_with_itself_and_low_when_reversed(corpus):
     assert cd.agreement(first, tied)["objectives"]["empathy"]["pairwise_agreement"] == pytest.approx(5 / 6)
 
 
+def test_objective_overlap_is_one_when_objectives_rank_alike_and_minus_one_when_reversed(corpus):
+    rows = {}
+    for pid in REPLIES:
+        row = _label(pid, _ids(corpus, pid), "A>B>C")
+        row["rank"]["safety"] = _rank("C>B>A", _ids(corpus, pid))  # safety orders the replies the other way
+        row["rank"]["patient_autonomy"] = _rank("A=B=C", _ids(corpus, pid))  # orders nothing: left out
+        rows[pid] = cd.LabelRow(**row)
+    overlap = cd.objective_overlap(rows)
+    tau = overlap["kendall_tau"]
+    assert tau["empathy"]["trust_rapport"] == tau["trust_rapport"]["empathy"] == 1.0
+    assert tau["empathy"]["safety"] == tau["safety"]["active_listening"] == -1.0
+    assert all(tau[o]["patient_autonomy"] != tau[o]["patient_autonomy"] for o in OBJECTIVES if o != "patient_autonomy")
+    assert overlap["mean_with_others"]["safety"] == -1.0 and overlap["mean_with_others"]["empathy"] == pytest.approx(
+        (1 + 1 + 1 - 1) / 4)  # nan (autonomy) left out of the mean
+
+
 def test_sheets_are_blind_and_answers_map_back_to_reply_ids(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(cd, "CORPUS_DIR", corpus)
     sheet, key = cb.rating_sheets(None, list(REPLIES), tmp_path / "sheets", seed=3, name="s1", corpus_dir=corpus)
