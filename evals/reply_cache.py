@@ -17,6 +17,11 @@ def adapter_checksum(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
+def text_checksum(system_prompt: str) -> str:
+    """The checksum of base under another system prompt: its text's sha256, so a changed prompt is a new model."""
+    return "system:" + hashlib.sha256(system_prompt.encode()).hexdigest()
+
+
 def prompts_hash(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
 

@@ -12,6 +12,7 @@ then measure the chosen recipe on held-out prompts (`attune eval`, `attune eval 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +50,17 @@ def candidate_report(scored: dict[str, np.ndarray], emphasis: dict[str, str], re
             "mean_accuracy": round(float(np.mean([a["accuracy"] for a in accuracy.values()])), 4) if accuracy else None}
 
 
+PROMPT_STYLES = "prompt-styles"  # the candidate name of steering by prompting alone (alignment.styles)
+
+
 def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | None = None, max_tokens: int = 64,
          out: Path | None = None, limit: int | None = None, resamples: int = 2000, seed: int = 0,
-         prefer_vllm: bool = True) -> dict:
+         prefer_vllm: bool = True, prompt_styles: bool = False) -> dict:
     from adapters.registry import AdapterStore
     from alignment import basemodel
     from alignment import prompts as P
     from alignment.generate import GenerationSettings, generate_each, vllm_available
+    from alignment.objectives import OBJECTIVES
     from alignment.pipeline import RUNS_DIR, counsel_chat_source
     from alignment.recipe import load_recipe
     from alignment.reward import RewardModel
@@ -76,12 +81,15 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
     reward = RewardModel.load(REWARD_DIR)
     log(f"{len(items)} rm-val prompts; scorer: the training reward model ({REWARD_DIR.name})")
 
-    def replies_of(models: dict[str, tuple[str, Path | None]]) -> dict[str, list[str]]:
+    def replies_of(models: dict[str, tuple[str, Path | None]], system: dict[str, str] | None = None
+                   ) -> dict[str, list[str]]:
+        def generate(name: str) -> list[str]:
+            conv = [P.chat(p, system=system[name]) for p in prompts] if system else convs
+            return generate_each(base_model, {name: models[name][1]}, conv, settings, prefer_vllm, log=log)[name]
+
         return reply_cache.cached_replies(
             {name: checksum for name, (checksum, _) in models.items()}, prompts,
-            basemodel.display_name(recipe.base_model), engine, settings, RUNS_DIR / "eval",
-            lambda name: generate_each(base_model, {name: models[name][1]}, convs, settings, prefer_vllm,
-                                       log=log)[name], log)
+            basemodel.display_name(recipe.base_model), engine, settings, RUNS_DIR / "eval", generate, log)
 
     base = reward.score(prompts, replies_of({"base": ("base", None)})["base"])
     report = {"meta": {"prompts": len(items), "split": "rm-val", "scorer": str(REWARD_DIR.name),
@@ -99,13 +107,48 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
         replies = replies_of(models)
         scored = {"base": np.asarray(base), **{i: np.asarray(reward.score(prompts, replies[f"{Path(folder).name}/{i}"]))
                                               for i in chosen}}
-        report["candidates"][str(folder)] = candidate_report(scored, emphasis, resamples, seed)
+        report["candidates"][candidate_name(folder)] = candidate_report(scored, emphasis, resamples, seed)
+    if prompt_styles:  # base under each objective's style instruction, in place of an adapter per objective
+        from alignment import styles
+
+        system = {f"{PROMPT_STYLES}/{o}": styles.system_prompt(o) for o in OBJECTIVES}
+        replies = replies_of({name: (reply_cache.text_checksum(text), None) for name, text in system.items()}, system)
+        scored = {"base": np.asarray(base), **{o: np.asarray(reward.score(prompts, replies[f"{PROMPT_STYLES}/{o}"]))
+                                              for o in OBJECTIVES}}
+        report["candidates"][PROMPT_STYLES] = candidate_report(scored, {o: o for o in OBJECTIVES}, resamples, seed)
     out = Path(out or REPORTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
+    today = time.strftime("%Y-%m-%d")
+    for c in report["candidates"].values():
+        c["measured"] = today
+    report = merged_report(out / "tuning.json", report)
     (out / "tuning.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "tuning.md").write_text(markdown(report))
     print((out / "tuning.md").read_text())
     return report
+
+
+def candidate_name(folder: str | Path) -> str:
+    """A store's name in the report: its path from the repository root when inside it (`adapters/store` however
+    it was given), so that one store measured twice is one candidate."""
+    from attune.paths import REPO_ROOT
+
+    path = Path(folder).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def merged_report(path: Path, report: dict) -> dict:
+    """The report with the candidates of an earlier report at `path` that this run did not measure, when that report
+    was measured the same way (same meta): a candidate whose adapters are gone keeps its figures; one measured again
+    is replaced. A report measured otherwise is not mixed in."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return report
+    if earlier.get("meta") != report["meta"]:
+        return report
+    kept = {k: v for k, v in earlier.get("candidates", {}).items() if k not in report["candidates"]}
+    return {**report, "candidates": {**kept, **report["candidates"]}}
 
 
 def _gain(g: dict) -> str:
@@ -116,10 +159,15 @@ def markdown(report: dict) -> str:
     m = report["meta"]
     lines = ["# Recipe tuning on rm-val (`attune eval tune`)", "",
              f"{m['prompts']} corpus rm-val prompts, greedy replies of {m['max_tokens']} tokens ({m['engine']}), "
-             f"scored by the training reward model `{m['scorer']}` (never the judge, never the test prompts).", ""]
+             f"scored by the training reward model `{m['scorer']}` (never the judge, never the test prompts).", "",
+             "Greedy replies are not bit-stable on a CPU: bf16 numerics change with the machine and the batch, and "
+             "a store's replies generated in another run or on another machine differ on some prompts. Compare "
+             "candidates whose replies were generated on the same day, and read a difference in mean steering "
+             "accuracy against the per-objective intervals.", ""]
     for name, c in report["candidates"].items():
         lines += [f"## `{name}`", "", f"Mean steering accuracy: {c['mean_accuracy']} (chance "
-                  f"{next(iter(c['steering_accuracy'].values()))['chance']})", "",
+                  f"{next(iter(c['steering_accuracy'].values()))['chance']}); replies generated "
+                  f"{c.get('measured', 'in an earlier run')}", "",
                   "| adapter | objective | own gain over base | largest gain is own | steering accuracy | safety gain |",
                   "|---|---|---|---|---|---|"]
         for adapter, g in sorted(c["own_gain"].items()):
@@ -131,12 +179,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune_command(stores: list[str] | None = None, recipe: str = "shipped", counsel_chat: str | None = None, limit: int | None = None,
-                 out: str | None = None) -> int:
+def tune_command(stores: list[str] | None = None, recipe: str = "shipped", counsel_chat: str | None = None,
+                 limit: int | None = None, out: str | None = None, prompt_styles: bool = False) -> int:
     """Compare candidate adapter stores on the corpus's rm-val prompts with the training reward model."""
     from attune.paths import STORE_DIR
 
-    tune(stores or [str(STORE_DIR)], recipe, counsel_chat, out=Path(out) if out else None, limit=limit)
+    tune(stores or [str(STORE_DIR)], recipe, counsel_chat, out=Path(out) if out else None, limit=limit,
+         prompt_styles=prompt_styles)
     return 0
 
 
@@ -148,4 +197,6 @@ def commands(arg) -> dict:
         arg("--recipe", default="shipped", help="recipe whose base model generates (default %(default)s)"),
         arg("--counsel-chat", help="counsel-chat CSV path (default ../shared/data/counsel_chat/counsel_chat.csv)"),
         arg("--limit", type=int, help="at most this many rm-val prompts (smoke runs)"),
+        arg("--prompt-styles", action="store_true", help="also compare steering by prompting alone: base under each "
+            "objective's style instruction (alignment/styles.py)"),
         arg("--out", help="folder for tuning.{json,md} (default reports/)")])}
