@@ -112,8 +112,12 @@ class CrisisClassifier:
         if self.config.lora_rank:
             state = get_peft_model_state_dict(self.encoder)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path / "lora.safetensors")
+        self.save_config(path)
+
+    def save_config(self, path: str | Path) -> None:
+        """config.json alone (thresholds and meta): what a recalibration changes; the weights stay as they are."""
         body = {"format": FORMAT, "config": asdict(self.config), "meta": self.meta}
-        (path / "config.json").write_text(json.dumps(body, indent=1, allow_nan=False) + "\n")
+        (Path(path) / "config.json").write_text(json.dumps(body, indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None) -> "CrisisClassifier":

@@ -157,19 +157,44 @@ class CrisisTrainArgs:
     target_recall: float = 0.99
     near_extra: float = 0.02
     """Share of val's ordinary messages the near band may add to the safety path."""
+    threshold_margin: float = 0.15
+    """Logits the threshold sits below the risk message it was calibrated on. The detector's numbers move with the
+    CPU (bf16 autocast): on val, bf16 and fp32 logits differ by up to 0.12, and a threshold set exactly at a risk
+    message's probability lost that message on another machine."""
     window_share: float = 0.3
     seed: int = 0
     max_steps: int | None = None
     """Stop after this many optimiser steps (tests)."""
 
 
-def calibrate(probs: np.ndarray, labels: np.ndarray, target_recall: float) -> float:
-    """The highest threshold whose recall on the positives is >= target_recall."""
+def calibrate(probs: np.ndarray, labels: np.ndarray, target_recall: float, margin: float = 0.0) -> float:
+    """The highest threshold whose recall on the positives is >= target_recall, lowered by `margin` logits so that
+    the recall holds when the probabilities move by less than that."""
     pos = np.sort(probs[labels])
     if len(pos) == 0:
         raise ValueError("no risk messages to calibrate on")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     allowed_misses = int(np.floor((1.0 - target_recall) * len(pos) + 1e-9))
-    return float(pos[allowed_misses])
+    p = float(np.clip(pos[allowed_misses], 1e-12, 1 - 1e-12))
+    return float(1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) - margin)))) if margin else p
+
+
+def set_thresholds(model: CrisisClassifier, val: Sequence[CrisisExample], args: CrisisTrainArgs) -> dict:
+    """Calibrate the threshold on val for `args.target_recall` (with its margin) and the near band below it; returns
+    the calibration figures for the detector's meta."""
+    val_probs = model.prob([ex.text for ex in val])
+    labels = np.array([ex.risk for ex in val])
+    threshold = calibrate(val_probs, labels, args.target_recall, args.threshold_margin)
+    # Near the line: the band below the threshold that adds at most `near_extra` of val's ordinary messages to those
+    # already escalated (the safety path answers them, not the routed adapter); empty when even that is too many.
+    neg = np.sort(val_probs[~labels])[::-1]
+    flagged = int((neg >= threshold).sum())
+    extra = int(np.floor(args.near_extra * len(neg)))
+    near = float(neg[flagged + extra]) + 1e-6 if flagged + extra < len(neg) else 0.0
+    model.config.threshold, model.config.near_threshold = threshold, float(min(max(near, 0.0), threshold))
+    return {"split": "val", "target_recall": args.target_recall, "margin_logits": args.threshold_margin,
+            "threshold": round(threshold, 5), **metrics(val_probs, labels, threshold)}
 
 
 def train_detector(sets: dict[str, list[CrisisExample]], config: CrisisConfig | None = None,
@@ -213,23 +238,22 @@ def train_detector(sets: dict[str, list[CrisisExample]], config: CrisisConfig | 
     model.encoder.eval()
     model.head.eval()
     seconds = time.perf_counter() - started
-    val = sets["val"]
-    val_probs = model.prob([ex.text for ex in val])
-    labels = np.array([ex.risk for ex in val])
-    threshold = calibrate(val_probs, labels, args.target_recall)
-    # Near the line: the band below the threshold that adds at most `near_extra` of val's ordinary messages to those
-    # already escalated (the safety path answers them, not the routed adapter); empty when even that is too many.
-    neg = np.sort(val_probs[~labels])[::-1]
-    flagged = int((neg >= threshold).sum())
-    extra = int(np.floor(args.near_extra * len(neg)))
-    near = float(neg[flagged + extra]) + 1e-6 if flagged + extra < len(neg) else 0.0
-    model.config.threshold, model.config.near_threshold = threshold, float(min(max(near, 0.0), threshold))
+    calibration = set_thresholds(model, sets["val"], args)
     meta = {"trained": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 1), "steps": step,
             "train": {"n": len(train), "risk": n_pos, "windows": int(args.window_share * len(sets["train"]))},
-            "args": vars(args), "calibration": {"split": "val", "target_recall": args.target_recall,
-                                                 "threshold": round(threshold, 5), **metrics(val_probs, labels, threshold)}}
+            "args": vars(args), "calibration": calibration}
     model.meta = meta
     return model, meta
+
+
+def recalibrate(model: CrisisClassifier, val: Sequence[CrisisExample], args: CrisisTrainArgs) -> dict:
+    """Set a trained detector's thresholds again on val (no training): its meta keeps the training figures, with the
+    new calibration and when it was made."""
+    calibration = set_thresholds(model, val, args)
+    model.meta = {**model.meta, "calibration": {**calibration, "recalibrated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                  "args": {**model.meta.get("args", {}), "target_recall": args.target_recall,
+                           "near_extra": args.near_extra, "threshold_margin": args.threshold_margin}}
+    return calibration
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict:

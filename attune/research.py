@@ -152,6 +152,27 @@ def crisis_train(out: str | None = None, counsel_chat: str | None = None, epochs
     return 0
 
 
+def crisis_calibrate(detector_dir: str | None = None, counsel_chat: str | None = None, target_recall: float = 0.99,
+                     margin: float = 0.15) -> int:
+    """Set a trained crisis detector's thresholds again on val, without training: its config.json changes, its
+    weights do not; re-registered in the store's manifest (sign the store again after)."""
+    from alignment.crisis import CrisisClassifier
+    from alignment.crisis_training import CrisisTrainArgs, build_sets, recalibrate
+    from alignment.reward_training import _register
+    from attune.paths import STORE_DIR
+
+    folder = Path(detector_dir) if detector_dir else STORE_DIR / "crisis"
+    model = CrisisClassifier.load(folder)
+    before = model.config.threshold
+    calibration = recalibrate(model, build_sets(_cc(counsel_chat))["val"],
+                              CrisisTrainArgs(target_recall=target_recall, threshold_margin=margin))
+    model.save_config(folder)
+    _register(folder)
+    print(f"threshold {before:.5f} -> {model.config.threshold:.5f}, near {model.config.near_threshold:.5f}")
+    print(json.dumps(calibration, indent=2))
+    return 0
+
+
 def crisis_report(out: str | None = None, counsel_chat: str | None = None, detector_dir: str | None = None) -> int:
     """The crisis detector on val, test, hard negatives and counsel-chat val: reports/crisis.{json,md}."""
     from evals import crisis_report as cr

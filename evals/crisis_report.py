@@ -40,13 +40,19 @@ def _rate(m: dict, key: str) -> str:
     return "-" if v is None else f"{v:.3f} (n={n})"
 
 
+def _margin(calibration: dict) -> str:
+    m = calibration.get("margin_logits")
+    return f", {m} logits below the message it was calibrated on" if m else ""
+
+
 def render(r: dict) -> str:
     c, t = r["config"], r["training"]
     lines = ["# Crisis detector report", "",
              f"Measured {r['measured']} by `attune crisis report` in {r['seconds']} s. Detector: {r['detector']} "
              f"({c['encoder']}, LoRA r{c['lora_rank']}, reads the last {c['window_turns']} patient turns), "
              f"threshold {c['threshold']:.4f} calibrated on val for recall >= "
-             f"{t['calibration']['target_recall'] if t.get('calibration') else '?'}; near the line from "
+             f"{t['calibration']['target_recall'] if t.get('calibration') else '?'}"
+             f"{_margin(t.get('calibration') or {})}; near the line from "
              f"{c['near_threshold']:.4f}. Trained in {t.get('seconds')} s ({t.get('steps')} steps).", "",
              "Serving flags a window when the detector reaches its threshold or a crisis rule fires "
              "(rules are the second layer).", "",

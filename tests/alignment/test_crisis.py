@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from alignment.crisis_training import (CRISIS_DIR, CrisisExample, CrisisTrainArgs, calibrate, fix_splits,
-                                       load_authored_crisis, second_pass_agreement, train_detector, windows)
+                                       load_authored_crisis, recalibrate, second_pass_agreement, train_detector,
+                                       windows)
 from serving.safety import window_texts
 
 
@@ -27,6 +28,21 @@ def test_calibrate_picks_the_highest_threshold_with_the_target_recall():
     assert calibrate(probs, labels, 0.75) == 0.7  # one of four may be missed
     with pytest.raises(ValueError, match="no risk"):
         calibrate(probs, np.zeros(6, dtype=bool), 0.99)
+
+
+def test_a_margin_keeps_the_recall_when_the_probabilities_move_a_little():
+    """The threshold sits `margin` logits below the risk message it was calibrated on, so a shift of the detector's
+    numbers smaller than that (another CPU, bf16) loses no risk message; a larger one can."""
+    probs = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1])
+    labels = np.array([True, True, True, True, False, False])
+    t = calibrate(probs, labels, 1.0, margin=0.15)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert t < 0.3 and logit(0.3) - logit(t) == pytest.approx(0.15)
+    shifted = 1 / (1 + np.exp(-(logit(probs) - 0.1)))  # every logit 0.1 lower
+    assert (shifted[labels] >= t).all() and not (shifted[labels] >= calibrate(probs, labels, 1.0)).all()
+    assert calibrate(probs, labels, 1.0, margin=0.0) == 0.3
+    with pytest.raises(ValueError, match="margin"):
+        calibrate(probs, labels, 1.0, margin=-1)
 
 
 def test_fix_splits_is_stratified_and_keeps_given_splits(tmp_path):
@@ -87,6 +103,16 @@ def test_a_few_training_steps_run_calibrate_and_round_trip(tmp_path):
     texts = ["I want to kill myself", "Hello there\nI saved up my pills"]
     assert np.allclose(model.prob(texts), again.prob(texts), atol=1e-5)
     assert again.config.threshold == model.config.threshold
+
+    # recalibrated without training: thresholds and meta change, the weights' files do not
+    weights = {f: (tmp_path / "crisis" / f).read_bytes() for f in ("head.safetensors", "lora.safetensors")}
+    calibration = recalibrate(again, val, CrisisTrainArgs(threshold_margin=1.0))
+    again.save_config(tmp_path / "crisis")
+    third = CrisisClassifier.load(tmp_path / "crisis")
+    assert third.config.threshold == again.config.threshold < model.config.threshold
+    assert calibration["margin_logits"] == 1.0 and "recalibrated" in third.meta["calibration"]
+    assert third.meta["steps"] == 2 and third.meta["args"]["threshold_margin"] == 1.0
+    assert {f: (tmp_path / "crisis" / f).read_bytes() for f in weights} == weights
 
 
 SHIPPED = Path(__file__).resolve().parents[2] / "adapters" / "store" / "crisis"
