@@ -57,7 +57,7 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
          out: Path | None = None, limit: int | None = None, resamples: int = 2000, seed: int = 0,
          prefer_vllm: bool = True, prompt_styles: bool = False) -> dict:
     from adapters.registry import AdapterStore
-    from alignment import basemodel
+    from alignment import basemodel, styles
     from alignment import prompts as P
     from alignment.generate import GenerationSettings, generate_each, vllm_available
     from alignment.objectives import OBJECTIVES
@@ -81,10 +81,10 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
     reward = RewardModel.load(REWARD_DIR)
     log(f"{len(items)} rm-val prompts; scorer: the training reward model ({REWARD_DIR.name})")
 
-    def replies_of(models: dict[str, tuple[str, Path | None]], system: dict[str, str] | None = None
+    def replies_of(models: dict[str, tuple[str, Path | None]], style: dict[str, str] | None = None
                    ) -> dict[str, list[str]]:
-        def generate(name: str) -> list[str]:
-            conv = [P.chat(p, system=system[name]) for p in prompts] if system else convs
+        def generate(name: str) -> list[str]:  # style: the objective whose instruction a model writes under
+            conv = [styles.styled_chat(p, style[name]) for p in prompts] if style else convs
             return generate_each(base_model, {name: models[name][1]}, conv, settings, prefer_vllm, log=log)[name]
 
         return reply_cache.cached_replies(
@@ -109,10 +109,9 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
                                               for i in chosen}}
         report["candidates"][candidate_name(folder)] = candidate_report(scored, emphasis, resamples, seed)
     if prompt_styles:  # base under each objective's style instruction, in place of an adapter per objective
-        from alignment import styles
-
-        system = {f"{PROMPT_STYLES}/{o}": styles.system_prompt(o) for o in OBJECTIVES}
-        replies = replies_of({name: (reply_cache.text_checksum(text), None) for name, text in system.items()}, system)
+        style = {f"{PROMPT_STYLES}/{o}": o for o in OBJECTIVES}
+        replies = replies_of({name: (reply_cache.text_checksum(styles.system_prompt(o)), None)
+                              for name, o in style.items()}, style)
         scored = {"base": np.asarray(base), **{o: np.asarray(reward.score(prompts, replies[f"{PROMPT_STYLES}/{o}"]))
                                               for o in OBJECTIVES}}
         report["candidates"][PROMPT_STYLES] = candidate_report(scored, {o: o for o in OBJECTIVES}, resamples, seed)
