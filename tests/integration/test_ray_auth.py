@@ -38,12 +38,16 @@ def head():
                      PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(var, None)
-    dashboard = f"http://127.0.0.1:{free_port()}"
-    gcs = f"127.0.0.1:{free_port()}"
-    ports = [f"--{flag}={free_port()}" for flag in ("node-manager-port", "object-manager-port",
-                                                    "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "runtime-env-agent-port", "metrics-export-port",
-                                                    "ray-client-server-port")]
+    picked: set[int] = set()
+    while len(picked) < 9:  # free_port can hand out a port twice (it is free again once probed); Ray refuses that
+        picked.add(free_port())
+    drawn = iter(sorted(picked))
+    dashboard = f"http://127.0.0.1:{next(drawn)}"
+    gcs = f"127.0.0.1:{next(drawn)}"
+    ports = [f"--{flag}={next(drawn)}" for flag in ("node-manager-port", "object-manager-port",
+                                                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port",
+                                                     "ray-client-server-port")]
     try:
         done = subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--num-cpus=1",
