@@ -492,6 +492,7 @@ def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int 
 
     from attune.paths import REPO_ROOT
 
+    from serving import cpu_placement
     from serving.proxy_middleware import CALLBACK, CALLBACK_ENV
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -508,7 +509,10 @@ def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int 
         sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         sigterm = signal.getsignal(signal.SIGTERM)
         try:
-            with _env_defaults(LEAN_LOCAL_ENV):  # read by Ray's processes as they start; nothing after inherits them
+            split = cpu_placement.plan(load_config(AppArgs.model_validate(args or {})).engine.cpu_placement)
+            placed = {cpu_placement.BIND_ENV: split.bind} if split else {}
+            # Read by Ray's processes as they start (nothing after inherits them); they inherit the affinity too.
+            with _env_defaults({**LEAN_LOCAL_ENV, **placed}), cpu_placement.service_affinity(split):
                 ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
         finally:
             notice.setLevel(level)

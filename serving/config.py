@@ -109,6 +109,10 @@ class EngineSettings(BaseModel):
                                  "(vLLM's per-request stream_interval): each delta crosses from the LLM replica "
                                  "to the ingress and on to the client as one message, so 1 (every token) costs "
                                  "the most CPU; the first token and the last are always sent at once.")
+    cpu_placement: bool = Field(default=True, description="`attune serve` on one CPU machine: bind vLLM's worker "
+                                "to the cores vLLM would pick itself and run Ray's and Attune's processes on the "
+                                "others (serving/cpu_placement.py); no effect on a GPU, on a cluster, or when "
+                                "VLLM_CPU_OMP_THREADS_BIND is set.")
 
 
 class ServeConfig(BaseModel):
