@@ -30,6 +30,7 @@ from typing import Callable
 import httpx
 
 from evals.bench import BenchClient, BenchPlan, Cell, _fmt, seed_prompts
+from serving import cpu_placement
 
 SERVERS = ("attune", "vllm")
 SCENARIOS = ("base", "mixed")
@@ -60,6 +61,9 @@ class VsPlan:
     request_timeout_s: float = 120.0
     time_limit_s: float = 1800.0
     """No request to a server starts this many seconds after its warm-up began (the other server's turns count too)."""
+    place_vllm: bool = False
+    """Start the raw server placed as `attune serve` places itself (serving/cpu_placement.py): its worker bound to the
+    same cores, its API server and scheduler process on the others. Default: vLLM's own placement (`vllm serve`)."""
 
     def __post_init__(self):
         self.concurrency = tuple(sorted(set(self.concurrency)))
@@ -105,9 +109,12 @@ def vllm_argv(cfg, model_path: str, adapters: dict[str, Path], port: int, kv_cac
 class Launched:
     """A server in its own process group, its output in `log`; `stop` ends it and every process it started."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], url: str, ready_path: str, log: Path):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], url: str, ready_path: str, log: Path,
+                 cpus: tuple[int, ...] | None = None):
+        """`cpus`: the only CPUs the server's process (and what it starts) may run on; None: any."""
         self.name, self.url, self.ready_path, self.log = name, url, ready_path, log
-        with open(log, "wb") as out:
+        with open(log, "wb") as out, cpu_placement.service_affinity(
+                cpu_placement.CpuSplit((), cpus) if cpus else None):  # inherited by the child
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _family(self) -> list:
@@ -417,6 +424,11 @@ def render(report: dict) -> str:
                      f"{_fmt(r['tok_s_ratio'], 'x', 2)} | {_fmt(r['attune_ttft_p50_ms'], '', 0)} | "
                      f"{_fmt(r['vllm_ttft_p50_ms'], '', 0)} | {_fmt(r['ttft_overhead_ms'], '', 0)} | "
                      f"{_fmt(r['e2e_overhead_ms'], '', 0)} |")
+    placed = report.get("placement") or {}
+    where = [(name, placed.get(key)) for name, key in (("Attune", "attune"), ("raw vLLM", "vllm"))]
+    lines += ["", "CPU placement (serving/cpu_placement.py): " + "; ".join(
+        f"{name}: " + (f"worker on CPUs {p['engine']}, its other processes on {p['service']}" if p
+                       else "as the OS and vLLM place it") for name, p in where)]
     lines += ["", "Goals (worst cell of this run):"]
     for key, g in report["goals"].items():
         verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
@@ -451,6 +463,9 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
     prompts = seed_prompts(plan.prompts * 3)
     model_path = resolve(cfg.base_model)
     env = server_env()
+    split = cpu_placement.plan(cfg.engine.cpu_placement, env)
+    placement = {"attune": asdict(split) if split else None,
+                 "vllm": asdict(split) if split and plan.place_vllm else None}
     cells: dict[str, list[Cell]] = {name: [] for name in SERVERS}
     started_s: dict[str, list[float]] = {name: [] for name in SERVERS}
     adapters: list[str] = []
@@ -472,8 +487,10 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
                 else:
                     argv = vllm_argv(cfg, model_path, {a: store.get(a) for a in adapters}, port,
                                      _kv_bytes(cfg.engine))
-                    server, target = Launched(name, argv, env, url, "/health", workdir / "vllm.log"), Target(
-                        name, url, "unused", vllm_body)
+                    placed = placement["vllm"] is not None
+                    vllm_env = {**env, cpu_placement.BIND_ENV: split.bind} if placed else env
+                    server, target = Launched(name, argv, vllm_env, url, "/health", workdir / "vllm.log",
+                                              split.service if placed else None), Target(name, url, "unused", vllm_body)
                 servers[name], target.pid = server, server.proc.pid
                 ready = await server.wait_ready(http, plan.start_timeout_s)
                 if name == "attune":
@@ -515,8 +532,8 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
     if any(r["tokens"][0] != r["tokens"][1] for r in rows):
         notes.append("the two servers generated different token counts for the same cells (see tokens)")
     report = {"plan": asdict(plan), "engine": cfg.engine.model_dump(mode="json"), "model": model_path,
-              "adapters_mixed": adapters, "prompts": prompts, "ready_s": started_s, "order": order,
-              "cells": pooled, "comparison": rows, "notes": notes,
+              "placement": placement, "adapters_mixed": adapters, "prompts": prompts, "ready_s": started_s,
+              "order": order, "cells": pooled, "comparison": rows, "notes": notes,
               "raw": {name: [{"scenario": c.scenario, "concurrency": c.concurrency, "wall_s": c.wall_s,
                               "samples": [asdict(s) for s in c.samples]} for c in cells[name]] for name in SERVERS}}
     report["goals"] = goals(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import threading
@@ -224,3 +225,30 @@ def test_pause_freezes_the_server_and_its_children_and_resume_wakes_them(tmp_pat
         server.stop(grace_s=1)
     assert server.proc.poll() is not None and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                                       for p in family[1:])
+
+
+def test_a_placed_server_and_its_children_run_only_on_the_given_cpus_and_the_caller_keeps_its_own(tmp_path):
+    mine = os.sched_getaffinity(0)
+    one = (min(mine),)
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "time.sleep(600)")
+    server = Launched("placed", [sys.executable, "-c", code], {}, "http://127.0.0.1:9", "/", tmp_path / "log", cpus=one)
+    try:
+        deadline = time.monotonic() + 20
+        while not psutil.Process(server.proc.pid).children():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child = psutil.Process(server.proc.pid).children()[0]
+        assert psutil.Process(server.proc.pid).cpu_affinity() == list(one) == child.cpu_affinity()
+        assert os.sched_getaffinity(0) == mine
+    finally:
+        server.stop(grace_s=1)
+
+
+def test_the_table_says_where_each_server_ran():
+    rows = compare([{"scenario": "base", "concurrency": 1, "tok_s": 96.0, "ttft_p50_ms": 110.0, "e2e_p50_ms": 900.0,
+                     "tokens": 40}], [{"scenario": "base", "concurrency": 1, "tok_s": 100.0, "ttft_p50_ms": 95.0,
+                                       "e2e_p50_ms": 900.0, "tokens": 40}])
+    text = render({"comparison": rows, "goals": goals(rows), "notes": [],
+                   "placement": {"attune": {"engine": [0], "service": [1]}, "vllm": None}})
+    assert "Attune: worker on CPUs [0], its other processes on [1]; raw vLLM: as the OS and vLLM place it" in text
