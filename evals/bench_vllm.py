@@ -416,6 +416,10 @@ def goals(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _cpus(ids) -> str:
+    return ",".join(map(str, ids))
+
+
 def render(report: dict) -> str:
     lines = ["| setup | conc | tok/s Attune | tok/s vLLM | ratio | TTFT p50 Attune ms | TTFT p50 vLLM ms | TTFT +ms | "
              "e2e p50 +ms |", "|" + "---|" * 9]
@@ -427,7 +431,7 @@ def render(report: dict) -> str:
     placed = report.get("placement") or {}
     where = [(name, placed.get(key)) for name, key in (("Attune", "attune"), ("raw vLLM", "vllm"))]
     lines += ["", "CPU placement (serving/cpu_placement.py): " + "; ".join(
-        f"{name}: " + (f"worker on CPUs {p['engine']}, its other processes on {p['service']}" if p
+        f"{name}: " + (f"worker on CPUs {_cpus(p['engine'])}, its other processes on {_cpus(p['service'])}" if p
                        else "as the OS and vLLM place it") for name, p in where)]
     lines += ["", "Goals (worst cell of this run):"]
     for key, g in report["goals"].items():

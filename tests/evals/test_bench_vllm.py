@@ -250,5 +250,5 @@ def test_the_table_says_where_each_server_ran():
                      "tokens": 40}], [{"scenario": "base", "concurrency": 1, "tok_s": 100.0, "ttft_p50_ms": 95.0,
                                        "e2e_p50_ms": 900.0, "tokens": 40}])
     text = render({"comparison": rows, "goals": goals(rows), "notes": [],
-                   "placement": {"attune": {"engine": [0], "service": [1]}, "vllm": None}})
-    assert "Attune: worker on CPUs [0], its other processes on [1]; raw vLLM: as the OS and vLLM place it" in text
+                   "placement": {"attune": {"engine": [0, 1], "service": [2]}, "vllm": None}})
+    assert "Attune: worker on CPUs 0,1, its other processes on 2; raw vLLM: as the OS and vLLM place it" in text
