@@ -483,7 +483,8 @@ def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int 
     RAY_AUTH_MODE is set, Ray turns it on for a new local instance, here with a random token for this run kept in
     the environment its processes inherit ($RAY_AUTH_TOKEN, never written to ~/.ray). Its processes are started
     with SIGINT ignored, so a Ctrl-C reaches only the caller, which then stops them in order (`stop_local`); a
-    SIGTERM handler of the caller's (a Python function) stays in place."""
+    SIGTERM handler of the caller's (a Python function) stays in place. On a CPU machine vLLM's worker gets its own
+    cores and every Ray process the others (serving/cpu_placement.py; `engine.cpu_placement`)."""
     import secrets
     import signal
     import threading
