@@ -113,8 +113,7 @@ class Launched:
                  cpus: tuple[int, ...] | None = None):
         """`cpus`: the only CPUs the server's process (and what it starts) may run on; None: any."""
         self.name, self.url, self.ready_path, self.log = name, url, ready_path, log
-        with open(log, "wb") as out, cpu_placement.service_affinity(
-                cpu_placement.CpuSplit((), cpus) if cpus else None):  # inherited by the child
+        with open(log, "wb") as out, cpu_placement.affinity(cpus):  # inherited by the child
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _family(self) -> list:

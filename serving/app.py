@@ -513,7 +513,7 @@ def start_local(args: dict | None = None, *, host: str = "127.0.0.1", port: int 
             split = cpu_placement.plan(load_config(AppArgs.model_validate(args or {})).engine.cpu_placement)
             placed = {cpu_placement.BIND_ENV: split.bind} if split else {}
             # Read by Ray's processes as they start (nothing after inherits them); they inherit the affinity too.
-            with _env_defaults({**LEAN_LOCAL_ENV, **placed}), cpu_placement.service_affinity(split):
+            with _env_defaults({**LEAN_LOCAL_ENV, **placed}), cpu_placement.affinity(split and split.service):
                 ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, ignore_reinit_error=True)
         finally:
             notice.setLevel(level)

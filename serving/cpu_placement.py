@@ -8,7 +8,7 @@ token slow down by more than the CPU they use. So `start_local` names the worker
 (VLLM_CPU_OMP_THREADS_BIND: the cores vLLM's automatic binding picks, computed with vLLM's own topology helpers) and
 starts Ray with every other core allowed, which every Ray process inherits, vLLM's scheduler process included; the
 worker binds itself to its cores. Only for a private instance on a CPU machine whose operator has not bound vLLM
-himself (VLLM_CPU_OMP_THREADS_BIND unset); `engine.cpu_placement: false` turns it off.
+themselves (VLLM_CPU_OMP_THREADS_BIND unset); `engine.cpu_placement: false` turns it off.
 """
 from __future__ import annotations
 
@@ -77,14 +77,14 @@ def plan(enabled: bool = True, environ: dict[str, str] | None = None) -> CpuSpli
 
 
 @contextlib.contextmanager
-def service_affinity(split: CpuSplit | None) -> Iterator[None]:
-    """Within the block the calling thread (and every process it starts) may run only on the service CPUs; its
-    affinity is restored after."""
-    if split is None:
+def affinity(cpus: Sequence[int] | None) -> Iterator[None]:
+    """Within the block the calling thread (and every process it starts) may run only on `cpus` (None: unchanged);
+    its affinity is restored after."""
+    if cpus is None:
         yield
         return
     before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, split.service)
+    os.sched_setaffinity(0, cpus)
     try:
         yield
     finally:

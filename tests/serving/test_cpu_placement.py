@@ -47,13 +47,13 @@ def test_plan_is_off_when_disabled_or_when_the_operator_bound_vllm():
     assert cpu_placement.plan(enabled=True, environ={cpu_placement.BIND_ENV: "0-3"}) is None
 
 
-def test_service_affinity_holds_within_the_block_and_is_restored():
+def test_affinity_holds_within_the_block_and_is_restored():
     before = os.sched_getaffinity(0)
     one = min(before)
-    with cpu_placement.service_affinity(CpuSplit(engine=(), service=(one,))):
+    with cpu_placement.affinity((one,)):
         assert os.sched_getaffinity(0) == {one}
     assert os.sched_getaffinity(0) == before
-    with cpu_placement.service_affinity(None):
+    with cpu_placement.affinity(None):
         assert os.sched_getaffinity(0) == before
 
 
