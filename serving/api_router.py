@@ -21,6 +21,7 @@ from serving.chat import ApiError, ChatService, parse_model
 from serving.fields import NOT_A_RECORD_ID, RECORD_ID
 from serving.protocol import (ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, Health, KeyCreate,
                               KeyCreated, request_schemas)
+from serving.proxy_middleware import BODY_SCOPE_KEY
 from serving.db import FLAG_STATUSES
 from serving.sessions_protocol import (FeedbackIn, FeedbackOut, FlagList, FlagOut, MessageList, ModelList,
                                        SessionCreate, SessionDeleted, SessionOut)
@@ -69,6 +70,11 @@ async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
+    inlined = request.scope.get(BODY_SCOPE_KEY)
+    if isinstance(inlined, bytes):  # read ahead by Serve's proxy (serving.proxy_middleware)
+        if len(inlined) > limit:
+            raise too_big
+        return inlined
     body = bytearray()
     async for chunk in request.stream():
         body += chunk

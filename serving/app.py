@@ -365,6 +365,9 @@ class AttuneIngress:
         metrics = ServingMetrics()
         replica = serve.get_replica_context().replica_id
         self.shared = SharedIngress(replica.deployment_id.app_name, replica.unique_id, metrics)
+        # Results in the reply of the replica's gRPC call, not through Ray's object store: one LLM call's first delta
+        # reached the ingress 3-4 ms sooner (a one-off timeline of 16 requests; the README's serving-overhead table).
+        llm, scorer = llm.options(_by_reference=False), scorer.options(_by_reference=False)
         self.llm, self.scorer = llm, scorer
         self.engine = RemoteEngine(llm, metrics)
         repo = Repository(cfg.database_url, keys=load_keyring(cfg.data_key_file))
@@ -438,13 +441,16 @@ def ensure_local_tenant(cfg: ServeConfig) -> tuple[str, Path | None]:
         repo.close()
 
 
-SERVE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+SERVE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                  "RAY_SERVE_PROXY_USE_GRPC": "1"}
 """Serve runs each replica's code on the replica's own event loop, and routes handle calls on the caller's loop: two
 thread hops less per request and per streamed delta (ingress -> LLM replica, ingress -> scorer). With three servers
 up on this machine, 5 of 5 alternating pairs decoded 3-10% faster per token with them (a one-off script); the
-interleaved `attune bench serve --vs-vllm` has not separated their effect from the noise. `attune serve` sets them
-unless they are set; the RayService and the documented `ray start` lines set them on every node. Ray reads them when
-a process starts."""
+interleaved `attune bench serve --vs-vllm` has not separated their effect from the noise. The proxy reaches the
+ingress replicas over their gRPC channel, not through Ray's object store (as the ingress reaches the LLM and scorer
+replicas, `_by_reference=False`): the request reached the ingress and the first delta the client about 1 ms sooner
+each way (a one-off timeline). `attune serve` sets them unless they are set; the RayService and the documented
+`ray start` lines set them on every node. Ray reads them when a process starts."""
 
 
 LEAN_LOCAL_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",

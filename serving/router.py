@@ -208,7 +208,7 @@ class PreferenceRouter:
         self.quarantined.add(adapter_id)
 
     def _entries(self) -> list[AdapterManifest]:
-        return [a for a in self.store.list() if a.id not in self.quarantined]
+        return sorted((a for a in self.store.snapshot().adapters if a.id not in self.quarantined), key=lambda a: a.id)
 
     def routable(self) -> list[AdapterManifest]:
         return [a for a in self._entries() if a.recipe in ROUTABLE_RECIPES]

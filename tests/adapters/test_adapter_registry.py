@@ -124,3 +124,12 @@ def test_scorer_folders_are_checked_against_the_manifest(store):
     assert set(store.verify_all()) == {"reward"}
     with pytest.raises(ValueError, match="not a scorer folder"):
         store.register_scorer("sft")
+
+
+def test_snapshot_is_shared_until_the_manifest_changes_and_manifest_stays_a_copy(store, tmp_path):
+    store.add(fake_lora(tmp_path / "a"), entry("warm-v1"))
+    first = store.snapshot()
+    assert store.snapshot() is first, "read again, not copied, while the file is unchanged"
+    assert store.manifest() is not first and store.manifest() == first
+    store.add(fake_lora(tmp_path / "b"), entry("warm-v2"))
+    assert [a.id for a in store.snapshot().adapters] == ["warm-v1", "warm-v2"]

@@ -127,7 +127,10 @@ def test_the_ingress_starts_with_merge_policy_on_a_signed_store(store, keys, tmp
     ingress = object.__new__(cls)
     cfg = ServeConfig(store_dir=store.root, adapter_public_key=keys[1], data_dir=tmp_path / "data",
                       merge_policy=True, base_model=str(tmp_path / "base"))
-    cls.__init__(ingress, cfg.model_dump(mode="json"), None, None)
+    options = []
+    handle = SimpleNamespace(options=lambda **kw: options.append(kw))  # results by value, over gRPC
+    cls.__init__(ingress, cfg.model_dump(mode="json"), handle, handle)
+    assert options == [{"_by_reference": False}] * 2
     router = ingress.service.deps.router
     assert router.merge_policy and router.merge_cache.root == tmp_path / "data" / "merge-cache"
     # Three parents at or above the floor, r4 each, engine.max_lora_rank 16: 3 pairs * 19 + 1 triple * C(19, 2).

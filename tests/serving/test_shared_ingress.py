@@ -290,3 +290,40 @@ def test_other_posts_are_not_repeated_and_get_the_retryable_503():
     inner, calls = _lost_once()
     start, body = _call(inner, "POST", "/v1/sessions")
     assert len(calls) == 1 and start["status"] == 503 and json.loads(body["body"])["error"]["code"] == CODE
+
+
+def test_a_whole_chat_body_travels_in_the_scope_and_the_app_reads_it_there(monkeypatch):
+    """The proxy's read-ahead body goes to the replica with the request (no call back to the proxy for it); the app's
+    read_body takes it from there, still under the body limit; other POSTs and oversized bodies travel as before."""
+    from types import SimpleNamespace
+
+    from serving import proxy_middleware
+    from serving.api_router import read_body
+    from serving.chat import ApiError
+
+    scopes = []
+
+    async def inner(scope, receive, send):
+        scopes.append(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    _call(inner, "POST", "/v1/chat/completions")
+    _call(inner, "POST", "/v1/sessions")
+    monkeypatch.setattr(proxy_middleware, "INLINED_MAX", 8)
+    _call(inner, "POST", "/v1/chat/completions")
+    assert [s.get(proxy_middleware.BODY_SCOPE_KEY) for s in scopes] == [b'{"messages": []}', None, None]
+
+    def request(scope, limit):
+        async def stream():
+            raise AssertionError("the body was in the scope: nothing to read from the connection")
+            yield b""
+
+        service = SimpleNamespace(config=SimpleNamespace(limits=SimpleNamespace(max_body_bytes=limit)))
+        return SimpleNamespace(scope=scope, headers={}, stream=stream,
+                               app=SimpleNamespace(state=SimpleNamespace(service=service)))
+
+    assert asyncio.run(read_body(request(scopes[0], 1024))) == b'{"messages": []}'
+    with pytest.raises(ApiError) as e:
+        asyncio.run(read_body(request(scopes[0], 4)))
+    assert e.value.status == 413
