@@ -47,14 +47,18 @@ class AdmissionGate:
         if self._slots.locked() and self.queued >= self.max_queue:
             self.counts["rejected_full"] += 1
             raise Overloaded("the queue is full", self.in_flight, self.queued)
-        self.queued += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
-        except asyncio.TimeoutError:
-            self.counts["rejected_timeout"] += 1
-            raise Overloaded(f"no slot within {self.queue_timeout_s:g} s", self.in_flight, self.queued - 1) from None
-        finally:
-            self.queued -= 1
+        if not self._slots.locked():  # a free slot and no one waiting: taken at once, not through wait_for's task
+            await self._slots.acquire()
+        else:
+            self.queued += 1
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
+            except asyncio.TimeoutError:
+                self.counts["rejected_timeout"] += 1
+                raise Overloaded(f"no slot within {self.queue_timeout_s:g} s", self.in_flight,
+                                 self.queued - 1) from None
+            finally:
+                self.queued -= 1
         self.in_flight += 1
         self.counts["admitted"] += 1
         return Ticket(self)

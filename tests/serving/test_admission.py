@@ -119,3 +119,23 @@ async def test_a_stream_that_fails_unexpectedly_ends_with_an_error_event_and_fre
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "internal_error"
     assert svc.admission.in_flight == 0
     await settle(svc)
+
+
+@pytest.mark.asyncio
+async def test_a_free_slot_is_taken_without_giving_the_loop_away():
+    """No queue to wait in: enter returns before any other ready task runs (a chat turn reaches the engine without
+    first letting the loop run other work), and a free slot is not taken past a waiter."""
+    gate = AdmissionGate(max_in_flight=1, max_queue=2, queue_timeout_s=60)
+    ran: list[str] = []
+    asyncio.get_running_loop().call_soon(ran.append, "other")
+    ticket = await gate.enter()
+    assert ran == [] and gate.in_flight == 1
+    waiter = asyncio.create_task(gate.enter())
+    await waiting(gate, 1)
+    ticket.release()
+    late = asyncio.create_task(gate.enter())  # the slot just freed belongs to the waiter, first come first served
+    second = await waiter
+    assert not late.done() and gate.in_flight == 1
+    second.release()
+    (await late).release()
+    assert gate.in_flight == 0 and gate.counts["admitted"] == 3
