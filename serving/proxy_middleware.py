@@ -37,8 +37,9 @@ MAX_BUFFERED = 4 * 2**20
 """A request body larger than this is never retried (the API refuses far smaller chat requests anyway)."""
 BODY_SCOPE_KEY = "attune.body"
 """The scope key under which a whole body read ahead travels to the replica with the request (the app reads it there,
-serving.api_router.read_body): without it the replica fetches the body with a call back to the proxy once it starts,
-2.6-3.2 ms of each chat turn's time to the first token on this machine (a one-off timeline of 16 requests)."""
+serving.api_router.read_body): without it the app waits for the replica's call back to the proxy for the body (2.6-3.2
+ms per chat turn in a one-off timeline of 16 requests). Serve still makes that call, to watch for a disconnect, but
+the chat turn no longer waits for it."""
 INLINED_MAX = 1 * 2**20
 """Bodies up to this size travel in the scope; a larger one is fetched as Serve does it."""
 
