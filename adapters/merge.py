@@ -207,3 +207,32 @@ def _normalise_config(path: Path) -> None:
     if isinstance(cfg.get("target_modules"), list):
         cfg["target_modules"] = sorted(cfg["target_modules"])
     path.write_text(json.dumps(cfg, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+
+
+def extrapolate_store(source: Any, out_root: str | Path, base_model_path: str | Path, anchor: str, lam: float,
+                      ids: Sequence[str]) -> list[Any]:
+    """A new store at `out_root` holding, for each id, the exact merge (1 + lam) * delta W_id - lam * delta W_anchor:
+    the adapter pushed further from the anchor (e.g. the balanced MODPO adapter), so that what sets it apart from
+    the anchor counts `1 + lam` times. Each entry keeps the source's id, weights and primary objective, with recipe
+    `merge` and the two parents and their weights. `source` is an AdapterStore; returns the new entries."""
+    from adapters.registry import AdapterStore
+
+    if not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"lam must be a positive number, got {lam}")
+    if anchor in ids:
+        raise ValueError(f"the anchor {anchor!r} cannot be extrapolated from itself; leave it out of the ids")
+    out = AdapterStore(Path(out_root))
+    added = []
+    for adapter_id in ids:
+        src = source.entry(adapter_id)
+        work = Path(tempfile.mkdtemp(prefix=f".{adapter_id}."))
+        try:
+            parents = [(source.get(adapter_id), 1.0 + lam), (source.get(anchor), -lam)]
+            folder = merge_adapters(base_model_path, parents, work / adapter_id)
+            entry = {"id": adapter_id, "recipe": "merge", "weights": src.weights, "base_model": src.base_model,
+                     "primary_objective": src.primary_objective, "data_hash": "",
+                     "parents": [{"id": adapter_id, "weight": 1.0 + lam}, {"id": anchor, "weight": -lam}]}
+            added.append(out.add(folder, entry))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return added

@@ -1,4 +1,4 @@
-"""`attune adapters list|verify|add|remove`: the adapter store from the command line (sign and keygen live in
+"""`attune adapters list|verify|add|remove|extrapolate`: the adapter store from the command line (sign and keygen live in
 `attune.store_signing`)."""
 from __future__ import annotations
 
@@ -121,4 +121,40 @@ def adapters_remove(adapter_id: str | None = None, store: str | None = None) -> 
         print(f"attune adapters remove: refused: {e}", file=sys.stderr)
         return 2
     print(f"removed {adapter_id} from {s.root}")
+    return 0
+
+
+def adapters_extrapolate(out: str | None = None, lam: float = 1.0, anchor: str = "modpo-balanced",
+                         store: str | None = None) -> int:
+    """Write a candidate store for `attune eval tune`: each MODPO adapter that emphasises an objective, pushed away
+    from `anchor` (adapters.merge.extrapolate_store). Never the shipped store."""
+    from adapters.integrity import IntegrityError
+    from adapters.manifest import ManifestError
+    from adapters.merge import MergeError, extrapolate_store
+    from adapters.registry import AdapterStore, UnknownAdapter
+    from alignment.basemodel import resolve
+    from attune.paths import STORE_DIR
+    from evals.stats import emphasis_map
+
+    if not out:
+        print("attune adapters extrapolate: give --out, a new folder for the candidate store", file=sys.stderr)
+        return 2
+    src = AdapterStore(Path(store) if store else STORE_DIR)
+    if Path(out).resolve() == src.root.resolve() or (Path(out) / "manifest.json").exists():
+        print(f"attune adapters extrapolate: refused: {out} already holds a store; choose a new folder",
+              file=sys.stderr)
+        return 2
+    entries = {e.id: e for e in (src.entry(i) for i in src.ids()) if e.recipe == "modpo"}
+    emphasised = sorted(emphasis_map({i: (e.primary_objective, e.weights) for i, e in entries.items()}).values())
+    try:
+        if not emphasised:
+            raise ValueError(f"{src.root} has no MODPO adapter that emphasises an objective")
+        base = resolve(src.entry(emphasised[0]).base_model)
+        added = extrapolate_store(src, out, base, anchor, lam, emphasised)
+    except (UnknownAdapter, IntegrityError, ManifestError, MergeError, ValueError, OSError) as e:
+        print(f"attune adapters extrapolate: refused: {e}", file=sys.stderr)
+        return 2
+    for a in added:
+        print(f"{a.id}: {1 + lam:g} x {a.id} - {lam:g} x {anchor} (r={a.lora.r})")
+    print(f"wrote {len(added)} adapters to {out}; compare them with `attune eval tune {src.root} {out}`")
     return 0

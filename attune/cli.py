@@ -384,6 +384,12 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
         arg("--primary-objective", help="for MODPO: the objective optimised directly"),
         arg("--data-hash", help="hash of its training data (default: empty)"),
         _STORE]),
+    ("adapters", "extrapolate"): (adapter_commands.adapters_extrapolate, [
+        arg("--out", help="new folder for the candidate store"),
+        arg("--lam", type=float, default=1.0, help="how far past each adapter, away from the anchor (default 1: "
+            "2 x adapter - 1 x anchor)"),
+        arg("--anchor", default="modpo-balanced", help="adapter to move away from (default modpo-balanced)"),
+        _STORE]),
     ("adapters", "remove"): (adapter_commands.adapters_remove, [
         arg("adapter_id", nargs="?", metavar="ID", help="id of the adapter to remove (see `attune adapters list`)"),
         _STORE]),

@@ -53,6 +53,10 @@ def candidate_report(scored: dict[str, np.ndarray], emphasis: dict[str, str], re
 PROMPT_STYLES = "prompt-styles"  # the candidate name of steering by prompting alone (alignment.styles)
 
 
+TUNED_RECIPES = ("modpo", "merge")
+"""Adapters a candidate store may compare: MODPO adapters, and merges of them (`attune adapters extrapolate`)."""
+
+
 def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | None = None, max_tokens: int = 64,
          out: Path | None = None, limit: int | None = None, resamples: int = 2000, seed: int = 0,
          prefer_vllm: bool = True, prompt_styles: bool = False) -> dict:
@@ -97,7 +101,7 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
               "candidates": {}}
     for folder in stores:
         store = AdapterStore(Path(folder))
-        entries = {e.id: e for e in (store.entry(i) for i in store.ids()) if e.recipe == "modpo"}
+        entries = {e.id: e for e in (store.entry(i) for i in store.ids()) if e.recipe in TUNED_RECIPES}
         emphasis = stats.emphasis_map({i: (e.primary_objective, e.weights) for i, e in entries.items()})
         chosen = sorted(set(emphasis.values()))
         if len(chosen) < 2:

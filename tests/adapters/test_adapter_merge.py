@@ -122,3 +122,31 @@ def test_merge_benchmark_smollm2(base_model_dir, tmp_path):
     t2 = time.perf_counter()
     print(f"\nmerge two r8 adapters on SmolLM2-135M: {t1 - t0:.2f} s (+ exactness check: {t2 - t1:.2f} s total)")
     assert read_config(out)["r"] == 16
+
+
+def test_extrapolated_store_pushes_each_adapter_away_from_the_anchor(tiny_llama, lora_a, lora_b, tmp_path, capsys):
+    """`attune adapters extrapolate`: (1 + lam) dW_k - lam dW_anchor, exact, under k's id and weights, as a merge
+    that names both parents; never over an existing store."""
+    from adapters.registry import AdapterStore
+    from attune.adapter_commands import adapters_extrapolate
+    from evals.tune import TUNED_RECIPES
+    from lora_helpers import BALANCED, entry
+
+    src = AdapterStore(tmp_path / "store")
+    emph = {**{o: 0.1 for o in BALANCED}, "empathy": 0.5}
+    src.add(lora_a, entry("modpo-empathy", weights=emph, primary_objective="empathy", base_model=str(tiny_llama)))
+    src.add(lora_b, entry("modpo-balanced", base_model=str(tiny_llama)))
+    assert adapters_extrapolate(out=str(tmp_path / "x"), lam=0.5, store=str(src.root)) == 0
+    out = AdapterStore(tmp_path / "x")
+    assert out.ids() == ["modpo-empathy"], "only the adapters that emphasise an objective, never the anchor"
+    e = out.entry("modpo-empathy")
+    assert e.recipe == "merge" and e.recipe in TUNED_RECIPES and e.primary_objective == "empathy"
+    assert e.weights == src.entry("modpo-empathy").weights and e.lora.r == 4 + 8
+    assert [(p.id, p.weight) for p in e.parents] == [("modpo-empathy", 1.5), ("modpo-balanced", -0.5)]
+    _, ref = peft_deltas(tiny_llama, {"a": lora_a, "b": lora_b, "x": out.get("modpo-empathy")})
+    assert_close_all(ref["x"], {m: 1.5 * ref["a"].get(m, 0) - 0.5 * ref["b"].get(m, 0)
+                                for m in ref["a"].keys() | ref["b"].keys()})
+    assert "compare them with `attune eval tune" in capsys.readouterr().out
+    assert adapters_extrapolate(out=str(tmp_path / "x"), store=str(src.root)) == 2
+    assert adapters_extrapolate(out=str(tmp_path / "y"), lam=-1, store=str(src.root)) == 2
+    assert "positive" in capsys.readouterr().err
