@@ -365,8 +365,9 @@ class AttuneIngress:
         metrics = ServingMetrics()
         replica = serve.get_replica_context().replica_id
         self.shared = SharedIngress(replica.deployment_id.app_name, replica.unique_id, metrics)
-        # Results in the reply of the replica's gRPC call, not through Ray's object store: one LLM call's first delta
-        # reached the ingress 3-4 ms sooner (a one-off timeline of 16 requests; the README's serving-overhead table).
+        # Results in the reply of the replica's gRPC call, not through Ray's object store: the call reached the LLM
+        # replica and its first delta the ingress 3-4 ms sooner in all (one-off timelines of 16 requests each; the
+        # README's "Serving overhead").
         llm, scorer = llm.options(_by_reference=False), scorer.options(_by_reference=False)
         self.llm, self.scorer = llm, scorer
         self.engine = RemoteEngine(llm, metrics)

@@ -2,7 +2,7 @@
 answers a bare 500 (or, mid-stream, just stops). This turns that into what a client knows to retry: a 503 with
 Retry-After and an OpenAI error body, or, in a stream already begun, a final OpenAI error event and [DONE]. The
 patient's message is kept by the retry (a repeated unanswered message is not stored twice). The body it reads ahead
-goes to the replica with the request (BODY_SCOPE_KEY), which saves the replica a call back to the proxy.
+goes to the replica with the request (BODY_SCOPE_KEY), so the app does not wait for the body to be fetched back.
 
 The proxy is Serve's own actor, so the app cannot install this: set, on every Ray node (before `ray start`),
   RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.proxy_middleware:middlewares
