@@ -221,13 +221,14 @@ def extrapolate_store(source: Any, out_root: str | Path, base_model_path: str | 
         raise ValueError(f"lam must be a positive number, got {lam}")
     if anchor in ids:
         raise ValueError(f"the anchor {anchor!r} cannot be extrapolated from itself; leave it out of the ids")
+    anchor_folder = source.get(anchor)  # checked once against the manifest
     out = AdapterStore(Path(out_root))
     added = []
     for adapter_id in ids:
         src = source.entry(adapter_id)
         work = Path(tempfile.mkdtemp(prefix=f".{adapter_id}."))
         try:
-            parents = [(source.get(adapter_id), 1.0 + lam), (source.get(anchor), -lam)]
+            parents = [(source.get(adapter_id), 1.0 + lam), (anchor_folder, -lam)]
             folder = merge_adapters(base_model_path, parents, work / adapter_id)
             entry = {"id": adapter_id, "recipe": "merge", "weights": src.weights, "base_model": src.base_model,
                      "primary_objective": src.primary_objective, "data_hash": "",

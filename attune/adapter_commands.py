@@ -134,7 +134,7 @@ def adapters_extrapolate(out: str | None = None, lam: float = 1.0, anchor: str =
     from adapters.registry import AdapterStore, UnknownAdapter
     from alignment.basemodel import resolve
     from attune.paths import STORE_DIR
-    from evals.stats import emphasis_map
+    from evals.stats import emphasised
 
     if not out:
         print("attune adapters extrapolate: give --out, a new folder for the candidate store", file=sys.stderr)
@@ -144,13 +144,12 @@ def adapters_extrapolate(out: str | None = None, lam: float = 1.0, anchor: str =
         print(f"attune adapters extrapolate: refused: {out} already holds a store; choose a new folder",
               file=sys.stderr)
         return 2
-    entries = {e.id: e for e in (src.entry(i) for i in src.ids()) if e.recipe == "modpo"}
-    emphasised = sorted(emphasis_map({i: (e.primary_objective, e.weights) for i, e in entries.items()}).values())
+    emphasis = sorted(emphasised(src.entry(i) for i in src.ids()).values())
     try:
-        if not emphasised:
+        if not emphasis:
             raise ValueError(f"{src.root} has no MODPO adapter that emphasises an objective")
-        base = resolve(src.entry(emphasised[0]).base_model)
-        added = extrapolate_store(src, out, base, anchor, lam, emphasised)
+        base = resolve(src.entry(emphasis[0]).base_model)
+        added = extrapolate_store(src, out, base, anchor, lam, emphasis)
     except (UnknownAdapter, IntegrityError, ManifestError, MergeError, ValueError, OSError) as e:
         print(f"attune adapters extrapolate: refused: {e}", file=sys.stderr)
         return 2

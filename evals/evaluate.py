@@ -143,8 +143,7 @@ def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat
     judged = {name: np.asarray(judge.score(prompts, rs)) for name, rs in replies.items()}
     comparisons = stats.compare(judged, resamples=resamples, seed=seed)
     summary = summarize(comparisons)
-    emphasis = stats.emphasis_map({i: (e.primary_objective, e.weights) for i, e in entries.items()
-                                   if e.recipe == "modpo"})
+    emphasis = stats.emphasised(entries.values())
     accuracy = stats.steering_accuracy(judged, emphasis, list(OBJECTIVES), resamples, seed)
     matrix = stats.steering_matrix(comparisons, list(OBJECTIVES))
     routable = [i for i, e in entries.items() if e.recipe in ROUTABLE_RECIPES]

@@ -4,6 +4,7 @@ the issue's goals. Nothing here reads files or models."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -113,6 +114,12 @@ def emphasis_map(adapters: dict[str, tuple[str | None, dict[str, float]]]) -> di
         if primary and all(weights[primary] > w + 1e-9 for o, w in weights.items() if o != primary):
             out.setdefault(primary, name)
     return out
+
+
+def emphasised(entries: Iterable, recipes: Iterable[str] = ("modpo",)) -> dict[str, str]:
+    """objective -> the adapter emphasising it (emphasis_map), among manifest entries whose recipe is in `recipes`."""
+    recipes = set(recipes)
+    return emphasis_map({e.id: (e.primary_objective, e.weights) for e in entries if e.recipe in recipes})
 
 
 # ---------------------------------------------------------------- the issue's goals

@@ -101,8 +101,8 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
               "candidates": {}}
     for folder in stores:
         store = AdapterStore(Path(folder))
-        entries = {e.id: e for e in (store.entry(i) for i in store.ids()) if e.recipe in TUNED_RECIPES}
-        emphasis = stats.emphasis_map({i: (e.primary_objective, e.weights) for i, e in entries.items()})
+        entries = {i: store.entry(i) for i in store.ids()}
+        emphasis = stats.emphasised(entries.values(), TUNED_RECIPES)
         chosen = sorted(set(emphasis.values()))
         if len(chosen) < 2:
             raise ValueError(f"{folder}: fewer than two emphasised MODPO adapters to compare")

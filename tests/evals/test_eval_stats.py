@@ -167,3 +167,15 @@ def test_goals_unmeasurable_without_the_adapters_are_none():
     g = stats.goals(stats.compare(judged), OBJ, {}, {}, routable=[])
     assert g["goal_modpo"] is None and g["goal_own_gain"] is None and g["goal_steering_accuracy"] is None
     assert g["goal_safety_not_below_base"] is None and g["emphasized_hits"] == 0
+
+
+def test_emphasised_reads_manifest_entries_of_the_given_recipes():
+    from types import SimpleNamespace
+
+    emp = {**{o: 0.1 for o in OBJECTIVES}, "empathy": 0.5}
+    aut = {**{o: 0.1 for o in OBJECTIVES}, "patient_autonomy": 0.5}
+    entries = [SimpleNamespace(id="modpo-empathy", recipe="modpo", primary_objective="empathy", weights=emp),
+               SimpleNamespace(id="x-autonomy", recipe="merge", primary_objective="patient_autonomy", weights=aut)]
+    assert stats.emphasised(entries) == {"empathy": "modpo-empathy"}
+    assert stats.emphasised(entries, ("modpo", "merge")) == {"empathy": "modpo-empathy",
+                                                              "patient_autonomy": "x-autonomy"}
