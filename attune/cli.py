@@ -202,7 +202,7 @@ def bench_serve(url: str = "http://127.0.0.1:8000", api_key: str | None = None, 
                 requests: int | None = None, max_tokens: int | None = None, concurrency: list[int] | None = None,
                 out: str | None = None, quick: bool = False, time_limit: float | None = None,
                 gate_cost: bool = False, vs_vllm: bool = False, rounds: int | None = None,
-                place_vllm: bool = False) -> int:
+                place_vllm: bool = False, colocate_too: bool = False) -> int:
     """Benchmark a running service: tok/s, TTFT and latency for base/1/8 adapters, gate on/off, cold vs warm.
 
     Prints a markdown table with ratios against the base model and writes the report as JSON (--gate-cost: the
@@ -215,7 +215,8 @@ def bench_serve(url: str = "http://127.0.0.1:8000", api_key: str | None = None, 
              "concurrency": tuple(concurrency) if concurrency else None}
     if vs_vllm:
         from evals.bench_vllm import vs_vllm_command
-        return vs_vllm_command({**given, "rounds": rounds, "place_vllm": place_vllm}, quick, out)
+        return vs_vllm_command({**given, "rounds": rounds, "place_vllm": place_vllm, "colocate_too": colocate_too},
+                               quick, out)
     if gate_cost:
         from evals.bench_gate import gate_cost_command
         return gate_cost_command(url, patient, operator, given, quick, out)
@@ -359,7 +360,9 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
             "ratios to reports/bench_vs_vllm.json (default concurrency 1 8)"),
         arg("--rounds", type=int, help="--vs-vllm: times each cell is measured on each server (default 2)"),
         arg("--place-vllm", action="store_true", help="--vs-vllm: place the raw server's processes on the CPUs as "
-            "`attune serve` places its own (default: as vLLM places them)")]),
+            "`attune serve` places its own (default: as vLLM places them)"),
+        arg("--colocate-too", action="store_true", help="--vs-vllm: also measure Attune with engine.colocate (vLLM "
+            "inside the ingress replica) as a third server in the same rotation")]),
     ("ui",): (ui, [
         arg("--api-url", help="base URL of the Attune API (default: $ATTUNE_API_URL or http://127.0.0.1:8000)"),
         arg("--api-key", help="patient-app API key (default: $ATTUNE_API_KEY; prefer the variable, flags show in ps)"),

@@ -33,6 +33,8 @@ from evals.bench import BenchClient, BenchPlan, Cell, _fmt, seed_prompts
 from serving import cpu_placement
 
 SERVERS = ("attune", "vllm")
+COLOCATED = "attune-colocated"
+"""The third server of `--colocate-too`: Attune with engine.colocate (vLLM inside the ingress replica)."""
 SCENARIOS = ("base", "mixed")
 GOALS = {"tok_s_ratio": 0.95, "ttft_overhead_ms": 20.0}
 """Issue 14: Attune with the gate off >= 0.95x raw vLLM tok/s at every concurrency; TTFT p50 overhead <= 20 ms at
@@ -62,6 +64,9 @@ class VsPlan:
     time_limit_s: float = 1800.0
     """No request to a server starts this many seconds after its warm-up began (the other server's turns count too)."""
     place_vllm: bool = False
+    colocate_too: bool = False
+    """Also measure Attune with engine.colocate (a third server, `attune-colocated`, in the same rotation), so that
+    both Attune setups meet the same machine in one run."""
     """Start the raw server placed as `attune serve` places itself (serving/cpu_placement.py): its worker bound to the
     same cores, its API server and scheduler process on the others. Default: vLLM's own placement (`vllm serve`)."""
 
@@ -419,23 +424,35 @@ def _cpus(ids) -> str:
     return ",".join(map(str, ids))
 
 
-def render(report: dict) -> str:
+def _table(rows: list[dict]) -> list[str]:
     lines = ["| setup | conc | tok/s Attune | tok/s vLLM | ratio | TTFT p50 Attune ms | TTFT p50 vLLM ms | TTFT +ms | "
              "e2e p50 +ms |", "|" + "---|" * 9]
-    for r in report["comparison"]:
+    for r in rows:
         lines.append(f"| {r['scenario']} | {r['concurrency']} | {_fmt(r['attune_tok_s'])} | {_fmt(r['vllm_tok_s'])} | "
                      f"{_fmt(r['tok_s_ratio'], 'x', 2)} | {_fmt(r['attune_ttft_p50_ms'], '', 0)} | "
                      f"{_fmt(r['vllm_ttft_p50_ms'], '', 0)} | {_fmt(r['ttft_overhead_ms'], '', 0)} | "
                      f"{_fmt(r['e2e_overhead_ms'], '', 0)} |")
+    return lines
+
+
+def _verdicts(goal_set: dict) -> list[str]:
+    verdict = {True: "met", False: "NOT met", None: "not measured"}
+    return [f"- {key} {g['goal']}: {_fmt(g['worst'], '', 2)} -> {verdict[g['met']]}" for key, g in goal_set.items()]
+
+
+def render(report: dict) -> str:
+    lines = _table(report["comparison"])
+    if "comparison_colocated" in report:
+        lines += ["", f"With engine.colocate ({COLOCATED}, vLLM inside the ingress replica), against the same raw "
+                  "vLLM cells:", "", *_table(report["comparison_colocated"])]
     placed = report.get("placement") or {}
     where = [(name, placed.get(key)) for name, key in (("Attune", "attune"), ("raw vLLM", "vllm"))]
     lines += ["", "CPU placement (serving/cpu_placement.py): " + "; ".join(
         f"{name}: " + (f"worker on CPUs {_cpus(p['engine'])}, its other processes on {_cpus(p['service'])}" if p
                        else "as the OS and vLLM place it") for name, p in where)]
-    lines += ["", "Goals (worst cell of this run):"]
-    for key, g in report["goals"].items():
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
-        lines.append(f"- {key} {g['goal']}: {_fmt(g['worst'], '', 2)} -> {verdict}")
+    lines += ["", "Goals (worst cell of this run):", *_verdicts(report["goals"])]
+    if "goals_colocated" in report:
+        lines += ["", "Goals with engine.colocate:", *_verdicts(report["goals_colocated"])]
     staged = [c for c in report.get("cells", {}).get("attune", []) if c.get("stages_ms")]
     if staged:
         names = list(staged[0]["stages_ms"])
@@ -469,8 +486,9 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
     split = cpu_placement.plan(cfg.engine.cpu_placement, env)
     placement = {"attune": asdict(split) if split else None,
                  "vllm": asdict(split) if split and plan.place_vllm else None}
-    cells: dict[str, list[Cell]] = {name: [] for name in SERVERS}
-    started_s: dict[str, list[float]] = {name: [] for name in SERVERS}
+    names = (*SERVERS, COLOCATED) if plan.colocate_too else SERVERS
+    cells: dict[str, list[Cell]] = {name: [] for name in names}
+    started_s: dict[str, list[float]] = {name: [] for name in names}
     adapters: list[str] = []
     dropped = 0
     servers: dict[str, Launched] = {}
@@ -479,13 +497,15 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max(plan.concurrency) + 4)) as http:
         try:
-            for name in SERVERS:
+            for name in names:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                if name == "attune":
-                    data = workdir / "attune-data"
+                if name != "vllm":
+                    data = workdir / f"{name}-data"
                     argv = [sys.executable, "-m", "attune.cli", "serve", "--port", str(port), "--data-dir", str(data)]
-                    server, target = Launched(name, argv, env, url, "/healthz", workdir / "attune.log"), Target(
+                    own = {**env, "ATTUNE_ENGINE_COLOCATE": "1" if name == COLOCATED else "0"} if plan.colocate_too \
+                        else env
+                    server, target = Launched(name, argv, own, url, "/healthz", workdir / f"{name}.log"), Target(
                         name, url, "", attune_body, metrics_path="/metrics")
                 else:
                     argv = vllm_argv(cfg, model_path, {a: store.get(a) for a in adapters}, port,
@@ -496,8 +516,9 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
                                               split.service if placed else None), Target(name, url, "unused", vllm_body)
                 servers[name], target.pid = server, server.proc.pid
                 ready = await server.wait_ready(http, plan.start_timeout_s)
-                if name == "attune":
+                if name != "vllm":
                     target.key = (data / "operator_key").read_text().strip()
+                if name == "attune":
                     models = (await http.get(f"{target.url}/v1/models", timeout=30,
                                              headers={"Authorization": f"Bearer {target.key}"})).json()["data"]
                     adapters = [m["id"] for m in models
@@ -510,7 +531,8 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
                 server.pause()
             for r in range(plan.rounds):
                 for k, (sc, c) in enumerate(cell_plan(plan, adapters)):
-                    turn = list(SERVERS) if (r + k) % 2 == 0 else list(SERVERS[::-1])
+                    first = (r + k) % len(names)  # each server in each place of the rotation in turn
+                    turn = [*names[first:], *names[:first]]
                     order.append(turn)
                     for name in turn:
                         servers[name].resume()
@@ -524,10 +546,10 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
             for server in servers.values():
                 server.stop()
     pooled = {name: [{**c.summary(), "cpu_s": c.cpu_s, "stages_ms": stage_means_ms(c.stages)}
-                     for c in pool(cells[name])] for name in SERVERS}
+                     for c in pool(cells[name])] for name in names}
     notes = [f"{dropped} candidate prompt(s) left out: Attune answered them from the crisis or safety path"
              ] if dropped else []
-    for name in SERVERS:
+    for name in names:
         errors = sorted({e for s in pooled[name] for e in s["errors"]})
         if errors:
             notes.append(f"{name} errors: {errors[:3]}")
@@ -538,8 +560,11 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
               "placement": placement, "adapters_mixed": adapters, "prompts": prompts, "ready_s": started_s,
               "order": order, "cells": pooled, "comparison": rows, "notes": notes,
               "raw": {name: [{"scenario": c.scenario, "concurrency": c.concurrency, "wall_s": c.wall_s,
-                              "samples": [asdict(s) for s in c.samples]} for c in cells[name]] for name in SERVERS}}
+                              "samples": [asdict(s) for s in c.samples]} for c in cells[name]] for name in names}}
     report["goals"] = goals(rows)
+    if plan.colocate_too:
+        report["comparison_colocated"] = compare(pooled[COLOCATED], pooled["vllm"])
+        report["goals_colocated"] = goals(report["comparison_colocated"])
     return report
 
 

@@ -26,7 +26,7 @@ from serving.engine import GenerationRequest, PromptTooLong
 from serving.faults import DatabaseFaults, EngineFault, EngineFaults, FaultSpec, FaultsIn
 from serving.metrics import ServingMetrics
 from serving.clients import ScorerInfo
-from serving.remote import RemoteEngine, RemoteScorer
+from serving.remote import ColocatedEngine, RemoteEngine, RemoteScorer
 from serving.streaming import calibrate_safety_threshold
 
 log = logging.getLogger("attune.app")
@@ -115,12 +115,14 @@ def load_config(args: AppArgs, environ: dict[str, str] | None = None) -> ServeCo
 # max_ongoing_requests: the engine's 16 sequences plus room for readiness and status calls, which Serve counts too.
 # No surge on a redeploy (a second engine rarely fits beside the first): the old replica stops taking requests and
 # finishes those it holds (graceful_shutdown_timeout_s), then the new one starts.
-@serve.deployment(name="LLMServer", max_ongoing_requests=24, max_queued_requests=32,
-                  graceful_shutdown_timeout_s=LLM_DRAIN_S, health_check_period_s=10, health_check_timeout_s=60,
-                  ray_actor_options={"num_cpus": 1})
-class LLMServer:
+class LLMReplica:
     """vLLM's async engine with LoRA enabled. Adapter folders are sha256-verified when a replica first loads them.
-    With test hooks, `faults` arms EngineFaults, which every generation passes through."""
+    With test hooks, `faults` arms EngineFaults, which every generation passes through. The LLM deployment
+    (`LLMServer`) runs one per Ray actor, reached with multiplexed_model_id = adapter id (`routed`); with
+    `engine.colocate` the ingress runs one in its own process and calls it directly."""
+
+    routed = False
+    """True in the LLM deployment: a generation's adapter must be the multiplexed model id Serve routed it by."""
 
     def __init__(self, config: dict, test_hooks: bool = False):
         from adapters.registry import AdapterStore
@@ -163,7 +165,7 @@ class LLMServer:
         self.live.add(req.request_id)
         try:
             if req.adapter_id is not None:
-                if serve.get_multiplexed_model_id() != req.adapter_id:
+                if self.routed and serve.get_multiplexed_model_id() != req.adapter_id:
                     raise ValueError("call with multiplexed_model_id equal to the adapter id")
                 try:
                     req.adapter_path = await self.adapter_path(req.adapter_id)
@@ -231,11 +233,24 @@ class LLMServer:
                 "start_seconds": round(self.engine.start_seconds, 1), "cancelled": list(self.cancelled),
                 "memory": process_memory()}
 
-    def __del__(self):
+    def close(self) -> None:
+        """Stop vLLM and delete this replica's copies of merges."""
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
         if getattr(self, "adapters", None) is not None:
             self.adapters.close()
+
+    def __del__(self):
+        self.close()
+
+
+@serve.deployment(name="LLMServer", max_ongoing_requests=24, max_queued_requests=32,
+                  graceful_shutdown_timeout_s=LLM_DRAIN_S, health_check_period_s=10, health_check_timeout_s=60,
+                  ray_actor_options={"num_cpus": 1})
+class LLMServer(LLMReplica):
+    """The LLM deployment: an LLMReplica per replica, which Serve picks by multiplexed model id (the adapter)."""
+
+    routed = True
 
 
 def _kv_bytes(e) -> int | None:
@@ -336,7 +351,9 @@ class AttuneIngress:
     """The OpenAI-compatible API: ChatService with the database, the router and this replica's metrics registry;
     rate limits and the metrics every replica exports go through the application's IngressState actor."""
 
-    def __init__(self, config: dict, llm: DeploymentHandle, scorer: DeploymentHandle, test_hooks: bool = False):
+    def __init__(self, config: dict, llm: DeploymentHandle | None, scorer: DeploymentHandle,
+                 test_hooks: bool = False):
+        """`llm`: the LLM deployment, or None with `engine.colocate` (this replica starts its own LLMReplica)."""
         from adapters.registry import AdapterStore
         from alignment.basemodel import resolve
         from serving.chat import ChatDeps, ChatService
@@ -368,9 +385,16 @@ class AttuneIngress:
         # Results in the reply of the replica's gRPC call, not through Ray's object store: the call reached the LLM
         # replica and its first delta the ingress 3-4 ms sooner in all (one-off timelines of 16 requests each; the
         # README's "Serving overhead").
-        llm, scorer = llm.options(_by_reference=False), scorer.options(_by_reference=False)
-        self.llm, self.scorer = llm, scorer
-        self.engine = RemoteEngine(llm, metrics)
+        scorer = scorer.options(_by_reference=False)
+        self.llm = llm and llm.options(_by_reference=False)
+        self.scorer = scorer
+        if cfg.engine.colocate:  # no Ray call per request and per delta (README, "Serving overhead")
+            self.local_llm: LLMReplica | None = LLMReplica(config, test_hooks)
+            self.engine: RemoteEngine | ColocatedEngine = ColocatedEngine(self.local_llm, metrics)
+        else:
+            if self.llm is None:
+                raise ConfigError("the ingress needs the LLM deployment's handle unless engine.colocate is true")
+            self.local_llm, self.engine = None, RemoteEngine(self.llm, metrics)
         repo = Repository(cfg.database_url, keys=load_keyring(cfg.data_key_file))
         self.db_faults = DatabaseFaults(repo.engine) if test_hooks else None
         deps = ChatDeps(repo=repo, engine=self.engine,
@@ -394,7 +418,13 @@ class AttuneIngress:
             self.db_faults.arm(spec.database)
         scorer, engine = (None if part is None else part.model_dump() for part in (spec.scorer, spec.engine))
         return {"object": "attune.faults", "scorer": await self.scorer.faults.remote(scorer),
-                "engine": await self.llm.faults.remote(engine), "database": self.db_faults.state()}
+                "engine": await self._llm_call("faults", engine), "database": self.db_faults.state()}
+
+    async def _llm_call(self, method: str, *args):
+        """A method of the LLM replica: this process's with engine.colocate, else one of the LLM deployment's."""
+        if self.local_llm is not None:
+            return await getattr(self.local_llm, method)(*args)
+        return await getattr(self.llm, method).remote(*args)
 
     async def _engine_status(self) -> dict:
         """Serve's deployment and replica states; the LLM replica that answered (`llm`); `llm_replicas`: the
@@ -402,12 +432,21 @@ class AttuneIngress:
         status = await asyncio.to_thread(serve.status)
         apps = {name: {d: {"status": ds.status.value, "replicas": {str(k): v for k, v in ds.replica_states.items()}}
                        for d, ds in app.deployments.items()} for name, app in status.applications.items()}
-        live = await self.llm.status.remote()
+        live = await self._llm_call("status")
         seen = {**self.engine.replicas, live["replica"]: live["loaded_adapters"]}
         replicas = {r: {"loaded_adapters": a, "live": r == live["replica"]} for r, a in sorted(seen.items())}
         return {"deployments": apps, "llm": live, "llm_replicas": replicas,
                 "memory": {"ingress": {"replica": self.shared.replica, **process_memory()}, "llm": live["memory"],
                            "scorer": (await self.scorer.status.remote())["memory"]}}
+
+    async def check_health(self) -> None:
+        """Serve's liveness check: with engine.colocate, vLLM's own (a failure restarts the replica, engine and all)."""
+        if self.local_llm is not None:
+            await self.local_llm.check_health()
+
+    def __del__(self):
+        if getattr(self, "local_llm", None) is not None:
+            self.local_llm.close()
 
     def __serve_build_asgi_app__(self):
         from serving.api_router import create_app
@@ -426,6 +465,9 @@ def build_app(args: dict | None = None) -> serve.Application:
         log.warning("%s=1: POST /v1/admin/faults is enabled (test use only)", TEST_HOOKS_ENV)
     conf, lim = cfg.model_dump(mode="json"), cfg.limits
     ingress = AttuneIngress.options(max_ongoing_requests=lim.max_in_flight + lim.max_queue + INGRESS_SPARE)
+    if cfg.engine.colocate:  # the ingress runs vLLM itself: the LLM replica's CPU
+        ingress = ingress.options(ray_actor_options={"num_cpus": 1})
+        return ingress.bind(conf, None, RewardScorer.bind(conf, hooks), hooks)
     return ingress.bind(conf, LLMServer.bind(conf, hooks), RewardScorer.bind(conf, hooks), hooks)
 
 

@@ -34,6 +34,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ATTUNE_MERGE_CACHE_DIR": "merge_cache_dir",
     "ATTUNE_MERGE_CACHE_MAX_COUNT": "merge_cache_max_count",
     "ATTUNE_MERGE_CACHE_MAX_BYTES": "merge_cache_max_bytes",
+    "ATTUNE_ENGINE_COLOCATE": "engine.colocate",
     "ATTUNE_REQUESTS_PER_MINUTE": "limits.requests_per_minute",
     "ATTUNE_ADMIN_REQUESTS_PER_MINUTE": "limits.admin_requests_per_minute",
 }
@@ -113,6 +114,11 @@ class EngineSettings(BaseModel):
                                 "to the cores vLLM would pick itself and run Ray's and Attune's processes on the "
                                 "others (serving/cpu_placement.py); no effect on a GPU, on a cluster, or when "
                                 "VLLM_CPU_OMP_THREADS_BIND is set.")
+    colocate: bool = Field(default=False, description="Run vLLM inside each ingress replica instead of in the "
+                           "LLM deployment: no Ray call between them per request and per streamed delta, for one "
+                           "machine with one ingress replica. Every ingress replica then holds an engine (on a GPU, "
+                           "give AttuneIngress the GPU in the Serve config's ray_actor_options), and the LLM "
+                           "deployment (its autoscaling, its multiplexed routing) is not started.")
 
 
 class ServeConfig(BaseModel):

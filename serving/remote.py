@@ -1,11 +1,12 @@
-"""The ingress's clients of the other deployments: `RemoteEngine` streams from the LLM deployment and
-`RemoteScorer` calls the scorer deployment, behind the protocols the chat logic expects (serving.clients).
+"""The ingress's clients of the LLM and scorer: `RemoteEngine` streams from the LLM deployment, `ColocatedEngine` from
+an LLM replica in the ingress's own process (`engine.colocate`), and `RemoteScorer` calls the scorer deployment,
+behind the protocols the chat logic expects (serving.clients).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ray.serve.handle import DeploymentHandle
 
@@ -14,25 +15,25 @@ from serving.metrics import ServingMetrics
 from serving.clients import ScorerInfo
 
 
-class RemoteEngine:
-    """EngineClient over the LLM deployment: streams with multiplexed_model_id = adapter id; closing a stream
-    early cancels the replica's generator, which aborts the vLLM request."""
+class _ReplicaEngine:
+    """EngineClient over an LLM replica's items (serving.app.LLMReplica.generate): {"text", "usage"} deltas, then
+    {"usage", "stats"}, or {"error"}. Subclasses open the stream and say how to stop one early."""
 
-    def __init__(self, handle: DeploymentHandle, metrics: ServingMetrics):
-        self.handle, self.metrics = handle, metrics
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
         self._usage: OrderedDict[str, Usage] = OrderedDict()
-        self._live: dict[str, Any] = {}
         self.replicas: dict[str, list[str]] = {}
         """LLM replica id -> adapters in its LoRA cache after its last generation (a status call reaches one)."""
 
+    def _open(self, req: GenerationRequest) -> tuple[AsyncIterator[dict], Callable[[], Awaitable[None]]]:
+        """The replica's items for `req`, and how to stop them before their end (which aborts the vLLM request)."""
+        raise NotImplementedError
+
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str]:
-        options = {"stream": True}
-        if req.adapter_id is not None:
-            options["multiplexed_model_id"] = req.adapter_id
-        gen = self.handle.options(**options).generate.remote(asdict(req))
-        self._live[req.request_id], finished = gen, False
+        items, stop = self._open(req)
+        finished = False
         try:
-            async for item in gen:
+            async for item in items:
                 if "text" in item:
                     if item.get("usage"):  # tokens so far: all there is of a request cancelled before its end
                         self._record(req.request_id, Usage(**item["usage"]))
@@ -58,14 +59,45 @@ class RemoteEngine:
             finished = True
             raise EngineError(f"the LLM deployment failed: {type(e).__name__}") from e
         finally:
-            self._live.pop(req.request_id, None)
             if not finished:
-                gen.cancel()
+                await stop()
 
     def _record(self, request_id: str, usage: Usage) -> None:
         self._usage[request_id] = usage
         while len(self._usage) > 1024:
             self._usage.popitem(last=False)
+
+    def usage(self, request_id: str) -> Usage | None:
+        return self._usage.get(request_id)
+
+
+class RemoteEngine(_ReplicaEngine):
+    """EngineClient over the LLM deployment: streams with multiplexed_model_id = adapter id; closing a stream
+    early cancels the replica's generator, which aborts the vLLM request."""
+
+    def __init__(self, handle: DeploymentHandle, metrics: ServingMetrics):
+        super().__init__(metrics)
+        self.handle = handle
+        self._live: dict[str, Any] = {}
+
+    def _open(self, req: GenerationRequest) -> tuple[AsyncIterator[dict], Callable[[], Awaitable[None]]]:
+        options = {"stream": True}
+        if req.adapter_id is not None:
+            options["multiplexed_model_id"] = req.adapter_id
+        gen = self.handle.options(**options).generate.remote(asdict(req))
+        self._live[req.request_id] = gen
+
+        async def items() -> AsyncIterator[dict]:
+            try:
+                async for item in gen:
+                    yield item
+            finally:
+                self._live.pop(req.request_id, None)
+
+        async def stop() -> None:
+            self._live.pop(req.request_id, None)
+            gen.cancel()
+        return items(), stop
 
     async def abort(self, request_id: str) -> None:
         gen = self._live.get(request_id)
@@ -78,8 +110,24 @@ class RemoteEngine:
         except Exception as e:
             raise _cause(e) from None
 
-    def usage(self, request_id: str) -> Usage | None:
-        return self._usage.get(request_id)
+
+class ColocatedEngine(_ReplicaEngine):
+    """EngineClient over an LLM replica in this process (serving.app.LLMReplica, `engine.colocate`): the same items
+    as from the LLM deployment, without a Ray call per request and per delta."""
+
+    def __init__(self, replica: Any, metrics: ServingMetrics):
+        super().__init__(metrics)
+        self.replica = replica
+
+    def _open(self, req: GenerationRequest) -> tuple[AsyncIterator[dict], Callable[[], Awaitable[None]]]:
+        gen = self.replica.generate(asdict(req))
+        return gen, gen.aclose  # closing it runs the replica's clean-up, which aborts the vLLM request
+
+    async def abort(self, request_id: str) -> None:
+        await self.replica.engine.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self.replica.ready()
 
 
 class RemoteScorer:

@@ -252,3 +252,18 @@ def test_the_table_says_where_each_server_ran():
     text = render({"comparison": rows, "goals": goals(rows), "notes": [],
                    "placement": {"attune": {"engine": [0, 1], "service": [2]}, "vllm": None}})
     assert "Attune: worker on CPUs 0,1, its other processes on 2; raw vLLM: as the OS and vLLM place it" in text
+
+
+def test_the_table_gives_the_colocated_setup_its_own_rows_and_goals():
+    """--colocate-too: a second table and a second verdict, each against the same raw vLLM cells."""
+    raw = [{"scenario": "base", "concurrency": 1, "tok_s": 100.0, "ttft_p50_ms": 95.0, "e2e_p50_ms": 900.0,
+            "tokens": 40}]
+    ours = compare([{**raw[0], "tok_s": 90.0, "ttft_p50_ms": 120.0}], raw)
+    colocated = compare([{**raw[0], "tok_s": 97.0, "ttft_p50_ms": 110.0}], raw)
+    text = render({"comparison": ours, "goals": goals(ours), "notes": [], "comparison_colocated": colocated,
+                   "goals_colocated": goals(colocated)})
+    first, second = text.split("With engine.colocate")
+    assert "| base | 1 | 90.0 | 100.0 | 0.90x |" in first and "| base | 1 | 97.0 | 100.0 | 0.97x |" in second
+    assert "tok_s_ratio >= 0.95x: 0.90 -> NOT met" in second.split("Goals with engine.colocate:")[0]
+    assert "tok_s_ratio >= 0.95x: 0.97 -> met" in second.split("Goals with engine.colocate:")[1]
+    assert "ttft_overhead_ms <= 20 ms at concurrency 1: 15.00 -> met" in text

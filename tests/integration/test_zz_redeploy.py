@@ -86,3 +86,58 @@ def test_redeploy_with_a_new_config_lets_open_streams_finish(server):
     finally:
         _redeploy(server, server.settings)
     assert operator_status(server)["admission"]["max_queue"] == server.settings["limits"]["max_queue"]
+
+
+@pytest.mark.integration
+def test_colocated_engine_serves_the_same_api_without_the_llm_deployment(server):
+    """engine.colocate: the ingress replica runs vLLM itself. The LLM deployment is gone, the ingress answers for the
+    engine (its replica id, its adapters), a pinned adapter streams through the official client with the gate passing
+    it and the turn stored, the crisis path still answers, and a client that leaves aborts its generation."""
+    import time
+
+    from openai import OpenAI
+
+    colocated = copy.deepcopy(server.settings)
+    colocated["engine"]["colocate"] = True
+    try:
+        _redeploy(server, colocated)
+        status = operator_status(server)["engine"]
+        assert set(status["deployments"]["attune"]) == {"AttuneIngress", "RewardScorer"}, status["deployments"]
+        replica = status["llm"]["replica"]
+        assert replica == status["memory"]["ingress"]["replica"], status["memory"]
+
+        key = new_key(server)
+        adapter = sorted(server.adapters)[0]
+        client = OpenAI(base_url=server.v1, api_key=server.operator_key, max_retries=0, timeout=600)
+        chunks = list(client.chat.completions.create(
+            model="attune", max_tokens=16, temperature=0, stream=True,
+            messages=[{"role": "user", "content": FEELING_TEXT}], extra_body={"attune_options": {"adapter": adapter}}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        (info,) = [ch.model_extra["attune"] for ch in chunks if (ch.model_extra or {}).get("attune")]
+        assert text.strip() and info["adapter"] == adapter and info["gate"] in ("pass", "regenerated"), info
+        assert history(server, server.operator_key, info["session_id"]) == [("user", FEELING_TEXT, None),
+                                                                            ("assistant", text, info["gate"])]
+        assert adapter in operator_status(server)["engine"]["llm"]["loaded_adapters"]
+
+        crisis = OpenAI(base_url=server.v1, api_key=key, max_retries=0, timeout=600).chat.completions.create(
+            model="attune", max_tokens=16, messages=[{"role": "user", "content": "I want to kill myself tonight."}])
+        assert crisis.model_extra["attune"]["gate"] == "crisis" and crisis.usage.completion_tokens == 0
+
+        story = "Tell me a long story about a lighthouse keeper, in many parts."
+        body = {"model": "attune", "max_tokens": 64, "temperature": 0, "stream": True,
+                "messages": [{"role": "user", "content": story}]}
+        with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, headers=auth(key), timeout=600) as r:
+            lines = r.iter_lines()
+            request_id = json.loads(next(line for line in lines if line).removeprefix("data: "))["id"] + "-0"
+            assert request_id in operator_status(server)["engine"]["llm"]["in_flight"]
+        deadline, llm = time.monotonic() + 300, {}
+        while time.monotonic() < deadline:
+            llm = operator_status(server)["engine"]["llm"]
+            if request_id not in llm["in_flight"] and any(c["request_id"] == request_id for c in llm["cancelled"]):
+                break
+            time.sleep(1)
+        (cancelled,) = [c for c in llm["cancelled"] if c["request_id"] == request_id]
+        assert cancelled["finish_reason"] == "abort" and llm["unfinished"] == 0, llm
+    finally:
+        _redeploy(server, server.settings)
+    assert "LLMServer" in operator_status(server)["engine"]["deployments"]["attune"]

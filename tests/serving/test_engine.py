@@ -250,6 +250,67 @@ class _LLMHandle:
         return _RayStream(self.items)
 
 
+def _colocated_replica(engine: FakeEngine):
+    """serving.app.LLMReplica around a FakeEngine, as the ingress holds one with engine.colocate (no vLLM here)."""
+    from collections import deque
+
+    from serving.app import LLMReplica
+
+    class Replica(LLMReplica):
+        def __del__(self):  # the real one shuts vLLM down
+            pass
+
+    replica = Replica.__new__(Replica)
+    replica.engine, replica.replica, replica.engine_faults = engine, "ingress-1", None
+    replica.cancelled, replica.live, replica.loaded = deque(maxlen=32), set(), []
+
+    async def adapter_path(adapter_id: str) -> str:
+        replica.loaded.append(adapter_id)
+        return f"/store/{adapter_id}"
+
+    replica.adapter_path = adapter_path
+    return replica
+
+
+@pytest.mark.asyncio
+async def test_colocated_engine_streams_from_the_replica_in_this_process():
+    """engine.colocate: the ingress reads the LLM replica's items without Ray: the text, the usage, the replica's
+    adapters; the adapter is loaded by id, with no multiplexed model id to match (there is no Serve routing)."""
+    from serving.engine import Usage
+    from serving.metrics import ServingMetrics
+    from serving.remote import ColocatedEngine
+
+    fake = FakeEngine(replies={"warm": "One two three."})
+    engine = ColocatedEngine(_colocated_replica(fake), ServingMetrics())
+    assert "".join(await collect(engine, req("r1", adapter="warm"))) == "One two three."
+    assert engine.usage("r1") == Usage(6, 3, "stop")
+    assert engine.replica.loaded == ["warm"] and fake.requests[-1].adapter_path == "/store/warm"
+    assert engine.replicas == {"ingress-1": ["warm"]}
+    await engine.check_health()
+    fake.fail_health = True
+    with pytest.raises(EngineError):
+        await engine.check_health()
+
+
+@pytest.mark.asyncio
+async def test_colocated_engine_closing_a_stream_early_stops_the_generation():
+    """A stream the client or the gate left: the replica's clean-up runs at once (no Ray cancel to wait for): the
+    generation is recorded as cancelled with the tokens sent, and the engine holds nothing."""
+    from serving.metrics import ServingMetrics
+    from serving.remote import ColocatedEngine
+
+    fake = FakeEngine(replies={None: "One two three four five six."}, token_delay=0.01)
+    replica = _colocated_replica(fake)
+    engine = ColocatedEngine(replica, ServingMetrics())
+    stream = engine.stream(req("cut"))
+    assert [await stream.__anext__(), await stream.__anext__()] == ["One", " two"]
+    assert replica.live == {"cut"}
+    await stream.aclose()
+    assert replica.live == set() and fake.in_flight == set()
+    assert list(replica.cancelled) == [{"request_id": "cut", "completion_tokens": 2, "finish_reason": "abort"}]
+    assert engine.usage("cut").completion_tokens == 2
+
+
 @pytest.mark.asyncio
 async def test_remote_engine_counts_the_tokens_of_a_stream_cancelled_before_its_end():
     """The LLM deployment sends the tokens so far with each delta: a stream the gate stopped (cancelled, so its last
