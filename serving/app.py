@@ -385,15 +385,14 @@ class AttuneIngress:
         # Results in the reply of the replica's gRPC call, not through Ray's object store: the call reached the LLM
         # replica and its first delta the ingress 3-4 ms sooner in all (one-off timelines of 16 requests each; the
         # README's "Serving overhead").
-        scorer = scorer.options(_by_reference=False)
-        self.llm = llm and llm.options(_by_reference=False)
-        self.scorer = scorer
+        if llm is None and not cfg.engine.colocate:
+            raise ConfigError("the ingress needs the LLM deployment's handle unless engine.colocate is true")
+        self.scorer = scorer = scorer.options(_by_reference=False)
+        self.llm = None if llm is None else llm.options(_by_reference=False)
         if cfg.engine.colocate:  # no Ray call per request and per delta (README, "Serving overhead")
             self.local_llm: LLMReplica | None = LLMReplica(config, test_hooks)
             self.engine: RemoteEngine | ColocatedEngine = ColocatedEngine(self.local_llm, metrics)
         else:
-            if self.llm is None:
-                raise ConfigError("the ingress needs the LLM deployment's handle unless engine.colocate is true")
             self.local_llm, self.engine = None, RemoteEngine(self.llm, metrics)
         repo = Repository(cfg.database_url, keys=load_keyring(cfg.data_key_file))
         self.db_faults = DatabaseFaults(repo.engine) if test_hooks else None
