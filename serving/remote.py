@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from ray.serve.handle import DeploymentHandle
 
@@ -25,7 +25,7 @@ class _ReplicaEngine:
         self.replicas: dict[str, list[str]] = {}
         """LLM replica id -> adapters in its LoRA cache after its last generation (a status call reaches one)."""
 
-    def _open(self, req: GenerationRequest) -> tuple[AsyncIterator[dict], Callable[[], Awaitable[None]]]:
+    def _open(self, req: GenerationRequest) -> tuple[AsyncGenerator[dict, None], Callable[[], Awaitable[None]]]:
         """The replica's items for `req`, and how to stop them before their end (which aborts the vLLM request)."""
         raise NotImplementedError
 
@@ -61,6 +61,7 @@ class _ReplicaEngine:
         finally:
             if not finished:
                 await stop()
+            await items.aclose()  # runs its clean-up now, not when the garbage collector finds it
 
     def _record(self, request_id: str, usage: Usage) -> None:
         self._usage[request_id] = usage
@@ -80,14 +81,14 @@ class RemoteEngine(_ReplicaEngine):
         self.handle = handle
         self._live: dict[str, Any] = {}
 
-    def _open(self, req: GenerationRequest) -> tuple[AsyncIterator[dict], Callable[[], Awaitable[None]]]:
+    def _open(self, req: GenerationRequest) -> tuple[AsyncGenerator[dict, None], Callable[[], Awaitable[None]]]:
         options = {"stream": True}
         if req.adapter_id is not None:
             options["multiplexed_model_id"] = req.adapter_id
         gen = self.handle.options(**options).generate.remote(asdict(req))
         self._live[req.request_id] = gen
 
-        async def items() -> AsyncIterator[dict]:
+        async def items() -> AsyncGenerator[dict, None]:
             try:
                 async for item in gen:
                     yield item
@@ -95,7 +96,6 @@ class RemoteEngine(_ReplicaEngine):
                 self._live.pop(req.request_id, None)
 
         async def stop() -> None:
-            self._live.pop(req.request_id, None)
             gen.cancel()
         return items(), stop
 
@@ -119,7 +119,7 @@ class ColocatedEngine(_ReplicaEngine):
         super().__init__(metrics)
         self.replica = replica
 
-    def _open(self, req: GenerationRequest) -> tuple[AsyncIterator[dict], Callable[[], Awaitable[None]]]:
+    def _open(self, req: GenerationRequest) -> tuple[AsyncGenerator[dict, None], Callable[[], Awaitable[None]]]:
         gen = self.replica.generate(asdict(req))
         return gen, gen.aclose  # closing it runs the replica's clean-up, which aborts the vLLM request
 

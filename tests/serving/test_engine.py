@@ -328,5 +328,6 @@ async def test_remote_engine_counts_the_tokens_of_a_stream_cancelled_before_its_
     assert [await stream.__anext__(), await stream.__anext__()] == ["One", " two"]
     await stream.aclose()
     assert engine.usage("cut") == Usage(9, 2, None)
+    assert engine._live == {}  # forgotten at the close, not when the garbage collector finds the stream
     assert "".join(await collect(engine, req("whole"))) == "One two three."
     assert engine.usage("whole") == Usage(9, 3, "stop")
