@@ -57,18 +57,18 @@ class VsPlan:
     prompts: int = 8
     """Short non-crisis prompts from the seed test split (never ../shared/eval)."""
     rounds: int = 2
-    """Times each cell is measured on each server, in turn (attune then vllm, then vllm then attune, ...); the
-    rounds of a cell pool."""
+    """Times each cell is measured on each server, in turn (attune then vllm, then vllm then attune, ...; with a third
+    server each takes each place of the rotation in turn); the rounds of a cell pool."""
     start_timeout_s: float = 900.0
     request_timeout_s: float = 120.0
     time_limit_s: float = 1800.0
     """No request to a server starts this many seconds after its warm-up began (the other server's turns count too)."""
     place_vllm: bool = False
+    """Start the raw server placed as `attune serve` places itself (serving/cpu_placement.py): its worker bound to the
+    same cores, its API server and scheduler process on the others. Default: vLLM's own placement (`vllm serve`)."""
     colocate_too: bool = False
     """Also measure Attune with engine.colocate (a third server, `attune-colocated`, in the same rotation), so that
     both Attune setups meet the same machine in one run."""
-    """Start the raw server placed as `attune serve` places itself (serving/cpu_placement.py): its worker bound to the
-    same cores, its API server and scheduler process on the others. Default: vLLM's own placement (`vllm serve`)."""
 
     def __post_init__(self):
         self.concurrency = tuple(sorted(set(self.concurrency)))
