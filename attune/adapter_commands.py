@@ -1,5 +1,5 @@
-"""`attune adapters list|verify|add|remove|extrapolate`: the adapter store from the command line (sign and keygen live in
-`attune.store_signing`)."""
+"""`attune adapters list|verify|add|remove|extrapolate`: the adapter store from the command line (sign and keygen
+live in `attune.store_signing`)."""
 from __future__ import annotations
 
 import json

@@ -491,8 +491,8 @@ up on this machine, 5 of 5 alternating pairs decoded 3-10% faster per token with
 interleaved `attune bench serve --vs-vllm` has not separated their effect from the noise. The proxy reaches the
 ingress replicas over their gRPC channel, not through Ray's object store (as the ingress reaches the LLM and scorer
 replicas, `_by_reference=False`): the request reached the ingress 1.8 ms and the first delta the client 1.3 ms
-sooner (one-off timelines of 16 requests). `attune serve` sets them unless they are set; the RayService and the documented
-`ray start` lines set them on every node. Ray reads them when a process starts."""
+sooner (one-off timelines of 16 requests). `attune serve` sets them unless they are set; the RayService and the
+documented `ray start` lines set them on every node. Ray reads them when a process starts."""
 
 
 LEAN_LOCAL_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
