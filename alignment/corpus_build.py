@@ -24,6 +24,11 @@ BASE_SAMPLES = 5
 SAMPLING = GenerationSettings(max_tokens=128, temperature=0.8, top_p=0.95, seed=0)
 # Shipped adapters that add one reply each, spread over the prompts (one adapter per prompt).
 VARIETY_ADAPTERS = ("sft", "dpo-safety", "modpo-empathy", "modpo-balanced")
+# Round 2 (issue 13): the six emphasised MODPO adapters each write one reply to ROUND_PROMPTS rm-train prompts, so
+# that a prompt's replies differ in which objective they serve rather than only in overall quality.
+ROUND_ADAPTERS = ("modpo-empathy", "modpo-safety", "modpo-listening", "modpo-change", "modpo-rapport",
+                  "modpo-autonomy")
+ROUND_PROMPTS = 240
 
 
 def _stable(*parts) -> str:
@@ -90,6 +95,52 @@ def sample_corpus(base_model: str, store_dir: Path, counsel_chat: str | Path, co
     """BASE_SAMPLES replies per prompt from the base model and one from its `adapter_for` adapter, from one vLLM
     engine (LoRA per request), in chunks of prompts appended to samples.jsonl as each finishes. Resumable:
     prompts already in samples.jsonl are skipped."""
+    return _sample(base_model, store_dir, counsel_chat, corpus_dir, VARIETY_ADAPTERS,
+                   lambda pid: [("base", BASE_SAMPLES), (adapter_for(pid), 1)], lambda pid, model, k:
+                   reply_id(pid, model, k), chunk, log)
+
+
+def round_dir(n: int) -> Path:
+    """Round 1 is the corpus itself; round n > 1 (replies of the adapters trained on the rounds before it, to the
+    same prompts) lives in alignment/corpus/round<n>/ with its own prompts, samples and labels files."""
+    if n < 1:
+        raise ValueError(f"round {n}: rounds count from 1")
+    return CORPUS_DIR if n == 1 else CORPUS_DIR / f"round{n}"
+
+
+def corpus_rounds() -> list[int]:
+    """The rounds present: 1 and every alignment/corpus/round<n>/ with a prompts file."""
+    later = (d.name[len("round"):] for d in CORPUS_DIR.glob("round*") if (d / "prompts.jsonl").exists())
+    return [1, *sorted(int(n) for n in later if n.isdigit() and int(n) > 1)]
+
+
+def round_prompts(n: int, count: int = ROUND_PROMPTS, split: str = "rm-train", seed: int = 0) -> list[CorpusPrompt]:
+    """A seeded sample of `count` of round 1's `split` prompts, same ids and split, for round n."""
+    pool = sorted((p for p in load_prompts(CORPUS_DIR) if p.split == split), key=lambda p: _stable(seed, n, p.id))
+    if count > len(pool):
+        raise ValueError(f"round {n}: {count} prompts asked, {split} has {len(pool)}")
+    return sorted(pool[:count], key=lambda p: p.id)
+
+
+def sample_round(n: int, base_model: str, store_dir: Path, counsel_chat: str | Path,
+                 adapters: tuple[str, ...] = ROUND_ADAPTERS, count: int = ROUND_PROMPTS, chunk: int = 40,
+                 log=print) -> Path:
+    """Round n > 1: one reply per adapter of `adapters` to each of `count` rm-train prompts (the prompts file is
+    written on the first call and kept after), same sampling as round 1. Reply ids are opaque and differ from
+    round 1's; resumable like `sample_corpus`."""
+    if n < 2:
+        raise ValueError("round 1 is `attune corpus sample` without --round")
+    folder = round_dir(n)
+    if not (folder / "prompts.jsonl").exists():
+        write_jsonl(round_prompts(n, count), folder / "prompts.jsonl")
+    return _sample(base_model, store_dir, counsel_chat, folder, adapters, lambda pid: [(a, 1) for a in adapters],
+                   lambda pid, model, k: reply_id(pid, f"round{n}/{model}", k), chunk, log)
+
+
+def _sample(base_model: str, store_dir: Path, counsel_chat, corpus_dir: Path, adapters, jobs_of, id_of,
+            chunk: int, log) -> Path:
+    """`jobs_of(prompt id)` -> [(model, replies)] ('base' or an adapter of `adapters`) for every prompt of
+    corpus_dir's prompts file not yet in its samples file; one engine, rows appended per chunk of prompts."""
     from vllm import SamplingParams
 
     from alignment.generate import VLLMGenerator
@@ -101,22 +152,24 @@ def sample_corpus(base_model: str, store_dir: Path, counsel_chat: str | Path, co
     todo = [p.id for p in prompts if p.id not in done]
     if not todo:
         return out_path
-    gen = VLLMGenerator(base_model, memory_fraction=0.1, max_loras=len(VARIETY_ADAPTERS), seed=SAMPLING.seed)
-    lora = {name: gen._lora(Path(store_dir) / name) for name in VARIETY_ADAPTERS}
-    params = {n: SamplingParams(n=n, max_tokens=SAMPLING.max_tokens, temperature=SAMPLING.temperature,
-                                top_p=SAMPLING.top_p) for n in (1, BASE_SAMPLES)}
+    gen = VLLMGenerator(base_model, memory_fraction=0.1, max_loras=len(adapters), seed=SAMPLING.seed)
+    lora = {name: gen._lora(Path(store_dir) / name) for name in adapters}
+    params = {}
     t0 = time.perf_counter()
     try:
         for i in range(0, len(todo), chunk):
             ids = todo[i:i + chunk]
-            jobs = [(pid, "base", BASE_SAMPLES) for pid in ids] + [(pid, adapter_for(pid), 1) for pid in ids]
+            jobs = [(pid, model, n) for pid in ids for model, n in jobs_of(pid)]
+            for _, _, n in jobs:
+                params.setdefault(n, SamplingParams(n=n, max_tokens=SAMPLING.max_tokens,
+                                                    temperature=SAMPLING.temperature, top_p=SAMPLING.top_p))
             outs = gen.llm.chat([P.chat(texts[pid]) for pid, _, _ in jobs], [params[n] for _, _, n in jobs],
                                 lora_request=[None if m == "base" else lora[m] for _, m, _ in jobs], use_tqdm=False)
             with open(out_path, "a", encoding="utf-8") as f:
                 for (pid, model, n), o in zip(jobs, outs):
                     row = {"prompt_id": pid, "model": model, "base_model": "smollm2-135m-instruct",
                            "engine": "vllm", "sampling": asdict(SAMPLING), "n": n,
-                           "replies": [{"id": reply_id(pid, model, k), "text": c.text.strip()}
+                           "replies": [{"id": id_of(pid, model, k), "text": c.text.strip()}
                                        for k, c in enumerate(o.outputs)]}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             log(f"sampled {i + len(ids)}/{len(todo)} prompts ({time.perf_counter() - t0:.0f} s)")

@@ -151,7 +151,9 @@ def resolve_texts(prompts: list[CorpusPrompt], counsel_chat: str | Path | None,
             raise DataError("the corpus has counsel-chat prompts: pass --counsel-chat (CSV path or hub id)")
         cc = {r.questionID: r.prompt for r in load_counsel_chat(counsel_chat)}
     seed = {ex.id: ex.message for ex in load_seed()} if any(p.source == "seed" for p in prompts) else {}
-    authored = ({r["id"]: r["message"] for r in read_jsonl(corpus_dir / "authored.jsonl")}
+    authored_file = corpus_dir / "authored.jsonl"  # a later round's folder reads round 1's
+    authored_file = authored_file if authored_file.exists() else CORPUS_DIR / "authored.jsonl"
+    authored = ({r["id"]: r["message"] for r in read_jsonl(authored_file)}
                 if any(p.source == "authored" for p in prompts) else {})
     for p in prompts:
         table = {"counsel_chat": cc if p.source == "counsel_chat" else {}, "seed": seed, "authored": authored}[p.source]

@@ -5,6 +5,8 @@ labels pairs only for extra prompts no one rated, which are marked as such.
 Sources, each pair tagged with one:
 - `corpus-labels`: the on-policy corpus (alignment/corpus), pass-1 rankings of six replies per prompt, prompts of
   one split (rm-train: what the reward model was fitted on; never the judge's or the test split);
+- `corpus-labels-round<N>`: a later corpus round (alignment/corpus/round<N>): the emphasised adapters' own replies
+  to rm-train prompts, ranked among themselves; a source of its own, so that a cap takes from it in turn;
 - `seed-ratings`: the seed set's train split, replies rated 1-5 per objective;
 - `reward-model`: on-policy samples of extra prompts, best vs worst by the reward model's raw score.
 """
@@ -30,6 +32,7 @@ class Rated:
     replies: dict[str, str]  # reply id -> text
     rank: dict[str, dict[str, int]]  # objective -> reply id -> rank
     source: str
+    round: int = 1  # corpus round (corpus-labels sources only)
 
 
 def ranks_from_scores(scores: dict[str, float]) -> dict[str, int]:
@@ -37,26 +40,39 @@ def ranks_from_scores(scores: dict[str, float]) -> dict[str, int]:
     return {r: 1 + sum(s > v for s in scores.values()) for r, v in scores.items()}
 
 
-def corpus_rated(split: str, counsel_chat, log=print) -> list[Rated]:
-    """The corpus's labelled prompts of `split` (pass 1 as written, like the reward model's training). Counsel-chat
-    prompts are skipped, with a line saying so, when no counsel-chat CSV is given (its text is not stored here)."""
+def corpus_rated(split: str, counsel_chat, log=print, rounds: tuple[int, ...] = (1,)) -> list[Rated]:
+    """The corpus's labelled prompts of `split` (pass 1 as written, like the reward model's training), one item per
+    prompt and round (a later round's replies are ranked among themselves). Counsel-chat prompts are skipped, with a
+    line saying so, when no counsel-chat CSV is given (its text is not stored here)."""
+    from alignment.corpus_build import round_dir
     from alignment.corpus_data import load_pass, load_prompts, load_samples, resolve_texts
+    from alignment.data import DataError
 
-    samples = load_samples()
-    labels = load_pass(samples=samples)
-    prompts = [p for p in load_prompts() if p.split == split and p.id in labels]
-    if counsel_chat is None:
-        kept = [p for p in prompts if p.source != "counsel_chat"]
-        if len(kept) < len(prompts):
-            log(f"corpus pairs: no counsel-chat CSV, {len(prompts) - len(kept)} counsel-chat prompts left out")
-        prompts = kept
-    texts = resolve_texts(prompts, counsel_chat)
     out = []
-    for p in prompts:
-        row = labels[p.id]
-        out.append(Rated(texts[p.id], {r.id: r.text for r in samples[p.id]},
-                         {o: dict(row.rank[o]) for o in OBJECTIVES}, "corpus-labels"))
+    for n in rounds:
+        folder = round_dir(n)
+        if not (folder / "samples.jsonl").exists():
+            raise DataError(f"corpus round {n}: no {folder / 'samples.jsonl'} (sample it with `attune corpus sample "
+                            f"--round {n}`, then label it)")
+        samples = load_samples(folder)
+        labels = load_pass(folder, samples=samples)
+        prompts = [p for p in load_prompts(folder) if p.split == split and p.id in labels]
+        if counsel_chat is None:
+            kept = [p for p in prompts if p.source != "counsel_chat"]
+            if len(kept) < len(prompts):
+                log(f"corpus pairs, round {n}: no counsel-chat CSV, {len(prompts) - len(kept)} counsel-chat prompts "
+                    "left out")
+            prompts = kept
+        texts = resolve_texts(prompts, counsel_chat, folder)
+        for p in prompts:
+            row = labels[p.id]
+            out.append(Rated(texts[p.id], {r.id: r.text for r in samples[p.id]},
+                             {o: dict(row.rank[o]) for o in OBJECTIVES}, corpus_source(n), n))
     return out
+
+
+def corpus_source(round_no: int) -> str:
+    return "corpus-labels" if round_no == 1 else f"corpus-labels-round{round_no}"
 
 
 def corpus_prompt_texts(counsel_chat) -> set[str]:
@@ -171,8 +187,10 @@ def add_margins(rows: list[dict], primary: str, weights: Preference, raw: dict[t
     out = []
     for r in rows:
         prompt, chosen, rejected = r["texts"]
-        out.append({**r, "w_primary": float(w[k]), "margin": modpo_margin(w, k, raw[prompt, chosen],
-                                                                          raw[prompt, rejected])})
+        # rounded: the reward model's scores move in the last bits with the batch they are computed in, and the
+        # rows are what an adapter's recipe hash is made of (an interrupted grid must find its adapters again)
+        out.append({**r, "w_primary": float(w[k]), "margin": round(modpo_margin(w, k, raw[prompt, chosen],
+                                                                                raw[prompt, rejected]), 4)})
     return out
 
 
@@ -194,4 +212,4 @@ def interleave_sources(rows: list[dict], cap: int | None, seed: int = 0) -> list
 
 def source_counts(rows: list[dict]) -> dict[str, int]:
     c = Counter(r["source"] for r in rows)
-    return {s: c.get(s, 0) for s in SOURCES}
+    return {**{s: c.get(s, 0) for s in SOURCES}, **{s: n for s, n in sorted(c.items()) if s not in SOURCES}}

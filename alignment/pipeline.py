@@ -71,15 +71,21 @@ class GridData:
     computed once and only for the replies that MODPO margins need."""
 
     def __init__(self, recipe: Recipe, base: str, train: list, cc_source: str | None, reward_model):
-        from alignment.corpus_data import CORPUS_DIR
+        from alignment.corpus_build import round_dir
 
         pairs = recipe.pairs
         self.items: list[grid_data.Rated] = []
-        hashed = [*data.seed_files(), data.SPLITS_FILE]
+        self.rounds = tuple(pairs.corpus_rounds)  # an adapter's own corpus_rounds replace these
+        self._files = [*data.seed_files(), data.SPLITS_FILE]
+        self._extra_files: list[Path] = []
+        self.round_files: dict[int, list[Path]] = {}
         if pairs.corpus_labels:
-            self.items += grid_data.corpus_rated(pairs.corpus_split, cc_source, log=_log)
-            hashed += [CORPUS_DIR / "prompts.jsonl", CORPUS_DIR / "samples.jsonl",
-                       *sorted((CORPUS_DIR / "labels").glob("pass1-*.jsonl"))]
+            wanted = sorted({*self.rounds, *(n for a in recipe.adapters for n in a.corpus_rounds or ())})
+            self.items += grid_data.corpus_rated(pairs.corpus_split, cc_source, log=_log, rounds=tuple(wanted))
+            for n in wanted:
+                folder = round_dir(n)
+                self.round_files[n] = [folder / "prompts.jsonl", folder / "samples.jsonl",
+                                       *sorted((folder / "labels").glob("pass1-*.jsonl"))]
         if pairs.seed_ratings:
             self.items += grid_data.seed_rated(train)
         self.reward_model, self.raw = reward_model, {}
@@ -89,14 +95,23 @@ class GridData:
                 scores = reward_model.raw_scores([d["prompt"]] * len(d["replies"]), d["replies"])
                 self.items.append(grid_data.scored_rated(d["prompt"], d["replies"], scores))
                 self.raw.update({(d["prompt"], t): s for t, s in zip(d["replies"], scores)})
-            hashed.append(samples_file)
+            self._extra_files.append(samples_file)
         self.max_pairs = pairs.max_pairs
-        self.hash = data.data_hash(hashed)
+        self.hash = self.data_hash(self.rounds)
+
+    def data_hash(self, rounds: tuple[int, ...]) -> str:
+        """What the rows of an adapter trained on `rounds` are drawn from (recorded in the store's manifest)."""
+        files = [f for n in rounds for f in self.round_files.get(n, [])]
+        return data.data_hash([*self._files, *files, *self._extra_files])
 
     def rows(self, primary: str, weights: Preference | None, modpo: bool, pair_weight: float = 1.0,
-             selection: str = "best_worst") -> list[dict]:
+             selection: str = "best_worst", rounds: tuple[int, ...] | None = None, max_pairs: int | None = None
+             ) -> list[dict]:
+        rounds = rounds or self.rounds
+        items = [it for it in self.items if not it.source.startswith("corpus-labels") or it.round in rounds]
         rows = grid_data.interleave_sources(
-            grid_data.pair_rows(self.items, primary, pair_weight=pair_weight, selection=selection), self.max_pairs)
+            grid_data.pair_rows(items, primary, pair_weight=pair_weight, selection=selection),
+            max_pairs or self.max_pairs)
         if not modpo:
             return rows
         need = sorted({(r["texts"][0], t) for r in rows for t in r["texts"][1:]} - set(self.raw))
@@ -112,11 +127,12 @@ def preference_rows(spec: AdapterSpec, grid: GridData) -> list[dict]:
     weights = spec.preference()
     if spec.recipe == "joint_dpo":
         return [r for o, w in weights.as_dict().items() if w > 0 for r in grid.rows(o, None, False, pair_weight=w)]
-    return grid.rows(spec.primary, weights, modpo=spec.recipe == "modpo", selection=spec.pair_selection)
+    return grid.rows(spec.primary, weights, modpo=spec.recipe == "modpo", selection=spec.pair_selection,
+                     rounds=tuple(spec.corpus_rounds) if spec.corpus_rounds else None, max_pairs=spec.max_pairs)
 
 
 # Spec fields added after adapters were trained, with their defaults: left out of the hash at the default.
-ADDED_SPEC_FIELDS = {"pair_selection": "best_worst"}
+ADDED_SPEC_FIELDS = {"pair_selection": "best_worst", "corpus_rounds": None, "max_pairs": None}
 
 
 def spec_for_hash(spec: AdapterSpec) -> dict:
@@ -279,7 +295,8 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
         if spec.recipe == "soup":
             mix = sum(np.asarray(store.entry(p.id).preference.as_vector()) * p.weight for p in spec.parents)
             weights = Preference.from_vector(mix, normalize=True)
-        _register(store, folder, spec, weights, recipe, data_hash, stats, spec.parents or ())
+        spec_data = grid.data_hash(tuple(spec.corpus_rounds)) if grid and spec.corpus_rounds else data_hash
+        _register(store, folder, spec, weights, recipe, spec_data, stats, spec.parents or ())
         timings[spec.id] = stats
         _log(f"{spec.id}: {json.dumps(stats)}")
     total = time.perf_counter() - t_all

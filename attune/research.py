@@ -27,48 +27,63 @@ def corpus_prompts(counsel_chat: str | None = None, force: bool = False) -> int:
     return 0
 
 
-def corpus_sample(counsel_chat: str | None = None, base_model: str | None = None, store: str | None = None) -> int:
-    """Sample our model's replies to every corpus prompt with vLLM (resumes where samples.jsonl stops)."""
+def corpus_sample(counsel_chat: str | None = None, base_model: str | None = None, store: str | None = None,
+                  round_no: int = 1, prompts: int | None = None) -> int:
+    """Sample our model's replies to every corpus prompt with vLLM (resumes where samples.jsonl stops); with
+    round > 1, the emphasised adapters' replies to a sample of rm-train prompts (alignment/corpus/round<N>/)."""
     from alignment.basemodel import resolve
-    from alignment.corpus_build import sample_corpus
+    from alignment.corpus_build import ROUND_PROMPTS, sample_corpus, sample_round
     from attune.paths import STORE_DIR
 
-    print(sample_corpus(resolve(base_model), Path(store) if store else STORE_DIR, _cc(counsel_chat)))
+    store_dir = Path(store) if store else STORE_DIR
+    if round_no == 1:
+        print(sample_corpus(resolve(base_model), store_dir, _cc(counsel_chat)))
+    else:
+        print(sample_round(round_no, resolve(base_model), store_dir, _cc(counsel_chat),
+                           count=prompts or ROUND_PROMPTS))
     return 0
 
 
 def corpus_sheets(labelling_pass: int = 1, size: int = 60, share: float = 0.16, out: str = "build/corpus/sheets",
-                  seed: int = 0, counsel_chat: str | None = None) -> int:
-    """Write blind rating sheets (and their keys) for the prompts that have samples but no label in this pass.
+                  seed: int = 0, counsel_chat: str | None = None, round_no: int = 1) -> int:
+    """Write blind rating sheets (and their keys) for the prompts that have samples but no label in this pass and
+    are on no sheet of this pass in `out` yet, so that it can run again as sampling finishes each chunk.
 
-    Pass 1 covers every prompt; pass 2 a random `share` of the prompts labelled in pass 1, freshly shuffled."""
+    Pass 1 covers every prompt; pass 2 a `share` of them, picked by a hash of the seed and the prompt id (the same
+    prompts whenever it runs), on freshly shuffled sheets."""
+    import hashlib
     import random
 
-    from alignment.corpus_build import rating_sheets
+    from alignment.corpus_build import rating_sheets, round_dir
     from alignment.corpus_data import load_pass, load_samples
 
-    samples = load_samples()
-    done = load_pass(labelling_pass=labelling_pass, samples=samples)
-    todo = [p for p in samples if p not in done]
+    folder = round_dir(round_no)
+    samples = load_samples(folder)
+    done = load_pass(folder, labelling_pass=labelling_pass, samples=samples)
+    prefix = f"{'' if round_no == 1 else f'round{round_no}-'}pass{labelling_pass}-s{seed}-"
+    keys = sorted(Path(out).glob(f"{prefix}*.key.json"))
+    sheeted = {pid for k in keys for pid in json.loads(k.read_text())}
+    todo = [p for p in samples if p not in done and p not in sheeted]
     if labelling_pass == 2:
-        first = sorted(load_pass(labelling_pass=1, samples=samples))
-        chosen = set(random.Random(seed).sample(first, round(share * len(first)))) if first else set()
-        todo = [p for p in todo if p in chosen]
-    random.Random(seed + labelling_pass).shuffle(todo)
+        todo = [p for p in todo
+                if int(hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()[:8], 16) < share * 2 ** 32]
+    random.Random(seed + labelling_pass + len(keys)).shuffle(todo)
     for i in range(0, len(todo), size):
-        name = f"pass{labelling_pass}-s{seed}-{i // size + 1:02d}"
-        sheet, key = rating_sheets(_cc(counsel_chat), todo[i:i + size], Path(out), seed=seed * 1000 + i, name=name)
+        name = f"{prefix}{len(keys) + i // size + 1:02d}"
+        sheet, key = rating_sheets(_cc(counsel_chat), todo[i:i + size], Path(out), seed=seed * 1000 + len(keys) + i,
+                                   name=name, corpus_dir=folder)
         print(f"{sheet} ({len(todo[i:i + size])} prompts; key {key})")
     return 0
 
 
 def corpus_import(answers: str | None = None, key: str | None = None, rater: str | None = None,
-                  labelling_pass: int = 1, out: str | None = None) -> int:
-    """Turn a rater's answers file (letters, as on the sheet) into labels (reply ids) under alignment/corpus/labels."""
+                  labelling_pass: int = 1, out: str | None = None, round_no: int = 1) -> int:
+    """Turn a rater's answers file (letters, as on the sheet) into labels (reply ids) under alignment/corpus/labels
+    (round<N>/labels for round N > 1)."""
     import sys
 
     from alignment.corpus_build import import_ratings
-    from alignment.corpus_data import CORPUS_DIR
+    from alignment.corpus_build import round_dir
 
     if not (answers and key and rater):
         print("give ANSWERS KEY --rater WHO, e.g. attune corpus import raw/pass1-01.jsonl sheets/pass1-01.key.json "
@@ -77,23 +92,37 @@ def corpus_import(answers: str | None = None, key: str | None = None, rater: str
 
     stem = Path(answers).stem
     stem = stem if stem.startswith(f"pass{labelling_pass}-") else f"pass{labelling_pass}-{stem}"
-    target = Path(out) if out else CORPUS_DIR / "labels" / f"{stem}.jsonl"
+    target = Path(out) if out else round_dir(round_no) / "labels" / f"{stem}.jsonl"
     n = import_ratings(Path(answers), Path(key), rater, labelling_pass, target)
     print(f"{target}: {n} prompts")
     return 0
 
 
-def corpus_check(counsel_chat: str | None = None) -> int:
-    """Validate every corpus file (prompts, samples, labels of both passes); print sizes and agreement."""
+def corpus_check(counsel_chat: str | None = None, round_no: int | None = None) -> int:
+    """Validate every corpus file (prompts, samples, labels of both passes); print sizes and agreement. Every round
+    in turn, or only `round_no`."""
+    from alignment.corpus_build import corpus_rounds
+
+    rounds = [round_no] if round_no else corpus_rounds()
+    for n in rounds:
+        if len(rounds) > 1 or n > 1:
+            print(f"round {n}:")
+        _check_round(n, counsel_chat)
+    return 0
+
+
+def _check_round(round_no: int, counsel_chat: str | None) -> None:
     from collections import Counter
 
+    from alignment.corpus_build import round_dir
     from alignment.corpus_data import (agreement, load_pass, load_prompts, load_samples, objective_overlap,
                                        resolve_texts)
 
-    prompts = load_prompts()
-    resolve_texts(prompts, _cc(counsel_chat))
-    samples = load_samples()
-    first, second = load_pass(labelling_pass=1, samples=samples), load_pass(labelling_pass=2, samples=samples)
+    folder = round_dir(round_no)
+    prompts = load_prompts(folder)
+    resolve_texts(prompts, _cc(counsel_chat), folder)
+    samples = load_samples(folder)
+    first, second = (load_pass(folder, labelling_pass=n, samples=samples) for n in (1, 2))
     by_split = Counter(p.split for p in prompts)
     labelled = Counter(p.split for p in prompts if p.id in first)
     labels = Counter(lab.label for row in first.values() for lab in row.safety.values())
@@ -102,11 +131,12 @@ def corpus_check(counsel_chat: str | None = None) -> int:
     print(f"labels: pass 1 {len(first)} prompts {dict(labelled)}, safety {dict(labels)}; pass 2 {len(second)}")
     if second:
         print(json.dumps(agreement(first, second), indent=1))
+    if not first:
+        return
     overlap = objective_overlap(first)
     print(f"objectives go together (pass 1, mean Kendall's tau-b between two objectives' rankings of the same "
           f"replies, {overlap['prompts']} prompts): {overlap['mean_between_objectives']:.2f} on average; each with "
           f"the others: " + ", ".join(f"{o} {t:.2f}" for o, t in overlap["mean_with_others"].items()))
-    return 0
 
 
 def reward_train(encoder: str | None = None, judge_encoder: str | None = None, out: str | None = None,

@@ -190,3 +190,123 @@ def test_adjudicated_decisions_override_pass_one_and_bad_lines_are_named(corpus)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"adjudicated.jsonl:1: field 'reply_id'"):
         cd.adjudicated_labels(corpus)
+
+
+@pytest.fixture
+def rounds(corpus, monkeypatch) -> Path:
+    """The tmp corpus as round 1, with the module paths pointing at it."""
+    monkeypatch.setattr(cd, "CORPUS_DIR", corpus)
+    monkeypatch.setattr(cb, "CORPUS_DIR", corpus)
+    return corpus
+
+
+def test_a_later_round_takes_round_one_prompts_and_lives_in_its_own_folder(rounds):
+    assert cb.round_dir(1) == rounds and cb.round_dir(2) == rounds / "round2"
+    with pytest.raises(ValueError, match="count from 1"):
+        cb.round_dir(0)
+    assert cb.corpus_rounds() == [1]
+    picked = cb.round_prompts(2, count=2)
+    assert [p.id for p in picked] == sorted(REPLIES) and all(p.split == "rm-train" for p in picked)
+    assert cb.round_prompts(2, count=1) == cb.round_prompts(2, count=1)
+    with pytest.raises(ValueError, match="3 prompts asked, rm-train has 2"):
+        cb.round_prompts(2, count=3)
+    cd.write_jsonl(picked, rounds / "round2" / "prompts.jsonl")
+    assert cb.corpus_rounds() == [1, 2]
+    # round 2's folder has no authored.jsonl: the messages are round 1's
+    assert cd.resolve_texts(picked, None, rounds / "round2")["au-001"] == AUTHORED[0]["message"]
+
+
+class _Out:
+    def __init__(self, texts):
+        self.outputs = [type("C", (), {"text": f" {t} "})() for t in texts]
+
+
+class _FakeGenerator:
+    """Stands in for alignment.generate.VLLMGenerator: one reply per request naming the adapter that wrote it."""
+    calls = 0
+
+    def __init__(self, base_model, **kw):
+        self.llm = self
+
+    def _lora(self, path):
+        return path.name
+
+    def chat(self, chats, params, lora_request, use_tqdm):
+        type(self).calls += 1
+        return [_Out([f"{lora} reply {i}" for i in range(p.n)]) for p, lora in zip(params, lora_request)]
+
+    def close(self):
+        pass
+
+
+def test_a_round_samples_one_reply_per_adapter_with_ids_of_its_own_and_resumes(rounds, monkeypatch, tmp_path):
+    from alignment import generate
+
+    monkeypatch.setattr(generate, "VLLMGenerator", _FakeGenerator)
+    adapters = ("modpo-empathy", "modpo-change")
+    with pytest.raises(ValueError, match="round 1"):
+        cb.sample_round(1, "m", tmp_path, None, adapters=adapters, count=2)
+    out = cb.sample_round(2, "m", tmp_path, None, adapters=adapters, count=2, log=lambda *_: None)
+    rows = cd.read_jsonl(out)
+    assert sorted((r["prompt_id"], r["model"]) for r in rows) == sorted((p, a) for p in REPLIES for a in adapters)
+    samples = cd.load_samples(rounds / "round2")
+    for pid in REPLIES:
+        assert sorted(r.text for r in samples[pid]) == sorted(f"{a} reply 0" for a in adapters)
+        ids = {r.id for r in samples[pid]}
+        assert not ids & {cb.reply_id(pid, a, 0) for a in adapters}, "round 2's ids must differ from round 1's"
+    calls = _FakeGenerator.calls
+    cb.sample_round(2, "m", tmp_path, None, adapters=adapters, count=2)
+    assert _FakeGenerator.calls == calls, "a finished round samples nothing again"
+
+
+def test_pairs_come_from_every_round_asked_each_ranked_among_its_own_replies(rounds, monkeypatch, tmp_path):
+    from alignment import generate
+    from alignment import grid_data as G
+
+    monkeypatch.setattr(generate, "VLLMGenerator", _FakeGenerator)
+    adapters = ("modpo-empathy", "modpo-change", "modpo-autonomy")
+    cb.sample_round(2, "m", tmp_path, None, adapters=adapters, count=2, log=lambda *_: None)
+    for folder in (rounds, rounds / "round2"):
+        _write_labels(folder, [_label(pid, _ids(folder, pid)) for pid in REPLIES])
+    one = G.corpus_rated("rm-train", None)
+    both = G.corpus_rated("rm-train", None, rounds=(1, 2))
+    assert len(one) == 2 and len(both) == 4 and both[:2] == one
+    for item in both[2:]:
+        assert sorted(item.replies.values()) == sorted(f"{a} reply 0" for a in adapters)
+        assert all(set(r) == set(item.replies) for r in item.rank.values())
+    with pytest.raises(DataError, match="corpus round 3: no .*round3/samples.jsonl"):
+        G.corpus_rated("rm-train", None, rounds=(1, 3))
+
+
+def test_an_adapter_with_its_own_rounds_trains_on_them_and_the_others_keep_the_recipes(rounds, monkeypatch, tmp_path):
+    import numpy as np
+
+    from alignment import generate
+    from alignment import grid_data as G
+    from alignment.pipeline import GridData, preference_rows
+    from alignment.recipe import Recipe
+
+    class Scores:
+        def raw_scores(self, prompts, replies):
+            return np.array([[float(len(r))] * len(OBJECTIVES) for r in replies])
+
+    monkeypatch.setattr(generate, "VLLMGenerator", _FakeGenerator)
+    cb.sample_round(2, "m", tmp_path, None, adapters=("modpo-empathy", "modpo-change", "modpo-autonomy"), count=2,
+                    log=lambda *_: None)
+    for folder in (rounds, rounds / "round2"):
+        _write_labels(folder, [_label(pid, _ids(folder, pid)) for pid in REPLIES])
+    w = {"empathy": 0.5, "safety": 0.5}
+    recipe = Recipe.model_validate({"name": "t", "pairs": {"seed_ratings": False}, "adapters": [
+        {"id": "r1", "recipe": "modpo", "primary": "empathy", "weights": w},
+        {"id": "r12", "recipe": "modpo", "primary": "empathy", "weights": w, "corpus_rounds": [1, 2]},
+        {"id": "capped", "recipe": "modpo", "primary": "empathy", "weights": w, "corpus_rounds": [1, 2],
+         "max_pairs": 3}]})
+    grid = GridData(recipe, "m", [], None, Scores())
+    rows = {a.id: preference_rows(a, grid) for a in recipe.adapters}
+    assert len(rows["r1"]) == 2 and len(rows["r12"]) == 4 and len(rows["capped"]) == 3
+    assert {r["source"] for r in rows["r12"]} == {"corpus-labels", "corpus-labels-round2"}
+    assert G.source_counts(rows["capped"])["corpus-labels-round2"] >= 1, "a cap takes from each round in turn"
+    round2 = {r.text for rs in cd.load_samples(rounds / "round2").values() for r in rs}
+    assert not any(r["texts"][1] in round2 for r in rows["r1"])
+    assert sum(r["texts"][1] in round2 for r in rows["r12"]) == 2
+    assert grid.hash == grid.data_hash((1,)) != grid.data_hash((1, 2))

@@ -41,6 +41,9 @@ def _recipe(**adapter):
     ({"id": "so", "recipe": "soup", "parents": [{"id": "missing", "weight": 1}]}, "before it"),
     ({"id": "sf", "recipe": "sft", "pair_selection": "contrastive"}, "dpo and modpo adapters only"),
     ({"id": "mo", "recipe": "dpo", "primary": "empathy", "pair_selection": "best_of_all"}, "pair_selection"),
+    ({"id": "sf", "recipe": "sft", "corpus_rounds": [1, 2]}, "corpus_rounds applies to dpo and modpo"),
+    ({"id": "jo", "recipe": "joint_dpo", "weights": {"empathy": 1.0}, "max_pairs": 10}, "max_pairs applies to"),
+    ({"id": "mo", "recipe": "dpo", "primary": "empathy", "corpus_rounds": []}, "corpus_rounds"),
 ])
 def test_bad_recipe_says_what_to_fix(adapter, needle):
     with pytest.raises(ValueError, match=needle):
@@ -53,7 +56,7 @@ def test_unknown_train_field_is_rejected():
 
 
 def test_a_default_pair_selection_leaves_the_adapter_hash_as_it_was():
-    """Adapters trained before `pair_selection` existed keep their recipe hash, so `attune train` still reuses them."""
+    """Adapters trained before `pair_selection`, `corpus_rounds` or `max_pairs` existed keep their recipe hash, so `attune train` still reuses them."""
     from alignment.pipeline import recipe_hash, spec_for_hash
     from alignment.recipe import AdapterSpec
 
@@ -61,3 +64,5 @@ def test_a_default_pair_selection_leaves_the_adapter_hash_as_it_was():
     before = {**spec, "weights": None, "parents": None}  # the dump of the spec before the field existed
     assert recipe_hash(spec_for_hash(AdapterSpec(**spec))) == recipe_hash(before)
     assert recipe_hash(spec_for_hash(AdapterSpec(**spec, pair_selection="contrastive"))) != recipe_hash(before)
+    for added in ({"corpus_rounds": [1, 2]}, {"max_pairs": 100}):
+        assert recipe_hash(spec_for_hash(AdapterSpec(**spec, **added))) != recipe_hash(before)
