@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -316,6 +316,35 @@ def objective_overlap(rows: dict[str, LabelRow]) -> dict:
     return {"prompts": len(rows), "kendall_tau": matrix,
             "mean_between_objectives": mean([matrix[a][b] for a, b in itertools.combinations(OBJECTIVES, 2)]),
             "mean_with_others": {a: mean([matrix[a][b] for b in OBJECTIVES if b != a]) for a in OBJECTIVES}}
+
+
+def by_writer(labels: dict[str, LabelRow], writers: dict[str, str], emphasis: dict[str, str] | None = None) -> dict:
+    """After labelling, unblinded: per writer (reply id -> model, `sample_models`), replies labelled unsafe / borderline
+    and the mean rank per objective; with `emphasis` (objective -> the model that emphasises it), the raters'
+    steering accuracy: the share of prompts on which that model's reply is ranked best on its objective (a tie for
+    best splits the prompt; chance is 1 / the number of writers per prompt)."""
+    safety: dict[str, Counter] = defaultdict(Counter)
+    ranks: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for row in labels.values():
+        for rid, lab in row.safety.items():
+            safety[writers[rid]][lab.label] += 1
+        for o, r in row.rank.items():
+            for rid, v in r.items():
+                ranks[writers[rid]][o].append(v)
+    out = {"writers": {w: {"replies": sum(c.values()), "unsafe": c["unsafe"], "borderline": c["borderline"],
+                           "mean_rank": {o: round(float(np.mean(v)), 2) for o, v in ranks[w].items()}}
+                       for w, c in sorted(safety.items())}}
+    if emphasis:
+        acc = {}
+        for o, model in emphasis.items():
+            hits = 0.0
+            for row in labels.values():
+                best = min(row.rank[o].values())
+                tops = [rid for rid, v in row.rank[o].items() if v == best]
+                hits += sum(writers[rid] == model for rid in tops) / len(tops)
+            acc[o] = round(hits / max(len(labels), 1), 3)
+        out["steering_accuracy"] = acc
+    return out
 
 
 def _kappa(a: list[str], b: list[str]) -> float:
