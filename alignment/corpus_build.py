@@ -26,8 +26,10 @@ SAMPLING = GenerationSettings(max_tokens=128, temperature=0.8, top_p=0.95, seed=
 VARIETY_ADAPTERS = ("sft", "dpo-safety", "modpo-empathy", "modpo-balanced")
 # Round 2 (issue 13): the six emphasised MODPO adapters each write one reply to ROUND_PROMPTS rm-train prompts, so
 # that a prompt's replies differ in which objective they serve rather than only in overall quality.
-ROUND_ADAPTERS = ("modpo-empathy", "modpo-safety", "modpo-listening", "modpo-change", "modpo-rapport",
-                  "modpo-autonomy")
+ROUND_EMPHASIS = {"empathy": "modpo-empathy", "safety": "modpo-safety", "active_listening": "modpo-listening",
+                  "self_motivated_change": "modpo-change", "trust_rapport": "modpo-rapport",
+                  "patient_autonomy": "modpo-autonomy"}
+ROUND_ADAPTERS = tuple(ROUND_EMPHASIS.values())
 ROUND_PROMPTS = 240
 
 

@@ -82,8 +82,7 @@ def corpus_import(answers: str | None = None, key: str | None = None, rater: str
     (round<N>/labels for round N > 1)."""
     import sys
 
-    from alignment.corpus_build import import_ratings
-    from alignment.corpus_build import round_dir
+    from alignment.corpus_build import import_ratings, round_dir
 
     if not (answers and key and rater):
         print("give ANSWERS KEY --rater WHO, e.g. attune corpus import raw/pass1-01.jsonl sheets/pass1-01.key.json "
@@ -114,10 +113,9 @@ def corpus_check(counsel_chat: str | None = None, round_no: int | None = None) -
 def _check_round(round_no: int, counsel_chat: str | None) -> None:
     from collections import Counter
 
-    from alignment.corpus_build import ROUND_ADAPTERS, round_dir
+    from alignment.corpus_build import ROUND_EMPHASIS, round_dir
     from alignment.corpus_data import (agreement, by_writer, load_pass, load_prompts, load_samples,
                                        objective_overlap, resolve_texts, sample_models)
-    from alignment.objectives import OBJECTIVES
 
     folder = round_dir(round_no)
     prompts = load_prompts(folder)
@@ -134,13 +132,14 @@ def _check_round(round_no: int, counsel_chat: str | None) -> None:
         print(json.dumps(agreement(first, second), indent=1))
     if not first:
         return
-    emphasis = dict(zip(OBJECTIVES, ROUND_ADAPTERS)) if round_no > 1 else None
+    emphasis = ROUND_EMPHASIS if round_no > 1 else None
     writers = by_writer(first, sample_models(folder), emphasis)
     print("by writer (unblinded, pass 1): " + "; ".join(f"{w} {v['unsafe']}/{v['replies']} unsafe"
                                                          for w, v in writers["writers"].items()))
     if emphasis:
+        accuracy = writers["steering_accuracy"]
         print("raters' steering accuracy (the emphasising adapter's reply ranked best on its objective; chance "
-              f"1/{len(ROUND_ADAPTERS)}): " + ", ".join(f"{o} {a:.2f}" for o, a in writers["steering_accuracy"].items()))
+              f"1/{len(emphasis)}): " + ", ".join(f"{o} {a:.2f}" for o, a in accuracy.items()))
     overlap = objective_overlap(first)
     print(f"objectives go together (pass 1, mean Kendall's tau-b between two objectives' rankings of the same "
           f"replies, {overlap['prompts']} prompts): {overlap['mean_between_objectives']:.2f} on average; each with "

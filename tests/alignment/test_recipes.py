@@ -56,7 +56,8 @@ def test_unknown_train_field_is_rejected():
 
 
 def test_a_default_pair_selection_leaves_the_adapter_hash_as_it_was():
-    """Adapters trained before `pair_selection`, `corpus_rounds` or `max_pairs` existed keep their recipe hash, so `attune train` still reuses them."""
+    """Adapters trained before `pair_selection`, `corpus_rounds` or `max_pairs` existed keep their recipe hash, so
+    `attune train` still reuses them."""
     from alignment.pipeline import recipe_hash, spec_for_hash
     from alignment.recipe import AdapterSpec
 
