@@ -318,11 +318,9 @@ def objective_overlap(rows: dict[str, LabelRow]) -> dict:
             "mean_with_others": {a: mean([matrix[a][b] for b in OBJECTIVES if b != a]) for a in OBJECTIVES}}
 
 
-def by_writer(labels: dict[str, LabelRow], writers: dict[str, str], emphasis: dict[str, str] | None = None) -> dict:
+def by_writer(labels: dict[str, LabelRow], writers: dict[str, str]) -> dict:
     """After labelling, unblinded: per writer (reply id -> model, `sample_models`), replies labelled unsafe / borderline
-    and the mean rank per objective; with `emphasis` (objective -> the model that emphasises it), the raters'
-    steering accuracy: the share of prompts on which that model's reply is ranked best on its objective (a tie for
-    best splits the prompt; chance is 1 / the number of writers per prompt)."""
+    and the mean rank per objective."""
     safety: dict[str, Counter] = defaultdict(Counter)
     ranks: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for row in labels.values():
@@ -331,19 +329,30 @@ def by_writer(labels: dict[str, LabelRow], writers: dict[str, str], emphasis: di
         for o, r in row.rank.items():
             for rid, v in r.items():
                 ranks[writers[rid]][o].append(v)
-    out = {"writers": {w: {"replies": sum(c.values()), "unsafe": c["unsafe"], "borderline": c["borderline"],
-                           "mean_rank": {o: round(float(np.mean(v)), 2) for o, v in ranks[w].items()}}
-                       for w, c in sorted(safety.items())}}
-    if emphasis:
-        acc = {}
-        for o, model in emphasis.items():
-            hits = 0.0
-            for row in labels.values():
-                best = min(row.rank[o].values())
-                tops = [rid for rid, v in row.rank[o].items() if v == best]
-                hits += sum(writers[rid] == model for rid in tops) / len(tops)
-            acc[o] = round(hits / max(len(labels), 1), 3)
-        out["steering_accuracy"] = acc
+    return {w: {"replies": sum(c.values()), "unsafe": c["unsafe"], "borderline": c["borderline"],
+                "mean_rank": {o: round(float(np.mean(v)), 2) for o, v in ranks[w].items()}}
+            for w, c in sorted(safety.items())}
+
+
+def rank_scores(labels: dict[str, LabelRow], writers: dict[str, str]) -> dict[str, np.ndarray]:
+    """{writer: [prompts, objectives]} minus each writer's rank (higher is better, ties equal), prompts in id order,
+    objectives in OBJECTIVES order: the shape evals.stats takes for judge scores, so that its steering accuracy
+    reads raters' rankings too. Every prompt needs exactly one reply by every writer."""
+    out: dict[str, np.ndarray] = {}
+    names = sorted(set(writers[rid] for row in labels.values() for rid in row.safety))
+    for w in names:
+        out[w] = np.zeros((len(labels), len(OBJECTIVES)))
+    for i, pid in enumerate(sorted(labels)):
+        row = labels[pid]
+        by = defaultdict(list)
+        for rid in row.safety:
+            by[writers[rid]].append(rid)
+        if sorted(by) != names or any(len(v) != 1 for v in by.values()):
+            raise DataError(f"prompt {pid!r}: rank scores need one reply per writer {names}, got "
+                            f"{ {w: len(v) for w, v in sorted(by.items())} }")
+        for j, o in enumerate(OBJECTIVES):
+            for w, (rid,) in by.items():
+                out[w][i, j] = -row.rank[o][rid]
     return out
 
 

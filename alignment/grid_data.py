@@ -32,7 +32,7 @@ class Rated:
     replies: dict[str, str]  # reply id -> text
     rank: dict[str, dict[str, int]]  # objective -> reply id -> rank
     source: str
-    round: int = 1  # corpus round (corpus-labels sources only)
+    round: int | None = None  # corpus round (corpus-labels sources only)
 
 
 def ranks_from_scores(scores: dict[str, float]) -> dict[str, int]:

@@ -108,7 +108,7 @@ class GridData:
              selection: str = "best_worst", rounds: tuple[int, ...] | None = None, max_pairs: int | None = None
              ) -> list[dict]:
         rounds = rounds or self.rounds
-        items = [it for it in self.items if not it.source.startswith("corpus-labels") or it.round in rounds]
+        items = [it for it in self.items if it.round is None or it.round in rounds]
         rows = grid_data.interleave_sources(
             grid_data.pair_rows(items, primary, pair_weight=pair_weight, selection=selection),
             max_pairs or self.max_pairs)

@@ -115,7 +115,8 @@ def _check_round(round_no: int, counsel_chat: str | None) -> None:
 
     from alignment.corpus_build import ROUND_EMPHASIS, round_dir
     from alignment.corpus_data import (agreement, by_writer, load_pass, load_prompts, load_samples,
-                                       objective_overlap, resolve_texts, sample_models)
+                                       objective_overlap, rank_scores, resolve_texts, sample_models)
+    from alignment.objectives import OBJECTIVES
 
     folder = round_dir(round_no)
     prompts = load_prompts(folder)
@@ -132,14 +133,15 @@ def _check_round(round_no: int, counsel_chat: str | None) -> None:
         print(json.dumps(agreement(first, second), indent=1))
     if not first:
         return
-    emphasis = ROUND_EMPHASIS if round_no > 1 else None
-    writers = by_writer(first, sample_models(folder), emphasis)
+    writers = sample_models(folder)
     print("by writer (unblinded, pass 1): " + "; ".join(f"{w} {v['unsafe']}/{v['replies']} unsafe"
-                                                         for w, v in writers["writers"].items()))
-    if emphasis:
-        accuracy = writers["steering_accuracy"]
+                                                         for w, v in by_writer(first, writers).items()))
+    if round_no > 1:
+        from evals.stats import steering_accuracy
+
+        acc = steering_accuracy(rank_scores(first, writers), ROUND_EMPHASIS, list(OBJECTIVES))
         print("raters' steering accuracy (the emphasising adapter's reply ranked best on its objective; chance "
-              f"1/{len(emphasis)}): " + ", ".join(f"{o} {a:.2f}" for o, a in accuracy.items()))
+              f"1/{len(ROUND_EMPHASIS)}): " + ", ".join(f"{o} {a['accuracy']:.2f}" for o, a in acc.items()))
     overlap = objective_overlap(first)
     print(f"objectives go together (pass 1, mean Kendall's tau-b between two objectives' rankings of the same "
           f"replies, {overlap['prompts']} prompts): {overlap['mean_between_objectives']:.2f} on average; each with "

@@ -5,7 +5,7 @@ rankings (where the objectives go together); a candidate that steers in a way ra
 would not show there. This reads the greedy rm-val replies `attune eval tune` cached under runs/eval/ for each store's
 six emphasised adapters and lays them out as a corpus of their own (build/corpus/blind-steering/<store>/: prompts,
 samples), so that the corpus's blind sheets, the rater brief, `attune corpus import`'s mapping and
-`corpus_data.by_writer` apply unchanged:
+the evaluation's steering accuracy (`evals.stats`, over `corpus_data.rank_scores`) apply unchanged:
 
   python scripts/corpus/blind_steering.py sheets adapters/store runs/tune/round2 ...   # sheets of --size prompts
   (raters answer each sheet under alignment/corpus/RATER_BRIEF.md)
@@ -28,11 +28,13 @@ import numpy as np
 from adapters.registry import AdapterStore
 from alignment import basemodel
 from alignment.corpus_build import ROUND_EMPHASIS, import_ratings, rating_sheets, reply_id
-from alignment.corpus_data import CorpusPrompt, load_labels, load_samples, sample_models, write_jsonl
+from alignment.corpus_data import (CorpusPrompt, by_writer, load_labels, load_prompts, load_samples, rank_scores,
+                                   sample_models, write_jsonl)
 from alignment.generate import GenerationSettings
+from alignment.objectives import OBJECTIVES
 from alignment.pipeline import RUNS_DIR, counsel_chat_source
 from attune.paths import REPO_ROOT
-from evals import reply_cache
+from evals import reply_cache, stats
 from evals.tune import rmval_prompts
 
 OUT = REPO_ROOT / "build" / "corpus" / "blind-steering"
@@ -66,8 +68,6 @@ def _lay_out(store: str, items: list[dict]) -> Path:
 
 
 def sheets(stores: list[str], size: int, cc: str | None) -> None:
-    from alignment.corpus_data import load_prompts
-
     refs = {p.id: p.ref for p in load_prompts()}
     items = [{**it, "ref": refs[it["id"]]} for it in rmval_prompts(cc)]
     jobs = []
@@ -92,8 +92,6 @@ def score(stores: list[str], out: Path = OUT, keep: Path | None = None, resample
     `score --from KEEP` computes it again from that copy."""
     import shutil
 
-    from alignment.corpus_data import by_writer
-
     index = json.loads((out / "index.json").read_text())
     raters = json.loads((out / "raters.json").read_text()) if (out / "raters.json").exists() else {}
     lines = ["# Blind raters' steering accuracy of tuning candidates (rm-val)", "",
@@ -117,20 +115,10 @@ def score(stores: list[str], out: Path = OUT, keep: Path | None = None, resample
             if answers.exists():
                 import_ratings(answers, key, raters.get(name, "claude/unknown"), 1, target)
             labels.update(load_labels(target, samples))
-        hits = {o: [] for o in ROUND_EMPHASIS}
-        for pid, row in sorted(labels.items()):
-            for o, model in ROUND_EMPHASIS.items():
-                best = min(row.rank[o].values())
-                tops = [r for r, v in row.rank[o].items() if v == best]
-                hits[o].append(sum(writers[r] == model for r in tops) / len(tops))
-        idx = np.random.default_rng(0).integers(0, len(labels), (resamples, len(labels)))
-        cells = []
-        for o, h in hits.items():
-            h = np.asarray(h)
-            lo, hi = np.percentile(h[idx].mean(1), [2.5, 97.5])
-            cells.append(f"{h.mean():.2f} [{lo:.2f}, {hi:.2f}]")
-        mean = np.mean([np.mean(h) for h in hits.values()])
-        unsafe = sum(v["unsafe"] for v in by_writer(labels, writers)["writers"].values())
+        acc = stats.steering_accuracy(rank_scores(labels, writers), ROUND_EMPHASIS, list(OBJECTIVES), resamples)
+        cells = [f"{a['accuracy']:.2f} [{a['low']:.2f}, {a['high']:.2f}]" for a in acc.values()]
+        mean = np.mean([a["accuracy"] for a in acc.values()])
+        unsafe = sum(v["unsafe"] for v in by_writer(labels, writers).values())
         who = ", ".join(raters.get(n, "?") for n in sheets_of)
         lines.append(f"| `{store}` | {len(labels)} | {who} | {mean:.3f} | " + " | ".join(cells)
                      + f" | {unsafe}/{len(labels) * 6} |")

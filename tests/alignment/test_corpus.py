@@ -313,13 +313,17 @@ def test_an_adapter_with_its_own_rounds_trains_on_them_and_the_others_keep_the_r
 
 
 def test_by_writer_counts_unsafe_replies_and_the_raters_steering_accuracy(corpus):
+    from evals.stats import steering_accuracy
+
     ids = {pid: _ids(corpus, pid) for pid in REPLIES}
     writers = {rid: ("kind", "blunt", "curious")[k] for pid in REPLIES for k, rid in enumerate(ids[pid])}
     labels = {"au-001": cd.LabelRow.model_validate(_label("au-001", ids["au-001"], "A>C>B")),
               "au-002": cd.LabelRow.model_validate(_label("au-002", ids["au-002"], "C=A>B", unsafe=1))}
-    out = cd.by_writer(labels, writers, {"empathy": "kind", "safety": "curious", "trust_rapport": "blunt"})
-    assert out["writers"]["blunt"] == {"replies": 2, "unsafe": 1, "borderline": 0,
-                                       "mean_rank": {o: 3.0 for o in OBJECTIVES}}
+    out = cd.by_writer(labels, writers)
+    assert out["blunt"] == {"replies": 2, "unsafe": 1, "borderline": 0, "mean_rank": {o: 3.0 for o in OBJECTIVES}}
     # kind is best on au-001 and shares best with curious on au-002: 1 + 1/2 over two prompts
-    assert out["steering_accuracy"] == {"empathy": 0.75, "safety": 0.25, "trust_rapport": 0.0}
-    assert "steering_accuracy" not in cd.by_writer(labels, writers)
+    acc = steering_accuracy(cd.rank_scores(labels, writers), {"empathy": "kind", "safety": "curious",
+                                                                "trust_rapport": "blunt"}, list(OBJECTIVES))
+    assert {o: a["accuracy"] for o, a in acc.items()} == {"empathy": 0.75, "safety": 0.25, "trust_rapport": 0.0}
+    with pytest.raises(DataError, match="one reply per writer"):
+        cd.rank_scores(labels, {**writers, ids["au-002"][0]: "blunt"})
