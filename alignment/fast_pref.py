@@ -194,11 +194,43 @@ def build_cache(base_model: str, tok, sequences: list[tuple[list[dict], list[dic
     return cache
 
 
+def load_initial_weights(model, folder: Path, lora_config) -> int:
+    """Start a fresh PEFT model from a trained adapter's LoRA weights (an iteration on new pairs). The adapter must
+    have the recipe's LoRA shape (rank, alpha, modules, layers); returns how many tensors were loaded."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not (cfg_file.is_file() and weights.is_file()):
+        raise FileNotFoundError(f"init_from {folder}: no PEFT adapter there (adapter_config.json and "
+                                "adapter_model.safetensors)")
+    have = json.loads(cfg_file.read_text())
+    want = {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+            "target_modules": sorted(lora_config.target_modules),
+            "layers_to_transform": sorted(lora_config.layers_to_transform or [])}
+    got = {"r": have.get("r"), "lora_alpha": have.get("lora_alpha"),
+           "target_modules": sorted(have.get("target_modules") or []),
+           "layers_to_transform": sorted(have.get("layers_to_transform") or [])}
+    if got != want:
+        diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        raise ValueError(f"init_from {folder}: its LoRA shape differs from the recipe's (adapter, recipe): {diff}")
+    state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise ValueError(f"init_from {folder}: {len(result.unexpected_keys)} tensors match no LoRA module "
+                         f"(first: {result.unexpected_keys[0]})")
+    lora_params = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+    if len(state) != lora_params:
+        raise ValueError(f"init_from {folder}: {len(state)} tensors for {lora_params} LoRA parameters")
+    return len(state)
+
+
 def train_adapter(base_model: str, cache: SequenceCache, pairs: list[dict], args, out_dir: Path, *,
-                  log=print) -> dict:
+                  init_from: Path | None = None, log=print) -> dict:
     """Train one LoRA adapter (args: alignment.trainers.TrainArgs) on pairs {chosen_key, rejected_key, margin,
     w_primary, weight} whose sequences are in `cache`; save it as a PEFT folder. Pairs with a sequence the cache
-    dropped (too long a prompt) are skipped and counted."""
+    dropped (too long a prompt) are skipped and counted. `init_from`: a trained adapter to start from (the reference
+    stays the base model)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -211,6 +243,8 @@ def train_adapter(base_model: str, cache: SequenceCache, pairs: list[dict], args
     torch.manual_seed(args.seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32),
                            args.lora_config())
+    if init_from is not None:
+        log(f"starting from {init_from} ({load_initial_weights(model, init_from, args.lora_config())} tensors)")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)

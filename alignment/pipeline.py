@@ -132,7 +132,27 @@ def preference_rows(spec: AdapterSpec, grid: GridData) -> list[dict]:
 
 
 # Spec fields added after adapters were trained, with their defaults: left out of the hash at the default.
-ADDED_SPEC_FIELDS = {"pair_selection": "best_worst", "corpus_rounds": None, "max_pairs": None}
+ADDED_SPEC_FIELDS = {"pair_selection": "best_worst", "corpus_rounds": None, "max_pairs": None, "init_from": None}
+
+
+def init_folder(spec: AdapterSpec) -> Path | None:
+    """The adapter folder `spec.init_from` names (relative to the repository root, or absolute)."""
+    if spec.init_from is None:
+        return None
+    path = Path(spec.init_from)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def init_weights_hash(spec: AdapterSpec) -> list[str]:
+    """The hash of the weights an adapter starts from (none: [], so adapters trained from zero keep their hash)."""
+    folder = init_folder(spec)
+    if folder is None:
+        return []
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"adapter {spec.id!r}: init_from {spec.init_from!r} has no adapter_model.safetensors "
+                                f"(looked in {folder})")
+    return [data.data_hash([weights])]
 
 
 def spec_for_hash(spec: AdapterSpec) -> dict:
@@ -227,7 +247,10 @@ def _make(spec: AdapterSpec, base: str, tok, args: TrainArgs, folder: Path, made
         pairs = [{"chosen_key": fast_pref.key(r["prompt"], r["chosen"]),
                   "rejected_key": fast_pref.key(r["prompt"], r["rejected"]),
                   "margin": r["margin"], "w_primary": r["w_primary"], "weight": r["weight"]} for r in made_of]
-        stats = fast_pref.train_adapter(base, cache, pairs, args, folder, log=lambda m: _log(f"{spec.id}: {m}"))
+        stats = fast_pref.train_adapter(base, cache, pairs, args, folder, init_from=init_folder(spec),
+                                        log=lambda m: _log(f"{spec.id}: {m}"))
+        if spec.init_from is not None:
+            stats["init_from"] = spec.init_from
     return {**stats, "pair_sources": sources}
 
 
@@ -262,6 +285,8 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
         grid = GridData(recipe, base, train, cc_source, RewardModel.load(REWARD_DIR))
         rows = {a.id: preference_rows(a, grid) for a in todo if a.recipe in PREFERENCE}
     data_hash = grid.hash if grid else data.data_hash([*data.seed_files(), data.SPLITS_FILE])
+    if args.trainer != "cached" and any(a.init_from for a in todo):
+        raise ValueError("init_from needs the cached trainer (train.trainer: cached)")
     cache = None
     if rows and args.trainer == "cached":
         cache = sequence_cache(recipe, base, tok, args, [r for rs in rows.values() for r in rs])
@@ -277,7 +302,8 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
             made_of = sft_rows(recipe, train, cc_rows)
         else:
             made_of = [{k: v for k, v in r.items() if k != "texts"} for r in rows[spec.id]]
-        h = hashes[spec.id] = recipe_hash(spec_for_hash(spec), asdict(args), base_name, made_of)
+        h = hashes[spec.id] = recipe_hash(spec_for_hash(spec), asdict(args), base_name, made_of,
+                                          *init_weights_hash(spec))
         folder = work / f"{spec.id}-{h}"
         done = work / f"{spec.id}-{h}.done.json"  # beside the folder: everything inside it goes into the store
         if done.exists():

@@ -36,6 +36,10 @@ class AdapterSpec(BaseModel):
                                             "adapter's pairs (dpo, modpo; default: the recipe's pairs.corpus_rounds)")
     max_pairs: int | None = Field(None, ge=1, description="this adapter's cap on pairs (dpo, modpo; default: the "
                                   "recipe's pairs.max_pairs)")
+    init_from: str | None = Field(None, min_length=1, description="a trained PEFT adapter folder (relative to the "
+                                  "repository root, or absolute) whose LoRA weights this adapter starts from instead "
+                                  "of zero (dpo, modpo, cached trainer): one more iteration on new pairs; its weights' "
+                                  "hash is part of the recipe hash")
 
     @field_validator("primary")
     @classmethod
@@ -55,7 +59,7 @@ class AdapterSpec(BaseModel):
             Preference(self.weights)  # raises with a clear message
         if self.pair_selection != "best_worst" and self.recipe not in ("dpo", "modpo"):
             raise ValueError(f"adapter {self.id!r}: pair_selection applies to dpo and modpo adapters only")
-        for name in ("corpus_rounds", "max_pairs"):
+        for name in ("corpus_rounds", "max_pairs", "init_from"):
             if getattr(self, name) is not None and self.recipe not in ("dpo", "modpo"):
                 raise ValueError(f"adapter {self.id!r}: {name} applies to dpo and modpo adapters only")
         if self.recipe == "modpo" and self.weights.get(self.primary, 0) <= 0:

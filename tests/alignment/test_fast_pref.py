@@ -124,3 +124,31 @@ def test_the_cache_round_trips_and_refuses_another_layer(model_dir, cache, tmp_p
         F.train_adapter(model_dir, back, _pairs(), _args(layers_to_transform=[1, 2, 3]), tmp_path / "x")
     with pytest.raises(ValueError, match="cache built for layer 2"):
         F.build_cache(model_dir, None, [], layer=1, max_length=128, cache=back)
+
+
+def test_an_adapter_can_start_from_a_trained_one(model_dir, cache, tmp_path):
+    """init_from: the new adapter's LoRA weights start as the trained adapter's (so the policy starts where that
+    one ended, with the base model still the reference), and an adapter of another shape is refused."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    F.train_adapter(model_dir, cache, _pairs(), _args(epochs=5), tmp_path / "first", log=lambda m: None)
+    saved = load_file(str(tmp_path / "first" / "adapter_model.safetensors"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _args().lora_config())
+    assert F.load_initial_weights(model, tmp_path / "first", _args().lora_config()) == len(saved) == 8
+    state = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    assert all(torch.equal(state[k], v) for k, v in saved.items()), "the loaded weights are the saved ones"
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # a fresh adapter's B is zero
+
+    logs: list[str] = []
+    stats = F.train_adapter(model_dir, cache, _pairs(), _args(epochs=1), tmp_path / "next",
+                            init_from=tmp_path / "first", log=logs.append)
+    assert any("starting from" in m for m in logs)
+    fresh = F.train_adapter(model_dir, cache, _pairs(), _args(epochs=1), tmp_path / "zero", log=lambda m: None)
+    assert stats["train_loss"] < fresh["train_loss"], (stats, fresh)  # it starts where the first one ended
+
+    with pytest.raises(ValueError, match="LoRA shape differs"):
+        F.load_initial_weights(model, tmp_path / "first", _args(lora_r=8).lora_config())
+    with pytest.raises(FileNotFoundError, match="no PEFT adapter"):
+        F.load_initial_weights(model, tmp_path, _args().lora_config())

@@ -42,6 +42,7 @@ def _recipe(**adapter):
     ({"id": "sf", "recipe": "sft", "pair_selection": "contrastive"}, "dpo and modpo adapters only"),
     ({"id": "mo", "recipe": "dpo", "primary": "empathy", "pair_selection": "best_of_all"}, "pair_selection"),
     ({"id": "sf", "recipe": "sft", "corpus_rounds": [1, 2]}, "corpus_rounds applies to dpo and modpo"),
+    ({"id": "su", "recipe": "sft", "init_from": "adapters/store/sft"}, "init_from applies to dpo and modpo"),
     ({"id": "jo", "recipe": "joint_dpo", "weights": {"empathy": 1.0}, "max_pairs": 10}, "max_pairs applies to"),
     ({"id": "mo", "recipe": "dpo", "primary": "empathy", "corpus_rounds": []}, "corpus_rounds"),
 ])
@@ -65,5 +66,24 @@ def test_a_default_pair_selection_leaves_the_adapter_hash_as_it_was():
     before = {**spec, "weights": None, "parents": None}  # the dump of the spec before the field existed
     assert recipe_hash(spec_for_hash(AdapterSpec(**spec))) == recipe_hash(before)
     assert recipe_hash(spec_for_hash(AdapterSpec(**spec, pair_selection="contrastive"))) != recipe_hash(before)
-    for added in ({"corpus_rounds": [1, 2]}, {"max_pairs": 100}):
+    for added in ({"corpus_rounds": [1, 2]}, {"max_pairs": 100}, {"init_from": "adapters/store/dpo-empathy"}):
         assert recipe_hash(spec_for_hash(AdapterSpec(**spec, **added))) != recipe_hash(before)
+
+
+def test_init_from_puts_the_starting_weights_into_the_hash(tmp_path):
+    """An adapter that starts from another is a new adapter whenever the weights it starts from change."""
+    from alignment.pipeline import init_folder, init_weights_hash
+    from alignment.recipe import AdapterSpec
+
+    folder = tmp_path / "start"
+    folder.mkdir()
+    spec = AdapterSpec(id="dpo-empathy", recipe="dpo", primary="empathy", init_from=str(folder))
+    assert init_folder(spec) == folder and init_weights_hash(AdapterSpec(id="x1", recipe="sft")) == []
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        init_weights_hash(spec)
+    (folder / "adapter_model.safetensors").write_bytes(b"one")
+    first = init_weights_hash(spec)
+    (folder / "adapter_model.safetensors").write_bytes(b"two")
+    assert len(first) == 1 and init_weights_hash(spec) != first
+    rel = AdapterSpec(id="dpo-empathy", recipe="dpo", primary="empathy", init_from="adapters/store/dpo-empathy")
+    assert init_weights_hash(rel)  # relative to the repository root: the shipped adapter is there
