@@ -1,4 +1,6 @@
 """Every shipped recipe loads against the code that consumes it; bad recipes fail clearly."""
+import json
+
 import pytest
 import yaml
 
@@ -15,6 +17,12 @@ def test_shipped_recipe_loads(path):
     assert args.lora_r <= 16
     for a in r.adapters:
         a.preference()
+        if a.init_from is not None:  # a committed adapter of the recipe's LoRA shape, on any clone
+            from alignment.pipeline import init_folder
+
+            config = json.loads((init_folder(a) / "adapter_config.json").read_text())
+            assert (config["r"], config["layers_to_transform"]) == (args.lora_r, args.layers_to_transform), a.id
+            assert (init_folder(a) / "adapter_model.safetensors").is_file()
 
 
 def test_shipped_grid_meets_the_issue():
