@@ -66,6 +66,17 @@ def test_tiny_recipe_end_to_end(tiny_recipe, tmp_path, monkeypatch, capsys):
     first = json.loads(cached[0].read_text().splitlines()[0])
     assert len(first["replies"]) == 2 and "scores" not in first  # scores are recomputed, never cached
 
+    # An iteration: an adapter that starts from a trained one (init_from) trains and lands in a store as well.
+    following = yaml.safe_load(tiny_recipe.read_text())
+    following["adapters"] = [{"id": "modpo-next", "recipe": "modpo", "primary": "empathy",
+                              "weights": {"empathy": 0.5, "safety": 0.5}, "init_from": str(store_dir / "modpo-es")}]
+    (tmp_path / "next.yaml").write_text(yaml.safe_dump(following))
+    capsys.readouterr()
+    nxt = pipeline.run_recipe(str(tmp_path / "next.yaml"), out=tmp_path / "store2", max_steps=1)
+    assert nxt["adapters"]["modpo-next"]["init_from"] == str(store_dir / "modpo-es")
+    assert f"starting from {store_dir / 'modpo-es'}" in capsys.readouterr().out
+    assert AdapterStore(tmp_path / "store2").verify_all() == {}
+
     from evals.evaluate import run_eval
 
     report = run_eval(str(tiny_recipe), out=tmp_path / "reports", limit=3, store_dir=store_dir,
