@@ -200,17 +200,16 @@ def load_initial_weights(model, folder: Path, lora_config) -> int:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not (cfg_file.is_file() and weights.is_file()):
-        raise FileNotFoundError(f"init_from {folder}: no PEFT adapter there (adapter_config.json and "
-                                "adapter_model.safetensors)")
-    have = json.loads(cfg_file.read_text())
-    want = {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
-            "target_modules": sorted(lora_config.target_modules),
-            "layers_to_transform": sorted(lora_config.layers_to_transform or [])}
-    got = {"r": have.get("r"), "lora_alpha": have.get("lora_alpha"),
-           "target_modules": sorted(have.get("target_modules") or []),
-           "layers_to_transform": sorted(have.get("layers_to_transform") or [])}
+    from adapters.registry import PEFT_FILES, lora_spec_from_config, read_lora_config
+
+    if not all((folder / f).is_file() for f in PEFT_FILES):
+        raise FileNotFoundError(f"init_from {folder}: no PEFT adapter there ({', '.join(PEFT_FILES)})")
+    weights = folder / "adapter_model.safetensors"
+
+    def shape(cfg: dict) -> dict:
+        return {**lora_spec_from_config(cfg), "layers_to_transform": sorted(cfg.get("layers_to_transform") or [])}
+
+    got, want = shape(read_lora_config(folder)), shape(lora_config.to_dict())
     if got != want:
         diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
         raise ValueError(f"init_from {folder}: its LoRA shape differs from the recipe's (adapter, recipe): {diff}")

@@ -279,14 +279,14 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
     tok = AutoTokenizer.from_pretrained(base)
     work = RUNS_DIR / recipe.name / "adapters"
     todo = [a for a in recipe.adapters if not only or a.id in only]
+    if args.trainer != "cached" and any(a.init_from for a in todo):
+        raise ValueError("init_from needs the cached trainer (train.trainer: cached)")
     rows: dict[str, list[dict]] = {}
     grid = None
     if any(a.recipe in PREFERENCE for a in todo):
         grid = GridData(recipe, base, train, cc_source, RewardModel.load(REWARD_DIR))
         rows = {a.id: preference_rows(a, grid) for a in todo if a.recipe in PREFERENCE}
     data_hash = grid.hash if grid else data.data_hash([*data.seed_files(), data.SPLITS_FILE])
-    if args.trainer != "cached" and any(a.init_from for a in todo):
-        raise ValueError("init_from needs the cached trainer (train.trainer: cached)")
     cache = None
     if rows and args.trainer == "cached":
         cache = sequence_cache(recipe, base, tok, args, [r for rs in rows.values() for r in rs])

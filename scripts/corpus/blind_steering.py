@@ -11,11 +11,13 @@ the evaluation's steering accuracy (`evals.stats`, over `corpus_data.rank_scores
   (raters answer each sheet under alignment/corpus/RATER_BRIEF.md)
   python scripts/corpus/blind_steering.py score adapters/store runs/tune/round2 ... --keep reports/blind_steering
 
-Sheets are named bs-NN in a shuffled order (build/corpus/blind-steering/index.json, kept from the raters, says
-which store each is). `score` imports build/corpus/blind-steering/answers/bs-NN.jsonl (its rater named in
-raters.json beside index.json, sheet -> rater) and prints per store and objective the share of prompts on which
-the adapter emphasising the objective wrote the reply ranked best on it (ties split; chance 1/6), with a 95%
-bootstrap interval over prompts. rm-val only: never the judge's or the test prompts."""
+`--from DIR` puts a set of sheets (and reads its answers) somewhere other than build/corpus/blind-steering, so that
+sets for other candidates do not overwrite each other. Sheets are named bs-NN in a shuffled order
+(build/corpus/blind-steering/index.json, kept from the raters, says which store each is). `score` imports
+build/corpus/blind-steering/answers/bs-NN.jsonl (its rater named in raters.json beside index.json, sheet -> rater)
+and prints per store and objective the share of prompts on which the adapter emphasising the objective wrote the
+reply ranked best on it (ties split; chance 1/6), with a 95% bootstrap interval over prompts. rm-val only: never
+the judge's or the test prompts."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +47,7 @@ def _name(store: str) -> str:
     return Path(store).name
 
 
-def _lay_out(store: str, items: list[dict]) -> Path:
+def _lay_out(store: str, items: list[dict], out: Path = OUT) -> Path:
     """The store's cached greedy replies as a corpus folder (prompts.jsonl, samples.jsonl)."""
     entries = {i: AdapterStore(Path(store)).entry(i) for i in ROUND_EMPHASIS.values()}
     prompts = [it["prompt"] for it in items]
@@ -56,7 +58,7 @@ def _lay_out(store: str, items: list[dict]) -> Path:
 
     replies = reply_cache.cached_replies(models, prompts, basemodel.display_name("smollm2-135m-instruct"), "vllm",
                                          SETTINGS, RUNS_DIR / "eval", missing, log=lambda *_: None)
-    folder = OUT / _name(store)
+    folder = out / _name(store)
     write_jsonl([CorpusPrompt(id=it["id"], source=it["source"], ref=it["ref"], split="rm-val") for it in items],
                 folder / "prompts.jsonl")
     rows = [{"prompt_id": it["id"], "model": i, "base_model": "smollm2-135m-instruct", "engine": "vllm",
@@ -67,12 +69,12 @@ def _lay_out(store: str, items: list[dict]) -> Path:
     return folder
 
 
-def sheets(stores: list[str], size: int, cc: str | None) -> None:
+def sheets(stores: list[str], size: int, cc: str | None, out: Path = OUT) -> None:
     refs = {p.id: p.ref for p in load_prompts()}
     items = [{**it, "ref": refs[it["id"]]} for it in rmval_prompts(cc)]
     jobs = []
     for store in stores:
-        folder = _lay_out(store, items)
+        folder = _lay_out(store, items, out)
         ids = [it["id"] for it in items]
         random.Random(f"blind/{_name(store)}").shuffle(ids)
         jobs += [(store, folder, ids[i:i + size]) for i in range(0, len(ids), size)]
@@ -80,10 +82,10 @@ def sheets(stores: list[str], size: int, cc: str | None) -> None:
     index = {}
     for n, (store, folder, ids) in enumerate(jobs, 1):
         name = f"bs-{n:02d}"
-        sheet, key = rating_sheets(cc, ids, OUT / "sheets", seed=1000 + n, name=name, corpus_dir=folder)
+        sheet, key = rating_sheets(cc, ids, out / "sheets", seed=1000 + n, name=name, corpus_dir=folder)
         index[name] = _name(store)
         print(f"{sheet} ({len(ids)} prompts; key {key})")
-    (OUT / "index.json").write_text(json.dumps(index, indent=1) + "\n")  # kept from the raters, as the keys are
+    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")  # kept from the raters, as the keys are
 
 
 def score(stores: list[str], out: Path = OUT, keep: Path | None = None, resamples: int = 2000) -> str:
@@ -121,7 +123,7 @@ def score(stores: list[str], out: Path = OUT, keep: Path | None = None, resample
         unsafe = sum(v["unsafe"] for v in by_writer(labels, writers).values())
         who = ", ".join(raters.get(n, "?") for n in sheets_of)
         lines.append(f"| `{store}` | {len(labels)} | {who} | {mean:.3f} | " + " | ".join(cells)
-                     + f" | {unsafe}/{len(labels) * 6} |")
+                     + f" | {unsafe}/{len(labels) * len(ROUND_EMPHASIS)} |")
         if keep:
             shutil.copytree(folder, keep / _name(store), dirs_exist_ok=True)
     if keep:
@@ -143,11 +145,12 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, default=37)
     ap.add_argument("--counsel-chat")
     ap.add_argument("--from", dest="source", default=str(OUT),
-                    help="score: the folder the sheets and answers are in (default %(default)s)")
+                    help="the folder sheets writes to, and score reads the sheets and answers from; one set of "
+                    "sheets per folder (default %(default)s)")
     ap.add_argument("--keep", help="score: copy what it read there and write the table to <keep>.md")
     a = ap.parse_args()
     if a.command == "sheets":
-        sheets(a.stores, a.size, counsel_chat_source(a.counsel_chat))
+        sheets(a.stores, a.size, counsel_chat_source(a.counsel_chat), Path(a.source))
     else:
         table = score(a.stores, Path(a.source), Path(a.keep) if a.keep else None)
         print(table)
