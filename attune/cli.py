@@ -75,11 +75,12 @@ def train(recipe: str = "shipped", only: list[str] | None = None, base_model: st
 
 
 def evaluate(recipe: str = "shipped", out: str | None = None, counsel_chat: str | None = None,
-             limit: int | None = None) -> int:
+             limit: int | None = None, store: str | None = None) -> int:
     """Judge base and every adapter on held-out prompts; write reports/alignment.{json,md} and pareto.png."""
     from evals.evaluate import run_eval
 
-    run_eval(recipe, out=Path(out) if out else None, counsel_chat=counsel_chat, limit=limit)
+    run_eval(recipe, out=Path(out) if out else None, counsel_chat=counsel_chat, limit=limit,
+             store_dir=Path(store) if store else None)
     return 0
 
 
@@ -318,7 +319,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[..., int], list[Arg]]] = {
     ("eval",): (evaluate, [
         arg("--recipe", default="shipped", help="recipe whose adapters to evaluate"),
         arg("--out", help="reports folder (default: reports/)"), _CC,
-        arg("--limit", type=int, help="evaluate on at most this many prompts (smoke runs)")]),
+        arg("--limit", type=int, help="evaluate on at most this many prompts (smoke runs)"), _STORE]),
     ("eval", "safety"): (eval_safety, [
         arg("--url", help="base URL of a running service (default: start one here and stop it afterwards)"),
         arg("--api-key", help="patient-app key for the gate-on requests (default: $ATTUNE_API_KEY or "
