@@ -42,6 +42,10 @@ __all__ = ["RETRY_AFTER_S", "ApiError", "ChatDeps", "ChatService", "EngineClient
 
 log = logging.getLogger("attune.chat")
 HEALTH_TIMEOUT_S = 5.0
+ADMIN_STATUS_TIMEOUT_S = 30.0
+"""How long GET /v1/admin/status waits for Serve's status and the LLM and scorer replicas' own (memory, adapters).
+An operator asks for it most when the machine is busy: on a loaded 2-core machine (AVX2 only, vLLM at 8-10 tok/s)
+a burst test's status call took over HEALTH_TIMEOUT_S; clients of the endpoint (`attune status`) wait 60 s."""
 
 
 @dataclass
@@ -228,7 +232,10 @@ class ChatService:
         engine: dict = {}
         if self.deps.engine_status is not None:
             try:
-                engine = await asyncio.wait_for(self.deps.engine_status(), HEALTH_TIMEOUT_S)
+                engine = await asyncio.wait_for(self.deps.engine_status(), ADMIN_STATUS_TIMEOUT_S)
+            except TimeoutError:
+                engine = {"error": f"TimeoutError: Serve's controller or the LLM or scorer replicas did not answer "
+                                   f"within {ADMIN_STATUS_TIMEOUT_S:g} s; see `serve status` and the replicas' logs"}
             except Exception as e:
                 engine = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         return {"object": "attune.status", "engine": engine, "admission": self.admission.stats(),

@@ -617,3 +617,27 @@ async def test_the_safety_path_answers_under_a_stricter_gate(make):
     assert r.attune.gate == "pass"
     r = await chat(svc, preference=WARM, messages=[{"role": "user", "content": "NEARISH but below the line."}])
     assert r.attune.adapter == "safe" and r.attune.gate == "fallback"
+
+
+@pytest.mark.asyncio
+async def test_admin_status_waits_for_a_slow_engine_and_names_a_hung_one(make, monkeypatch):
+    """The operator status waits for replicas that answer slowly (a busy machine: past the health checks' 5 s) and,
+    when they never answer, says which parts did not and where to look instead of a bare TimeoutError."""
+    from serving import chat as chat_module
+
+    monkeypatch.setattr(chat_module, "HEALTH_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(chat_module, "ADMIN_STATUS_TIMEOUT_S", 0.5)
+    svc = make()
+
+    async def slow():
+        await asyncio.sleep(0.2)  # slower than a health check may take, within the status's own bound
+        return {"memory": {"ingress": {"rss_bytes": 1}}}
+    svc.deps.engine_status = slow
+    assert (await svc.admin_status())["engine"] == {"memory": {"ingress": {"rss_bytes": 1}}}
+
+    async def hung():
+        await asyncio.sleep(30)
+    svc.deps.engine_status = hung
+    error = (await svc.admin_status())["engine"]["error"]
+    assert error.startswith("TimeoutError: ") and "did not answer within 0.5 s" in error
+    assert "LLM or scorer replicas" in error and "serve status" in error
