@@ -146,6 +146,13 @@ def full_logps(model, encs: list[Encoded]) -> torch.Tensor:
     return _reply_logps(out.last_hidden_state, head, encs)
 
 
+def chosen_nll(logps: torch.Tensor, cache: SequenceCache, keys: list[str]) -> torch.Tensor:
+    """Negative log-likelihood per reply token of each sequence (its summed reply log-prob over its reply length):
+    the RPO term (`TrainArgs.rpo_alpha`), so that a long chosen reply weighs no more than a short one."""
+    n = torch.tensor([max(1, len(cache.encoded[k].ids) - cache.encoded[k].start) for k in keys], dtype=logps.dtype)
+    return -logps / n
+
+
 @torch.inference_mode()
 def build_cache(base_model: str, tok, sequences: list[tuple[list[dict], list[dict]]], layer: int,
                 max_length: int, *, batch_size: int = 8, log=print, cache: SequenceCache | None = None
@@ -268,6 +275,9 @@ def train_adapter(base_model: str, cache: SequenceCache, pairs: list[dict], args
         col = {c: torch.tensor([float(p.get(c, d)) for p in batch]) for c, d in
                (("margin", 0.0), ("w_primary", 1.0), ("weight", 1.0))}
         loss = weighted_mean(modpo_loss(chosen, rejected, col["margin"], col["w_primary"], args.beta), col["weight"])
+        if args.rpo_alpha > 0:
+            loss = loss + args.rpo_alpha * weighted_mean(chosen_nll(logps[:len(batch)], cache, keys[:len(batch)]),
+                                                         col["weight"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

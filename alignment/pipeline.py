@@ -161,6 +161,14 @@ def spec_for_hash(spec: AdapterSpec) -> dict:
     return {k: v for k, v in spec.model_dump().items() if ADDED_SPEC_FIELDS.get(k, object()) != v}
 
 
+ADDED_TRAIN_FIELDS = {"rpo_alpha": 0.0}
+"""TrainArgs fields added after adapters were trained, left out of the hash at their defaults (as ADDED_SPEC_FIELDS)."""
+
+
+def train_args_for_hash(args: TrainArgs) -> dict:
+    return {k: v for k, v in asdict(args).items() if ADDED_TRAIN_FIELDS.get(k, object()) != v}
+
+
 def recipe_hash(*parts) -> str:
     """What an adapter is made from (spec, train args, its rows or parents, base model): a trained adapter whose
     hash matches is reused, so an interrupted grid resumes where it stopped."""
@@ -302,7 +310,7 @@ def run_recipe(name: str, only: list[str] | None = None, base_model: str | None 
             made_of = sft_rows(recipe, train, cc_rows)
         else:
             made_of = [{k: v for k, v in r.items() if k != "texts"} for r in rows[spec.id]]
-        h = hashes[spec.id] = recipe_hash(spec_for_hash(spec), asdict(args), base_name, made_of,
+        h = hashes[spec.id] = recipe_hash(spec_for_hash(spec), train_args_for_hash(args), base_name, made_of,
                                           *init_weights_hash(spec))
         folder = work / f"{spec.id}-{h}"
         done = work / f"{spec.id}-{h}.done.json"  # beside the folder: everything inside it goes into the store

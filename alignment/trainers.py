@@ -47,6 +47,10 @@ class TrainArgs:
     trainer: str = "cached"
     """Preference trainer: "cached" (alignment.fast_pref: lower layers and reference run once per sequence for the
     whole grid) or "trl" (TRL's DPOTrainer with the MODPO loss, every layer every step)."""
+    rpo_alpha: float = 0.0
+    """Weight of the chosen reply's negative log-likelihood per token beside the preference loss (RPO, Pang et al.
+    2024, "Iterative Reasoning Preference Optimization"): the adapter also imitates the reply ranked best on its
+    objective instead of only moving away from the worst. 0 = the plain (MO)DPO loss; cached trainer only."""
 
     def __post_init__(self):
         if not 1 <= self.lora_r <= 64:
@@ -57,6 +61,10 @@ class TrainArgs:
             raise ValueError("batch_size must be >= 1 and epochs > 0")
         if self.trainer not in ("cached", "trl"):
             raise ValueError(f"trainer={self.trainer!r}: use 'cached' or 'trl'")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha={self.rpo_alpha}: must be >= 0")
+        if self.rpo_alpha > 0 and self.trainer != "cached":
+            raise ValueError("rpo_alpha needs trainer: cached (the TRL trainer runs the plain MODPO loss)")
 
     def lora_config(self):
         from peft import LoraConfig

@@ -152,3 +152,37 @@ def test_an_adapter_can_start_from_a_trained_one(model_dir, cache, tmp_path):
         F.load_initial_weights(model, tmp_path / "first", _args(lora_r=8).lora_config())
     with pytest.raises(FileNotFoundError, match="no PEFT adapter"):
         F.load_initial_weights(model, tmp_path, _args().lora_config())
+
+
+def _chosen_logps(model_dir, folder, cache):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      str(folder)).eval()
+    with torch.no_grad():
+        return F.upper_logps(model, cache, [p["chosen_key"] for p in _pairs()])
+
+
+def test_rpo_alpha_makes_the_chosen_replies_more_likely_than_the_preference_loss_alone(model_dir, cache, tmp_path):
+    """rpo_alpha adds the chosen reply's per-token NLL: after the same steps the chosen replies' log-probs are higher
+    than with the MODPO loss alone (which may lower both replies of a pair, as long as the gap grows)."""
+    F.train_adapter(model_dir, cache, _pairs(), _args(epochs=5), tmp_path / "plain", log=lambda m: None)
+    F.train_adapter(model_dir, cache, _pairs(), _args(epochs=5, rpo_alpha=4.0), tmp_path / "rpo", log=lambda m: None)
+    plain, rpo = _chosen_logps(model_dir, tmp_path / "plain", cache), _chosen_logps(model_dir, tmp_path / "rpo", cache)
+    assert (rpo > plain).all() and float((rpo - plain).mean()) > 0.5, (rpo, plain)
+
+
+def test_chosen_nll_is_per_reply_token(cache):
+    keys = [p["chosen_key"] for p in _pairs()]
+    lengths = torch.tensor([float(len(cache.encoded[k].ids) - cache.encoded[k].start) for k in keys])
+    logps = torch.tensor([cache.ref_logp[k] for k in keys])
+    assert torch.allclose(F.chosen_nll(logps, cache, keys), -logps / lengths)
+    assert len(set(lengths.tolist())) > 1  # replies of different lengths are normalised differently
+
+
+def test_rpo_alpha_is_validated():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        _args(rpo_alpha=-0.1)
+    with pytest.raises(ValueError, match="needs trainer: cached"):
+        _args(rpo_alpha=1.0, trainer="trl")

@@ -78,6 +78,18 @@ def test_a_default_pair_selection_leaves_the_adapter_hash_as_it_was():
         assert recipe_hash(spec_for_hash(AdapterSpec(**spec, **added))) != recipe_hash(before)
 
 
+def test_a_default_rpo_alpha_leaves_the_train_args_hash_as_it_was():
+    """rpo_alpha at 0 hashes as TrainArgs did before the field existed; any other value is a new adapter."""
+    from dataclasses import asdict
+
+    from alignment.pipeline import recipe_hash, train_args_for_hash
+    from alignment.trainers import TrainArgs
+
+    before = {k: v for k, v in asdict(TrainArgs()).items() if k != "rpo_alpha"}
+    assert recipe_hash(train_args_for_hash(TrainArgs())) == recipe_hash(before)
+    assert recipe_hash(train_args_for_hash(TrainArgs(rpo_alpha=0.5))) != recipe_hash(before)
+
+
 def test_init_from_puts_the_starting_weights_into_the_hash(tmp_path):
     """An adapter that starts from another is a new adapter whenever the weights it starts from change."""
     from alignment.pipeline import init_folder, init_weights_hash
