@@ -158,7 +158,7 @@ def init_weights_hash(spec: AdapterSpec) -> list[str]:
 def spec_for_hash(spec: AdapterSpec) -> dict:
     """The spec as hashed: fields added later are left out at their defaults, so adapters trained before they
     existed keep their hash (and their resume markers)."""
-    return {k: v for k, v in spec.model_dump().items() if ADDED_SPEC_FIELDS.get(k, object()) != v}
+    return _without_added_defaults(spec.model_dump(), ADDED_SPEC_FIELDS)
 
 
 ADDED_TRAIN_FIELDS = {"rpo_alpha": 0.0}
@@ -166,7 +166,12 @@ ADDED_TRAIN_FIELDS = {"rpo_alpha": 0.0}
 
 
 def train_args_for_hash(args: TrainArgs) -> dict:
-    return {k: v for k, v in asdict(args).items() if ADDED_TRAIN_FIELDS.get(k, object()) != v}
+    return _without_added_defaults(asdict(args), ADDED_TRAIN_FIELDS)
+
+
+def _without_added_defaults(fields: dict, added: dict) -> dict:
+    """`fields` without those of `added` that still hold the default they were added with."""
+    return {k: v for k, v in fields.items() if added.get(k, object()) != v}
 
 
 def recipe_hash(*parts) -> str:
