@@ -66,3 +66,36 @@ def display_name(base: str | None) -> str:
     if base in (None, "", DEFAULT_BASE) or (base and Path(base) == prepared_dir()):
         return DEFAULT_BASE
     return str(base)
+
+
+NATIVE = "native"
+"""The dtype setting that picks by hardware (`engine_dtype`): what `attune serve` and offline generation default to."""
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX; aarch64's bf16 (Graviton3, Neoverse)
+
+
+def native_bf16(cpuinfo: str | None = None, cuda: bool | None = None) -> bool:
+    """Whether this machine computes bfloat16 natively: a CUDA GPU, or a CPU whose flags name a bf16 instruction
+    set. Where /proc/cpuinfo cannot be read (not Linux) it answers True, vLLM's own default."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return True
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return True
+    flags = {f for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for f in line.split(":", 1)[1].split()}
+    return any(f in flags for f in _BF16_FLAGS)
+
+
+def engine_dtype(requested: str = NATIVE, **probe) -> str:
+    """The dtype vLLM runs the base model in. `native`: bfloat16 where the hardware has it (`native_bf16`), else
+    float32: on a CPU without AVX512-BF16 (AVX2 only) vLLM emulates bf16, and there float32 generated 5.2x faster
+    (69.4 vs 13.2 tok/s, 16 prompts x 64 tokens, benchmarks/engine_dtype.py). Any other value is passed through."""
+    if requested != NATIVE:
+        return requested
+    return "bfloat16" if native_bf16(**probe) else "float32"

@@ -145,7 +145,7 @@ def _sample(base_model: str, store_dir: Path, counsel_chat, corpus_dir: Path, ad
     corpus_dir's prompts file not yet in its samples file; one engine, rows appended per chunk of prompts."""
     from vllm import SamplingParams
 
-    from alignment.generate import VLLMGenerator
+    from alignment.generate import VLLMGenerator, engine_label
 
     prompts = load_prompts(corpus_dir)
     texts = resolve_texts(prompts, counsel_chat, corpus_dir)
@@ -170,7 +170,7 @@ def _sample(base_model: str, store_dir: Path, counsel_chat, corpus_dir: Path, ad
             with open(out_path, "a", encoding="utf-8") as f:
                 for (pid, model, n), o in zip(jobs, outs):
                     row = {"prompt_id": pid, "model": model, "base_model": "smollm2-135m-instruct",
-                           "engine": "vllm", "sampling": asdict(SAMPLING), "n": n,
+                           "engine": engine_label(), "sampling": asdict(SAMPLING), "n": n,
                            "replies": [{"id": id_of(pid, model, k), "text": c.text.strip()}
                                        for k, c in enumerate(o.outputs)]}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")

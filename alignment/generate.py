@@ -20,16 +20,31 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def engine_label(prefer_vllm: bool = True) -> str:
+    """The engine replies come from, as reply caches and reports name it: `hf`, or `vllm` with its dtype when that
+    is not bfloat16 (`vllm-float32`), so replies generated in one dtype are never reused as the other's. bfloat16
+    keeps the plain name the caches written before the dtype choice carry."""
+    if not (prefer_vllm and vllm_available()):
+        return "hf"
+    from alignment.basemodel import engine_dtype
+
+    dtype = engine_dtype()
+    return "vllm" if dtype == "bfloat16" else f"vllm-{dtype}"
+
+
 class VLLMGenerator:
     """Offline vLLM engine with LoRA enabled; every adapter folder gets a stable integer id."""
 
     def __init__(self, base_model: str, max_lora_rank: int = 16, max_loras: int = 4,
-                 memory_fraction: float = 0.25, enable_lora: bool = True, seed: int = 0):
+                 memory_fraction: float = 0.25, enable_lora: bool = True, seed: int = 0, dtype: str = "native"):
         import torch
         from vllm import LLM
 
+        from alignment.basemodel import engine_dtype
+
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if enable_lora else {}
-        self.llm = LLM(model=base_model, dtype="bfloat16", max_model_len=1024, seed=seed, **lora,
+        self.dtype = engine_dtype(dtype)
+        self.llm = LLM(model=base_model, dtype=self.dtype, max_model_len=1024, seed=seed, **lora,
                        gpu_memory_utilization=memory_fraction if not torch.cuda.is_available() else 0.5)
         self._ids: dict[str, int] = {}
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from alignment import basemodel, data
 from alignment import prompts as P
-from alignment.generate import GenerationSettings, generate_each, vllm_available
+from alignment.generate import GenerationSettings, engine_label, generate_each
 from alignment.objectives import OBJECTIVES
 from alignment.recipe import load_recipe
 from attune.paths import JUDGE_DIR, REPORTS_DIR, REWARD_DIR, STORE_DIR
@@ -126,7 +126,7 @@ def run_eval(recipe_name: str = "shipped", out: Path | None = None, counsel_chat
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)
     entries = {i: store.entry(i) for i in ids}
     base_model = basemodel.resolve(recipe.base_model)
-    engine = "vllm" if prefer_vllm and vllm_available() else "hf"
+    engine = engine_label(prefer_vllm)
 
     def generate(name: str) -> list[str]:
         adapter = None if name == "base" else store.get(name)  # checks the files against the manifest

@@ -63,7 +63,7 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
     from adapters.registry import AdapterStore
     from alignment import basemodel, styles
     from alignment import prompts as P
-    from alignment.generate import GenerationSettings, generate_each, vllm_available
+    from alignment.generate import GenerationSettings, engine_label, generate_each
     from alignment.objectives import OBJECTIVES
     from alignment.pipeline import RUNS_DIR, counsel_chat_source
     from alignment.recipe import load_recipe
@@ -81,7 +81,7 @@ def tune(stores: list[str], recipe_name: str = "shipped", counsel_chat: str | No
     convs = [P.chat(p) for p in prompts]
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=0)
     base_model = basemodel.resolve(recipe.base_model)
-    engine = "vllm" if prefer_vllm and vllm_available() else "hf"
+    engine = engine_label(prefer_vllm)
     reward = RewardModel.load(REWARD_DIR)
     log(f"{len(items)} rm-val prompts; scorer: the training reward model ({REWARD_DIR.name})")
 

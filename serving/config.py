@@ -100,8 +100,10 @@ class EngineSettings(BaseModel):
     max_model_len: int = Field(default=2048, ge=64, description="Context length in tokens (prompt + reply).")
     max_num_seqs: int = Field(default=16, ge=1, le=1024, description="Sequences the engine batches at once "
                               "(vLLM max_num_seqs); keep limits.max_in_flight about the same.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Weights and activations dtype.")
+    dtype: Literal["native", "auto", "bfloat16", "float16", "float32"] = Field(
+        default="native", description="Weights and activations dtype. native: bfloat16 where the LLM replica's "
+        "hardware computes it (a GPU, or a CPU with AVX512-BF16/AMX), float32 on other CPUs, where vLLM would "
+        "emulate bfloat16 several times slower; auto: vLLM's choice (the model's own dtype).")
     cpu_memory_fraction: float = Field(default=0.05, gt=0, le=0.9, description="Share of host memory for "
                                        "the KV cache on vllm-cpu (becomes VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=0.98, description="Share of GPU memory "

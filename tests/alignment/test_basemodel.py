@@ -30,3 +30,37 @@ def test_resolve_accepts_alias_folder_and_hub_id(base_model_dir, tmp_path):
     assert basemodel.resolve("smollm2-135m-instruct") == str(base_model_dir)
     assert basemodel.resolve(str(tmp_path)) == str(tmp_path.resolve())
     assert basemodel.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
+AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 amx_tile\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_native_dtype_is_float32_only_on_a_cpu_without_bf16():
+    from alignment.basemodel import engine_dtype, native_bf16
+
+    assert not native_bf16(AVX2_ONLY, cuda=False)
+    assert native_bf16(AVX512_BF16, cuda=False) and native_bf16(ARM_BF16, cuda=False)
+    assert native_bf16(AVX2_ONLY, cuda=True)  # a GPU computes bf16 whatever the host CPU has
+    assert engine_dtype("native", cpuinfo=AVX2_ONLY, cuda=False) == "float32"
+    assert engine_dtype("native", cpuinfo=AVX512_BF16, cuda=False) == "bfloat16"
+    assert engine_dtype("bfloat16", cpuinfo=AVX2_ONLY, cuda=False) == "bfloat16"  # an explicit choice stands
+    assert engine_dtype("auto", cpuinfo=AVX2_ONLY, cuda=False) == "auto"
+
+
+def test_a_flag_that_merely_contains_bf16_does_not_count():
+    from alignment.basemodel import native_bf16
+
+    assert not native_bf16("flags\t\t: avx2 avx512_bf16x\nmodel name\t: bf16 Xeon\n", cuda=False)
+
+
+def test_reply_caches_name_the_dtype_except_bfloat16(monkeypatch):
+    from alignment import basemodel, generate
+
+    monkeypatch.setattr(generate, "vllm_available", lambda: True)
+    monkeypatch.setattr(basemodel, "native_bf16", lambda **_: False)
+    assert generate.engine_label() == "vllm-float32"
+    monkeypatch.setattr(basemodel, "native_bf16", lambda **_: True)
+    assert generate.engine_label() == "vllm"  # the name caches written in bfloat16 before the choice carry
+    assert generate.engine_label(prefer_vllm=False) == "hf"
