@@ -163,10 +163,10 @@ def markdown(report: dict) -> str:
     lines = ["# Recipe tuning on rm-val (`attune eval tune`)", "",
              f"{m['prompts']} corpus rm-val prompts, greedy replies of {m['max_tokens']} tokens ({m['engine']}), "
              f"scored by the training reward model `{m['scorer']}` (never the judge, never the test prompts).", "",
-             "Greedy replies are not bit-stable on a CPU: bf16 numerics change with the machine and the batch, and "
-             "a store's replies generated in another run or on another machine differ on some prompts. Compare "
-             "candidates whose replies were generated on the same day, and read a difference in mean steering "
-             "accuracy against the per-objective intervals.", ""]
+             "Greedy replies are not bit-stable on a CPU: numerics change with the machine, the dtype (bf16 where "
+             "the CPU has it, else float32) and the batch, and a store's replies generated in another run or on "
+             "another machine differ on some prompts. Compare candidates whose replies were generated on the same "
+             "day, and read a difference in mean steering accuracy against the per-objective intervals.", ""]
     for name, c in report["candidates"].items():
         lines += [f"## `{name}`", "", f"Mean steering accuracy: {c['mean_accuracy']} (chance "
                   f"{next(iter(c['steering_accuracy'].values()))['chance']}); replies generated "
