@@ -95,7 +95,8 @@ def native_bf16(cpuinfo: str | None = None, cuda: bool | None = None) -> bool:
 def engine_dtype(requested: str = NATIVE, **probe) -> str:
     """The dtype vLLM runs the base model in. `native`: bfloat16 where the hardware has it (`native_bf16`), else
     float32: on a CPU without AVX512-BF16 (AVX2 only) vLLM emulates bf16, and there float32 generated about 5x
-    faster (64.7-69.4 vs 13.1-13.2 tok/s, 16 prompts x 64 tokens, benchmarks/engine_dtype.py). Any other value is passed through."""
+    faster (64.7-69.4 vs 13.1-13.2 tok/s, 16 prompts x 64 tokens, benchmarks/engine_dtype.py). Any other value
+    is passed through."""
     if requested != NATIVE:
         return requested
     return "bfloat16" if native_bf16(**probe) else "float32"
