@@ -99,7 +99,8 @@ def vllm_argv(cfg, model_path: str, adapters: dict[str, Path], port: int, kv_cac
     e = cfg.engine
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
             "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", engine_dtype(e.dtype), "--max-model-len", str(e.max_model_len), "--max-num-seqs", str(e.max_num_seqs), "--seed", "0",
+            "--dtype", engine_dtype(e.dtype), "--max-model-len", str(e.max_model_len),
+            "--max-num-seqs", str(e.max_num_seqs), "--seed", "0",
             "--enable-lora", "--max-loras", str(e.max_loras), "--max-lora-rank", str(e.max_lora_rank),
             "--disable-log-stats"]
     if kv_cache_bytes is not None:
