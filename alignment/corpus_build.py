@@ -155,6 +155,7 @@ def _sample(base_model: str, store_dir: Path, counsel_chat, corpus_dir: Path, ad
     if not todo:
         return out_path
     gen = VLLMGenerator(base_model, memory_fraction=0.1, max_loras=len(adapters), seed=SAMPLING.seed)
+    engine = engine_label(dtype=gen.dtype)  # what the rows record: the dtype this generator runs in
     lora = {name: gen._lora(Path(store_dir) / name) for name in adapters}
     params = {}
     t0 = time.perf_counter()
@@ -170,7 +171,7 @@ def _sample(base_model: str, store_dir: Path, counsel_chat, corpus_dir: Path, ad
             with open(out_path, "a", encoding="utf-8") as f:
                 for (pid, model, n), o in zip(jobs, outs):
                     row = {"prompt_id": pid, "model": model, "base_model": "smollm2-135m-instruct",
-                           "engine": engine_label(), "sampling": asdict(SAMPLING), "n": n,
+                           "engine": engine, "sampling": asdict(SAMPLING), "n": n,
                            "replies": [{"id": id_of(pid, model, k), "text": c.text.strip()}
                                        for k, c in enumerate(o.outputs)]}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -20,15 +20,15 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def engine_label(prefer_vllm: bool = True) -> str:
-    """The engine replies come from, as reply caches and reports name it: `hf`, or `vllm` with its dtype when that
-    is not bfloat16 (`vllm-float32`), so replies generated in one dtype are never reused as the other's. bfloat16
-    keeps the plain name the caches written before the dtype choice carry."""
+def engine_label(prefer_vllm: bool = True, dtype: str | None = None) -> str:
+    """The engine replies come from, as reply caches and reports name it: `hf`, or `vllm` with its dtype (default:
+    what `engine_dtype` picks here) when that is not bfloat16 (`vllm-float32`), so replies generated in one dtype
+    are never reused as the other's. bfloat16 keeps the plain name the caches written before the dtype choice carry."""
     if not (prefer_vllm and vllm_available()):
         return "hf"
     from alignment.basemodel import engine_dtype
 
-    dtype = engine_dtype()
+    dtype = dtype or engine_dtype()
     return "vllm" if dtype == "bfloat16" else f"vllm-{dtype}"
 
 

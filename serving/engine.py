@@ -174,9 +174,8 @@ class VLLMEngine:
         self.stream_interval = stream_interval
         """Tokens per delta after the first (vLLM sends the first and the last at once)."""
         self.on_cpu = current_platform.is_cpu()
-        self.dtype = engine_dtype(dtype)  # resolved here, on the replica's own hardware
-        args = AsyncEngineArgs(
-            model=self.model_path, dtype=self.dtype, enable_lora=True, max_loras=max_loras,
+        args = AsyncEngineArgs(  # the dtype resolved here, on the replica's own hardware
+            model=self.model_path, dtype=engine_dtype(dtype), enable_lora=True, max_loras=max_loras,
             max_lora_rank=max_lora_rank, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
             gpu_memory_utilization=cpu_memory_fraction if self.on_cpu else gpu_memory_fraction,
             kv_cache_memory_bytes=kv_cache_bytes, disable_log_stats=True)

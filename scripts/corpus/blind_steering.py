@@ -56,12 +56,13 @@ def _lay_out(store: str, items: list[dict], out: Path = OUT) -> Path:
     def missing(name: str) -> list[str]:
         raise SystemExit(f"{name}: no cached rm-val replies; run `attune eval tune {store}` first")
 
+    engine = engine_label()  # the replies `attune eval tune` cached on this machine
     replies = reply_cache.cached_replies(models, prompts, basemodel.display_name("smollm2-135m-instruct"),
-                                         engine_label(), SETTINGS, RUNS_DIR / "eval", missing, log=lambda *_: None)
+                                         engine, SETTINGS, RUNS_DIR / "eval", missing, log=lambda *_: None)
     folder = out / _name(store)
     write_jsonl([CorpusPrompt(id=it["id"], source=it["source"], ref=it["ref"], split="rm-val") for it in items],
                 folder / "prompts.jsonl")
-    rows = [{"prompt_id": it["id"], "model": i, "base_model": "smollm2-135m-instruct", "engine": engine_label(),
+    rows = [{"prompt_id": it["id"], "model": i, "base_model": "smollm2-135m-instruct", "engine": engine,
              "sampling": {"max_tokens": 64, "temperature": 0.0}, "n": 1,
              "replies": [{"id": reply_id(it["id"], f"blind/{_name(store)}/{i}", 0), "text": replies[name][k]}]}
             for k, it in enumerate(items) for name, i in ((f"{_name(store)}/{i}", i) for i in entries)]

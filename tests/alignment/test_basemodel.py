@@ -64,3 +64,4 @@ def test_reply_caches_name_the_dtype_except_bfloat16(monkeypatch):
     monkeypatch.setattr(basemodel, "native_bf16", lambda **_: True)
     assert generate.engine_label() == "vllm"  # the name caches written in bfloat16 before the choice carry
     assert generate.engine_label(prefer_vllm=False) == "hf"
+    assert generate.engine_label(dtype="float32") == "vllm-float32"  # a generator's own dtype wins over the probe

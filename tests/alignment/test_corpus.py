@@ -224,6 +224,7 @@ class _Out:
 class _FakeGenerator:
     """Stands in for alignment.generate.VLLMGenerator: one reply per request naming the adapter that wrote it."""
     calls = 0
+    dtype = "float32"  # VLLMGenerator's resolved dtype, which the sample rows name
 
     def __init__(self, base_model, **kw):
         self.llm = self
