@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alignment.basemodel import autocast_bf16
 from alignment.reward import DEFAULT_ENCODER, resolve_encoder
 
 FORMAT = "attune-crisis/1"
@@ -33,7 +34,8 @@ class CrisisConfig:
     lora_alpha: int = 64
     lora_targets: tuple[str, ...] = ("query", "key", "value", "dense")
     bf16: bool = True
-    """bfloat16 autocast on CPU (AVX-512 BF16 machines run it about 1.5-2x faster)."""
+    """bfloat16 autocast where the hardware computes bf16 (a GPU, AVX512-BF16 / AMX / aarch64 bf16: about 1.5-2x
+    faster there); float32 on a CPU without it, which would emulate bf16 (alignment.basemodel.autocast_bf16)."""
     window_turns: int = 3
     """Patient turns the detector reads: each of the last `window_turns` alone, and all of them joined."""
     threshold: float = 0.5
@@ -71,6 +73,7 @@ class CrisisClassifier:
                                                          lora_dropout=0.1, target_modules=list(self.config.lora_targets)))
         self.encoder = encoder.to(self.device).eval()
         self.head = nn.Linear(encoder.config.hidden_size, 1).to(self.device)
+        self._autocast = autocast_bf16(self.device.type)
 
     # ------------------------------------------------------------ forward
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
@@ -83,7 +86,7 @@ class CrisisClassifier:
         for length, idx in groups.items():
             batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, padding="max_length",
                                        max_length=length, return_tensors="pt").to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16 and self._autocast):
                 hidden = self.encoder(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)

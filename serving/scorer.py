@@ -81,8 +81,9 @@ class Scorer:
         reward = RewardModel.load(path, device=device)
         # The reward model only scores here: its LoRA folded into the encoder's weights (fp32: the same scores to
         # ~1e-6, faster: benchmarks/reward_latency.py), unless its own crisis head is the detector (that head reads
-        # the encoder without LoRA). The crisis detector is not merged: it runs under bf16 autocast, where merging moves its
-        # probabilities by up to 0.007 and one val message fell below the threshold calibrated for recall >= 0.99.
+        # the encoder without LoRA). The crisis detector is not merged: under bf16 autocast (where the hardware has
+        # bf16) merging moved its probabilities by up to 0.007 and one val message fell below the threshold
+        # calibrated for recall >= 0.99.
         if detector is not None:
             reward.merge_for_inference()
         return cls(reward, detector)

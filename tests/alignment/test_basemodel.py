@@ -49,6 +49,15 @@ def test_native_dtype_is_float32_only_on_a_cpu_without_bf16():
     assert engine_dtype("auto", cpuinfo=AVX2_ONLY, cuda=False) == "auto"
 
 
+def test_torch_models_autocast_to_bf16_only_where_the_hardware_has_it():
+    from alignment.basemodel import autocast_bf16
+
+    assert not autocast_bf16("cpu", cpuinfo=AVX2_ONLY)  # emulated there: the crisis detector runs float32
+    assert autocast_bf16("cpu", cpuinfo=AVX512_BF16) and autocast_bf16("cpu", cpuinfo=ARM_BF16)
+    assert autocast_bf16("cuda", cpuinfo=AVX2_ONLY)
+    assert not autocast_bf16("cuda", wanted=False) and not autocast_bf16("cpu", wanted=False, cpuinfo=AVX512_BF16)
+
+
 def test_a_flag_that_merely_contains_bf16_does_not_count():
     from alignment.basemodel import native_bf16
 

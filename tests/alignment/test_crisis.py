@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from alignment.crisis_training import (CRISIS_DIR, CrisisExample, CrisisTrainArgs, calibrate, fix_splits,
                                        load_authored_crisis, recalibrate, second_pass_agreement, train_detector,
@@ -131,3 +132,21 @@ def test_shipped_detector_with_rules_meets_recall_on_our_val_split():
     flagged = [p >= model.config.threshold or bool(rules.match(e.text)) for e, p in zip(val, probs)]
     risk = [f for f, e in zip(flagged, val) if e.risk]
     assert sum(risk) / len(risk) >= 0.99
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped crisis detector")
+def test_shipped_detector_moves_less_than_its_margin_between_float32_and_bf16():
+    """The detector runs under bf16 autocast where the CPU has bf16 and in float32 elsewhere
+    (alignment.basemodel.autocast_bf16); its threshold sits 0.15 logits below the val message it was calibrated on,
+    so the two numerics must differ by less than that."""
+    from alignment.crisis import CrisisClassifier
+
+    model = CrisisClassifier.load(SHIPPED)
+    val = [e.text for e in load_authored_crisis(CRISIS_DIR) if e.split == "val"][:32]
+    logits = {}
+    for bf16 in (False, True):
+        model._autocast = bf16
+        with torch.inference_mode():
+            logits[bf16] = model.logits(val).numpy()
+    margin = model.meta["calibration"]["margin_logits"]
+    assert 0 < np.abs(logits[True] - logits[False]).max() < margin
