@@ -98,13 +98,11 @@ def _cpu_bf16() -> bool:
     return native_bf16(cuda=False)
 
 
-def autocast_bf16(device_type: str, wanted: bool = True, cpuinfo: str | None = None) -> bool:
+def autocast_bf16(device_type: str, cpuinfo: str | None = None) -> bool:
     """Whether a torch model that asks for bfloat16 autocast (the crisis detector, a reward model in training) gets it
     on `device_type`: on a GPU, or a CPU with bf16 instructions (`native_bf16`). A CPU without them emulates bf16:
     the crisis detector took 503 ms per message there against 83 ms in float32, with the same recall and false
     escalation on val and test (benchmarks/crisis_dtype.py), so it runs in float32."""
-    if not wanted:
-        return False
     if device_type == "cuda":
         return True
     return native_bf16(cpuinfo, cuda=False) if cpuinfo is not None else _cpu_bf16()
