@@ -73,7 +73,9 @@ class CrisisClassifier:
                                                          lora_dropout=0.1, target_modules=list(self.config.lora_targets)))
         self.encoder = encoder.to(self.device).eval()
         self.head = nn.Linear(encoder.config.hidden_size, 1).to(self.device)
-        self._autocast = autocast_bf16(self.device.type)
+        self.bf16_autocast = autocast_bf16(self.device.type)
+        """Whether a config asking for bf16 gets torch autocast to it: by default only where the hardware computes
+        bf16 (elsewhere emulated, several times slower); set it to compare the two numerics."""
 
     # ------------------------------------------------------------ forward
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
@@ -86,7 +88,8 @@ class CrisisClassifier:
         for length, idx in groups.items():
             batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, padding="max_length",
                                        max_length=length, return_tensors="pt").to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16 and self._autocast):
+            bf16 = self.config.bf16 and self.bf16_autocast
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 hidden = self.encoder(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)

@@ -151,7 +151,9 @@ class RewardModel:
         self.config = config
         self.meta = dict(meta or {})
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._autocast = autocast_bf16(self.device.type)
+        self.bf16_autocast = autocast_bf16(self.device.type)
+        """Whether a config asking for bf16 gets torch autocast to it: by default only where the hardware computes
+        bf16 (elsewhere emulated, several times slower); set it to compare the two numerics."""
         path = resolve_encoder(config.encoder)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if not self.tokenizer.is_fast:
@@ -211,7 +213,8 @@ class RewardModel:
             batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, padding="max_length",
                                        max_length=length, return_tensors="pt").to(self.device)
             seg = torch.tensor([segments[i] + [_PAD] * (length - len(segments[i])) for i in idx], device=self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16 and self._autocast):
+            bf16 = self.config.bf16 and self.bf16_autocast
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 hidden = self.encoder(**batch).last_hidden_state
             parts.append(pool(hidden.float(), seg))
             order += idx

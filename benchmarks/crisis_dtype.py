@@ -41,7 +41,7 @@ def main() -> None:
         risk = np.array([e.risk for e in sets[split]])
         probs = {}
         for bf16 in (False, True):
-            model._autocast = bf16
+            model.bf16_autocast = bf16
             started = time.perf_counter()
             probs[bf16] = p = model.prob(texts)
             print(f"| {split} | {'bf16 autocast' if bf16 else 'float32'} | {len(texts)} | "
@@ -52,7 +52,7 @@ def main() -> None:
         print(f"{split}: |logit bf16 - logit float32| max {d.max():.3f}, p99 {np.quantile(d, 0.99):.3f}")
     messages = [e.text for e in sets["test"][:a.timed]]
     for bf16 in (False, True):
-        model._autocast = bf16
+        model.bf16_autocast = bf16
         ms = []
         for m in messages:  # three windows as serving.safety builds them: the turn, the previous turn, both joined
             started = time.perf_counter()

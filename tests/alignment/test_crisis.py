@@ -145,7 +145,7 @@ def test_shipped_detector_moves_less_than_its_margin_between_float32_and_bf16():
     val = [e.text for e in load_authored_crisis(CRISIS_DIR) if e.split == "val"][:32]
     logits = {}
     for bf16 in (False, True):
-        model._autocast = bf16
+        model.bf16_autocast = bf16
         with torch.inference_mode():
             logits[bf16] = model.logits(val).numpy()
     margin = model.meta["calibration"]["margin_logits"]
