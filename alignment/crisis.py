@@ -85,10 +85,10 @@ class CrisisClassifier:
         for i, ids in enumerate(enc["input_ids"]):
             groups.setdefault(-(-len(ids) // BUCKET) * BUCKET, []).append(i)
         out = torch.empty(len(texts), device=self.device)
+        bf16 = self.config.bf16 and self.bf16_autocast
         for length, idx in groups.items():
             batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, padding="max_length",
                                        max_length=length, return_tensors="pt").to(self.device)
-            bf16 = self.config.bf16 and self.bf16_autocast
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 hidden = self.encoder(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).float()

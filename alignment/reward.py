@@ -209,11 +209,11 @@ class RewardModel:
         for i, seg in enumerate(segments):
             groups.setdefault(-(-len(seg) // BUCKET) * BUCKET, []).append(i)
         parts, order = [], []
+        bf16 = self.config.bf16 and self.bf16_autocast
         for length, idx in sorted(groups.items()):
             batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, padding="max_length",
                                        max_length=length, return_tensors="pt").to(self.device)
             seg = torch.tensor([segments[i] + [_PAD] * (length - len(segments[i])) for i in idx], device=self.device)
-            bf16 = self.config.bf16 and self.bf16_autocast
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 hidden = self.encoder(**batch).last_hidden_state
             parts.append(pool(hidden.float(), seg))

@@ -352,6 +352,13 @@ async def measure(target: Target, plan: VsPlan, prompts: list[str], adapters: li
     return [await m.cell(sc, c) for sc, c in cell_plan(plan, adapters)]
 
 
+async def listed_adapters(target: Target, http: httpx.AsyncClient, limit: int) -> list[str]:
+    """The first `limit` adapters Attune's /v1/models lists (merges and the base model left out)."""
+    models = (await http.get(f"{target.url}/v1/models", timeout=30,
+                             headers={"Authorization": f"Bearer {target.key}"})).json()["data"]
+    return [m["id"] for m in models if (m.get("attune") or {}).get("kind") == "adapter"][:limit]
+
+
 async def screen(target: Target, candidates: list[str], base_model: str, n: int, http: httpx.AsyncClient
                  ) -> tuple[list[str], int]:
     """The first `n` prompts Attune answers by generating with the adapter asked for: a message the crisis detector
@@ -521,10 +528,7 @@ async def run(plan: VsPlan, workdir: Path, log: Callable[[str], None] = lambda m
                 if name != "vllm":
                     target.key = (data / "operator_key").read_text().strip()
                 if name == "attune":
-                    models = (await http.get(f"{target.url}/v1/models", timeout=30,
-                                             headers={"Authorization": f"Bearer {target.key}"})).json()["data"]
-                    adapters = [m["id"] for m in models
-                                if (m.get("attune") or {}).get("kind") == "adapter"][:plan.max_adapters]
+                    adapters = await listed_adapters(target, http, plan.max_adapters)
                     prompts, dropped = await screen(target, prompts, cfg.base_model, plan.prompts, http)
                 log(f"vs-vllm: {name} ready in {ready:.0f} s")
                 started_s[name].append(round(ready, 1))
